@@ -1,0 +1,137 @@
+"""Reference formulations of attention-MIL pooling, in plain PyTorch.
+
+Two functions live here and nothing else in fastmil is imported:
+
+* :func:`attention_pool_reference`: the obviously-correct ground truth. It walks the bags one by
+  one in a Python loop, upcasts everything to float32 (float64 stays float64) and applies the
+  textbook formula. Tests and benchmarks compare every backend against it.
+* :func:`eager_attention_pool`: the padded formulation users write today (two ``Linear`` layers,
+  a masked softmax, a ``bmm``). It is the speed baseline of ``benchmarks/``.
+
+Math, per bag ``h_1..h_N`` (``V = attn_weight``, ``U = gate_weight``, ``w = score_weight``)::
+
+    s_k = w · (tanh(V h_k + b_V) ⊙ sigmoid(U h_k + b_U)) + b_w
+    a   = softmax(s) over the bag's own instances,   z = Σ_k a_k h_k
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["attention_pool_reference", "eager_attention_pool"]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _bag_scores(h, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, score_bias):
+    """Scores of one bag. h: [n, D] -> [n, K] (score_weight made 2-D by the caller)."""
+    hidden = torch.tanh(F.linear(h, attn_weight, attn_bias))
+    if gate_weight is not None:
+        hidden = hidden * torch.sigmoid(F.linear(h, gate_weight, gate_bias))
+    return F.linear(hidden, score_weight, score_bias)
+
+
+def attention_pool_reference(
+    x,
+    attn_weight,
+    gate_weight,
+    score_weight,
+    *,
+    attn_bias=None,
+    gate_bias=None,
+    score_bias=None,
+    mask=None,
+    offsets=None,
+    return_attention=False,
+):
+    """Ground-truth attention pooling, one bag at a time. Same contract as
+    :func:`fastmil.attention_pool` (layouts, shapes, empty bags), without input validation.
+
+    Computes in float32 (float64 for float64 input) and returns ``z`` in x's dtype; the
+    attention weights come back in the accumulation dtype.
+    """
+    acc = _acc_dtype(x.dtype)
+    out_dtype = x.dtype
+    single_branch = score_weight.dim() == 1
+    cast = lambda t: None if t is None else t.to(acc)  # noqa: E731
+    V, U, w = cast(attn_weight), cast(gate_weight), cast(score_weight)
+    bV, bU, bw = cast(attn_bias), cast(gate_bias), cast(score_bias)
+    if single_branch:
+        w = w[None, :]
+        bw = None if bw is None else bw.reshape(1)
+    K, D = w.shape[0], x.shape[-1]
+
+    # Cut the input into a list of bags [n_b, D] and remember where each instance came from.
+    if x.dim() == 3:  # padded
+        B, N = x.shape[:2]
+        keep = torch.ones(B, N, dtype=torch.bool, device=x.device) if mask is None else mask
+        rows = [torch.nonzero(keep[b]).flatten() for b in range(B)]
+        bags = [x[b, r].to(acc) for b, r in enumerate(rows)]
+    elif offsets is not None:  # packed
+        bounds = [int(o) for o in offsets.tolist()]
+        bags = [x[s:e].to(acc) for s, e in zip(bounds[:-1], bounds[1:])]
+    else:  # single bag
+        bags = [x.to(acc)]
+
+    zs, attns = [], []
+    for h in bags:
+        if h.shape[0] == 0:
+            zs.append(torch.zeros(K, D, dtype=acc, device=x.device))
+            attns.append(torch.zeros(0, K, dtype=acc, device=x.device))
+            continue
+        s = _bag_scores(h, V, U, w, bV, bU, bw)  # [n, K]
+        a = torch.softmax(s, dim=0)  # [n, K]
+        zs.append(a.t() @ h)  # [K, D]
+        attns.append(a)
+    z = torch.stack(zs) if zs else torch.zeros(0, K, D, dtype=acc, device=x.device)
+
+    if x.dim() == 3:
+        attn = torch.zeros(x.shape[0], x.shape[1], K, dtype=acc, device=x.device)
+        for b, (r, a) in enumerate(zip(rows, attns)):
+            attn[b, r] = a
+    else:
+        attn = torch.cat(attns) if attns else torch.zeros(0, K, dtype=acc, device=x.device)
+        if offsets is None:
+            z = z[0]
+    if single_branch:
+        z, attn = z.squeeze(-2), attn.squeeze(-1)
+    z = z.to(out_dtype)
+    return (z, attn) if return_attention else z
+
+
+def eager_attention_pool(
+    x,
+    attn_weight,
+    gate_weight,
+    score_weight,
+    *,
+    attn_bias=None,
+    gate_bias=None,
+    score_bias=None,
+    mask=None,
+    return_attention=False,
+):
+    """The padded formulation most MIL code uses (ABMIL, CLAM, torchmil, MIL-Lab).
+
+    x: [B, N, D], mask: [B, N] bool or None, score_weight: [L] or [K, L].
+    Returns z [B, D] (or [B, K, D]) and, on request, attention [B, N] (or [B, N, K]).
+    Masked slots get the dtype's most negative value, as in MIL-Lab, so an all-masked bag gives
+    uniform weights over its padding rather than NaN (fastmil itself gives zeros there).
+    """
+    single_branch = score_weight.dim() == 1
+    w = score_weight[None, :] if single_branch else score_weight
+    bw = None if score_bias is None else score_bias.reshape(w.shape[0])
+    hidden = torch.tanh(F.linear(x, attn_weight, attn_bias))  # [B, N, L]
+    if gate_weight is not None:
+        hidden = hidden * torch.sigmoid(F.linear(x, gate_weight, gate_bias))  # [B, N, L]
+    s = F.linear(hidden, w, bw)  # [B, N, K]
+    if mask is not None:
+        s = s.masked_fill(~mask[..., None], torch.finfo(s.dtype).min)
+    a = torch.softmax(s, dim=1)  # [B, N, K]
+    z = torch.bmm(a.transpose(1, 2), x)  # [B, K, D]
+    if single_branch:
+        z, a = z.squeeze(1), a.squeeze(-1)
+    return (z, a) if return_attention else z

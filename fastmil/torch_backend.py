@@ -1,0 +1,94 @@
+"""The pure-PyTorch backend of :func:`fastmil.attention_pool`.
+
+Runs on any device and any floating dtype (float64 included), is differentiable by autograd and
+traces under ``torch.compile(fullgraph=True)``. It is the fallback wherever the fused Triton kernel
+does not run. Compared with the eager formulation it does one GEMM for V and U together, keeps the
+nonlinearities and softmax in float32, and handles packed bags with a segment softmax (scatter /
+index_add) instead of a Python loop over bags.
+
+Inputs arrive validated and canonical (see :mod:`fastmil.functional`):
+``score_weight`` is 2-D ``[K, L]``, ``score_bias`` is ``[K]`` or None, ``x`` is padded
+``[B, N, D]`` (``mask`` optional) or packed ``[T, D]`` with ``offsets [B+1]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["attention_pool_torch", "attention_scores", "segment_ids"]
+
+
+def segment_ids(offsets: torch.Tensor, total: int) -> torch.Tensor:
+    """Bag index of every packed row: offsets [B+1] -> [T] int64."""
+    lengths = offsets[1:] - offsets[:-1]
+    bags = torch.arange(lengths.shape[0], device=offsets.device)
+    return torch.repeat_interleave(bags, lengths, output_size=total)
+
+
+def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight, score_bias):
+    """Scores ``s = w·(tanh(V h + b_V) ⊙ sigmoid(U h + b_U)) + b_w``: x [..., D] -> [..., K].
+
+    The projections run as one GEMM in x's dtype (float32 accumulation inside the GEMM); the
+    nonlinearities and the score product run in float32 (float64 for float64 input).
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    L = attn_weight.shape[0]
+    if gate_weight is None:
+        hidden = torch.tanh(F.linear(x, attn_weight, attn_bias).to(acc))  # [..., L]
+    else:
+        weight = torch.cat([attn_weight, gate_weight])  # [2L, D]
+        if attn_bias is None and gate_bias is None:
+            bias = None
+        else:
+            zeros = attn_weight.new_zeros(L)
+            bias = torch.cat([zeros if attn_bias is None else attn_bias,
+                              zeros if gate_bias is None else gate_bias])  # [2L]
+        pq = F.linear(x, weight, bias).to(acc)  # [..., 2L]
+        hidden = torch.tanh(pq[..., :L]) * torch.sigmoid(pq[..., L:])  # [..., L]
+    bw = None if score_bias is None else score_bias.to(acc)
+    return F.linear(hidden, score_weight.to(acc), bw)  # [..., K]
+
+
+def _pool_padded(x, s, mask):
+    """x [B, N, D], s [B, N, K] -> z [B, K, D], a [B, N, K]."""
+    if mask is None:
+        a = torch.softmax(s, dim=1)
+    else:
+        keep = mask[..., None]  # [B, N, 1]
+        a = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=1)
+        # An all-masked bag gives NaN rows in softmax; zero them. The gradient reaching s there
+        # is zeroed by the masked_fill above, so no NaN leaks backward either.
+        a = a.masked_fill(~keep, 0.0)
+    z = torch.bmm(a.transpose(1, 2), x.to(a.dtype))  # [B, K, D]
+    return z, a
+
+
+def _pool_packed(x, s, offsets):
+    """x [T, D], s [T, K], offsets [B+1] -> z [B, K, D], a [T, K]."""
+    T, K = s.shape
+    B = offsets.shape[0] - 1
+    seg = segment_ids(offsets, T)  # [T]
+    idx = seg[:, None].expand(T, K)
+    m = s.new_full((B, K), float("-inf")).scatter_reduce(0, idx, s.detach(), "amax")  # [B, K]
+    e = torch.exp(s - m[seg])  # [T, K]; every row belongs to a non-empty bag, so m is finite
+    l = s.new_zeros(B, K).index_add(0, seg, e)  # [B, K]
+    a = e / l[seg]  # [T, K]
+    xa = x.to(a.dtype)
+    z = torch.stack([a.new_zeros(B, x.shape[1]).index_add(0, seg, a[:, k, None] * xa)
+                     for k in range(K)], dim=1)  # [B, K, D]
+    return z, a
+
+
+def attention_pool_torch(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight,
+                         score_bias, mask=None, offsets=None):
+    """Pool padded ``x [B, N, D]`` (optional ``mask [B, N]``) or packed ``x [T, D]`` with
+    ``offsets [B+1]``. Returns ``z [B, K, D]`` in x's dtype and the attention weights
+    (``[B, N, K]`` or ``[T, K]``) in the accumulation dtype."""
+    s = attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight,
+                         score_bias)
+    if offsets is None:
+        z, a = _pool_padded(x, s, mask)
+    else:
+        z, a = _pool_packed(x, s, offsets)
+    return z.to(x.dtype), a
