@@ -13,6 +13,8 @@ Inputs arrive validated and canonical (see :mod:`fastmil.functional`):
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -85,10 +87,16 @@ def attention_pool_torch(x, attn_weight, attn_bias, gate_weight, gate_bias, scor
     """Pool padded ``x [B, N, D]`` (optional ``mask [B, N]``) or packed ``x [T, D]`` with
     ``offsets [B+1]``. Returns ``z [B, K, D]`` in x's dtype and the attention weights
     (``[B, N, K]`` or ``[T, K]``) in the accumulation dtype."""
-    s = attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight,
-                         score_bias)
-    if offsets is None:
-        z, a = _pool_padded(x, s, mask)
-    else:
-        z, a = _pool_packed(x, s, offsets)
+    # The inputs arrive already cast to the autocast dtype (fastmil.functional); disable autocast
+    # here so that it does not also downcast the float32 score product, softmax and pooling.
+    device_type = x.device.type
+    no_autocast = (torch.autocast(device_type, enabled=False)
+                   if torch.amp.is_autocast_available(device_type) else contextlib.nullcontext())
+    with no_autocast:
+        s = attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight,
+                             score_bias)
+        if offsets is None:
+            z, a = _pool_padded(x, s, mask)
+        else:
+            z, a = _pool_packed(x, s, offsets)
     return z.to(x.dtype), a

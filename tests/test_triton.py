@@ -1,0 +1,233 @@
+"""The fused Triton kernels (backend="triton") against the reference.
+
+On a CUDA machine these run the compiled kernels on the GPU (bf16 included); elsewhere they run the
+same kernels in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by conftest.py before
+Triton is first imported), with small shapes because the interpreter is slow. Every output buffer
+is poisoned with NaN before each launch, so an element a kernel forgets to write fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmil
+from fastmil.reference import attention_pool_reference
+
+from conftest import assert_close, call, make_layout, make_weights
+
+triton = pytest.importorskip("triton", reason="the Triton kernel tests need triton installed")
+kernels = pytest.importorskip("fastmil.kernels.attention_pool")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# the interpreter has no bfloat16 arithmetic
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(kernels, "POISON", True)
+
+
+def _run(fn, x, weights, *, seed=1, **kwargs):
+    """z, attention and the gradients of a random loss on both w.r.t. x and every weight."""
+    x = x.detach().clone().requires_grad_(True)
+    leaves = {n: (None if t is None else t.detach().clone().requires_grad_(True))
+              for n, t in weights.items()}
+    z, a = call(fn, x, leaves, return_attention=True, **kwargs)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    gz = torch.randn(z.shape, generator=g).to(z.device)
+    ga = torch.randn(a.shape, generator=g).to(a.device)
+    if "mask" in kwargs:  # attention at masked slots is exactly 0 and carries no gradient
+        ga = ga * kwargs["mask"].reshape(*kwargs["mask"].shape, *([1] * (a.dim() - 2)))
+    loss = (z.float() * gz).sum() + (a.float() * ga).sum()
+    inputs = [x] + [t for t in leaves.values() if t is not None]
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    names = ["x"] + [n for n, t in leaves.items() if t is not None]
+    return z, a, dict(zip(names, grads, strict=True))
+
+
+def _check(x, weights, dtype, **kwargs):
+    z, a, g = _run(fastmil.attention_pool, x, weights, backend="triton", **kwargs)
+    zr, ar, gr = _run(attention_pool_reference, x.double(),
+                      {n: None if t is None else t.double() for n, t in weights.items()}, **kwargs)
+    assert z.dtype == x.dtype and a.dtype == torch.float32
+    assert_close(z, zr, dtype, what="z")
+    assert_close(a, ar, dtype, what="attention")
+    for name, grad in g.items():
+        if name == "score_bias":  # softmax ignores a shift: zero up to rounding
+            assert_close(grad, torch.zeros_like(gr[name]), dtype, what="d score_bias")
+            continue
+        ref = torch.zeros_like(gr[name]) if gr[name] is None else gr[name]
+        assert grad is not None, f"no gradient for {name}"
+        assert_close(grad, ref, dtype, what=f"d {name}")
+
+
+CASES = [
+    ("packed", [3, 0, 1, 33, 70]),
+    ("padded_mask", [3, 0, 1, 33, 12]),
+    ("padded", [9, 9]),
+    ("single", [41]),
+]
+
+
+@pytest.mark.parametrize("layout,lengths", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("K", [None, 3], ids=["K1", "K3"])
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_matches_reference(layout, lengths, K, gated, bias):
+    D, L = 40, 24  # neither a power of two
+    x, kw = make_layout(layout, lengths, D, device=DEVICE)
+    w = make_weights(D, L, K, gated, bias, device=DEVICE)
+    _check(x, w, torch.float32, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout,lengths", CASES[:2], ids=[c[0] for c in CASES[:2]])
+def test_dtypes(dtype, layout, lengths):
+    D, L = 48, 32
+    x, kw = make_layout(layout, lengths, D, dtype=dtype, device=DEVICE)
+    _check(x, make_weights(D, L, 2, dtype=dtype, device=DEVICE), dtype, **kw)
+
+
+def test_long_bag_is_split_across_programs():
+    """One long bag is cut into several chunks whose (max, sum, acc) states get merged."""
+    lengths = [2900, 5, 1]
+    x, kw = make_layout("packed", lengths, 24, device=DEVICE)
+    chunk, chunk_bag, _, num_chunks = kernels._chunks(x, kw["offsets"].diff(), 32)
+    assert int(num_chunks[0]) > 1, "the long bag should span several programs"
+    _check(x, make_weights(24, 16, None, device=DEVICE), torch.float32, **kw)
+
+
+def test_wide_features_and_attention_take_several_blocks():
+    """D and L larger than one tile: the D and L loops run more than once, with ragged ends."""
+    D, L = 200, 150
+    x, kw = make_layout("packed", [17, 40], D, device=DEVICE)
+    _check(x, make_weights(D, L, 2, device=DEVICE), torch.float32, **kw)
+
+
+@pytest.mark.parametrize("layout,lengths", [("packed", [0, 0]), ("padded_mask", [0, 0]),
+                                            ("packed", []), ("padded", [0, 0])],
+                         ids=["packed-empty", "padded-all-masked", "packed-B0", "padded-N0"])
+def test_empty_bags_pool_to_zero_with_zero_grads(layout, lengths):
+    x, kw = make_layout(layout, lengths, 16, device=DEVICE)
+    w = make_weights(16, 16, None, device=DEVICE)
+    z, a, g = _run(fastmil.attention_pool, x, w, backend="triton", **kw)
+    assert torch.equal(z, torch.zeros_like(z))
+    assert torch.equal(a, torch.zeros_like(a))
+    for name, grad in g.items():
+        assert grad is None or torch.equal(grad, torch.zeros_like(grad)), name
+
+
+def test_huge_scores_stay_finite():
+    x, kw = make_layout("packed", [5, 30], 32, scale=1e4, device=DEVICE)
+    w = make_weights(32, 16, 2, scale=30.0, device=DEVICE)
+    z, a, g = _run(fastmil.attention_pool, x, w, backend="triton", **kw)
+    for t in [z, a, *[t for t in g.values() if t is not None]]:
+        assert torch.isfinite(t).all()
+    # forward against the reference; the gradients here are dominated by the fp32 cancellation
+    # in h·dz − Δ (|h| ~ 1e4), which no fp32 implementation avoids, so only their finiteness counts
+    zr, ar = call(attention_pool_reference, x.double(),
+                  {n: None if t is None else t.double() for n, t in w.items()},
+                  return_attention=True, **kw)
+    assert_close(z, zr, torch.float32, what="z")
+    assert_close(a, ar, torch.float32, what="attention")
+
+
+def test_backward_is_deterministic():
+    x, kw = make_layout("packed", [700, 3, 90], 32, device=DEVICE)
+    w = make_weights(32, 24, 2, device=DEVICE)
+    _, _, g1 = _run(fastmil.attention_pool, x, w, backend="triton", **kw)
+    _, _, g2 = _run(fastmil.attention_pool, x, w, backend="triton", **kw)
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), name
+
+
+def test_module_and_torch_backend_agree():
+    pool = fastmil.AttentionPool(32, 16, branches=2).to(DEVICE)
+    x, kw = make_layout("packed", [4, 9, 1], 32, device=DEVICE)
+    z_torch = pool(x, **kw)
+    pool.backend = "triton"
+    assert_close(pool(x, **kw), z_torch, what="module z")
+
+
+def test_torch_compile_fullgraph():
+    x, kw = make_layout("packed", [5, 12], 24, device=DEVICE)
+    w = make_weights(24, 16, None, device=DEVICE)
+
+    def f(x, offsets, V, U, s):
+        return fastmil.attention_pool(x, V, U, s, offsets=offsets, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    outs = [fn(xi, kw["offsets"], w["attn_weight"], w["gate_weight"], w["score_weight"])
+            for fn, xi in zip((f, compiled), xs, strict=True)]
+    assert_close(outs[1], outs[0], what="compiled z")
+    for out, xi in zip(outs, xs, strict=True):
+        out.pow(2).sum().backward()
+    assert_close(xs[1].grad, xs[0].grad, what="compiled dx")
+
+
+def test_autocast():
+    dtype = torch.bfloat16 if CUDA else torch.float16
+    x, kw = make_layout("packed", [6, 11], 32, device=DEVICE)
+    w = make_weights(32, 16, None, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=dtype):
+        z = call(fastmil.attention_pool, x, w, backend="triton", **kw)
+    assert z.dtype == dtype
+    ref = call(attention_pool_reference, x.double(),
+               {n: None if t is None else t.double() for n, t in w.items()}, **kw)
+    assert_close(z, ref, dtype, what="autocast z")
+
+
+def test_auto_backend_dispatch():
+    x, kw = make_layout("packed", [6, 11], 32, device=DEVICE)
+    w = make_weights(32, 16, None, device=DEVICE)
+    auto = call(fastmil.attention_pool, x, w, backend="auto", **kw)
+    expected = "triton" if CUDA else "torch"
+    assert torch.equal(auto, call(fastmil.attention_pool, x, w, backend=expected, **kw))
+
+
+def test_triton_backend_errors(monkeypatch):
+    w64 = make_weights(8, 4, None, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(RuntimeError, match="float16, bfloat16 or float32, got torch.float64"):
+        call(fastmil.attention_pool, torch.randn(3, 8, dtype=torch.float64, device=DEVICE), w64,
+             backend="triton")
+    if not CUDA:
+        w16 = make_weights(8, 4, None, dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError, match="interpreter has no bfloat16"):
+            call(fastmil.attention_pool, torch.randn(3, 8, dtype=torch.bfloat16), w16,
+                 backend="triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="run on CUDA tensors, got a tensor on cpu"):
+            call(fastmil.attention_pool, torch.randn(3, 8), make_weights(8, 4), backend="triton")
+
+
+@needs_cuda
+def test_fp32_honours_tf32_setting(monkeypatch):
+    D, L = 256, 128
+    x, kw = make_layout("packed", [300, 200], D, device=DEVICE)
+    w = make_weights(D, L, None, device=DEVICE)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert kernels._precision(x) == "ieee"
+    _check(x, w, torch.float32, **kw)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert kernels._precision(x) == "tf32"
+
+
+@needs_cuda
+def test_no_recompilation_per_bag_count_or_length():
+    D, L = 64, 32
+    w = make_weights(D, L, None, device=DEVICE)
+    x, kw = make_layout("packed", [5, 7], D, device=DEVICE)
+    call(fastmil.attention_pool, x, w, backend="triton", **kw)
+    sizes = {k: len(k.device_caches[0][0]) if hasattr(k, "device_caches") else len(k.cache)
+             for k in (kernels._fwd_kernel, kernels._merge_kernel)}
+    for lengths in ([1], [100, 3, 17], [33] * 40, [2000]):
+        x, kw = make_layout("packed", lengths, D, device=DEVICE)
+        call(fastmil.attention_pool, x, w, backend="triton", **kw)
+    after = {k: len(k.device_caches[0][0]) if hasattr(k, "device_caches") else len(k.cache)
+             for k in sizes}
+    assert after == sizes
