@@ -49,6 +49,9 @@ def pad(x: torch.Tensor, offsets: torch.Tensor, *, value: float = 0.0
         raise ValueError(f"offsets must be 1-D [B+1], got shape {tuple(offsets.shape)}")
     offsets = offsets.to(torch.int64)
     lengths = offsets[1:] - offsets[:-1]  # [B]
+    if int(offsets[0]) != 0 or int(offsets[-1]) != x.shape[0] or bool((lengths < 0).any()):
+        raise ValueError(f"offsets must be non-decreasing from 0 to x.shape[0] = {x.shape[0]}, "
+                         f"got offsets[0] = {int(offsets[0])}, offsets[-1] = {int(offsets[-1])}")
     B = lengths.shape[0]
     N = int(lengths.max()) if B > 0 else 0
     positions = torch.arange(N, device=x.device)

@@ -93,6 +93,8 @@ def attention_pool_torch(x, attn_weight, attn_bias, gate_weight, gate_bias, scor
     no_autocast = (torch.autocast(device_type, enabled=False)
                    if torch.amp.is_autocast_available(device_type) else contextlib.nullcontext())
     with no_autocast:
+        if mask is not None:  # padding may hold anything (NaN, inf): keep it out of the math
+            x = x.masked_fill(~mask[..., None], 0)
         s = attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight,
                              score_bias)
         if offsets is None:

@@ -112,6 +112,34 @@ def _load_w_t(w_ptr, l0, K, L, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
     return tl.load(w_ptr + o_k[None, :] * L + o_l[:, None], mask=m, other=0.0).to(tl.float32)
 
 
+@triton.jit
+def _chunk_rows(chunk_bag_ptr, first_chunk_ptr, starts_ptr, lengths_ptr, B, CHUNK):
+    """This program's chunk c, its bag b and its rows [row_lo, row_hi) (empty for unused
+    programs, whose chunk_bag is B)."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_b = tl.load(chunk_bag_ptr + i_c).to(tl.int64)
+    live = i_b < B
+    i_b = tl.minimum(i_b, B - 1)
+    start = tl.load(starts_ptr + i_b).to(tl.int64)
+    length = tl.load(lengths_ptr + i_b).to(tl.int64)
+    row_lo = start + (i_c - tl.load(first_chunk_ptr + i_b).to(tl.int64)) * CHUNK
+    row_hi = tl.minimum(start + length, row_lo + CHUNK)
+    row_hi = tl.where(live, row_hi, row_lo)
+    return i_c, i_b, row_lo, row_hi
+
+
+@triton.jit
+def _tile_rows(row_mask_ptr, n0, row_hi, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows of the tile starting at n0: (o_row [BLOCK_N] int64, m_row: inside the chunk,
+    m_real: inside the chunk and not masked out)."""
+    o_row = n0 + tl.arange(0, BLOCK_N)
+    m_row = o_row < row_hi
+    m_real = m_row
+    if HAS_MASK:
+        m_real = m_row & (tl.load(row_mask_ptr + o_row, mask=m_row, other=0) != 0)
+    return o_row, m_row, m_real
+
+
 @triton.jit(do_not_specialize=["B", "CHUNK", "stride_x"])
 def _fwd_kernel(
     x_ptr, row_mask_ptr, starts_ptr, lengths_ptr, chunk_bag_ptr, first_chunk_ptr,
@@ -123,15 +151,8 @@ def _fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    i_c = tl.program_id(0).to(tl.int64)
-    i_b = tl.load(chunk_bag_ptr + i_c).to(tl.int64)
-    live = i_b < B
-    i_b = tl.minimum(i_b, B - 1)
-    start = tl.load(starts_ptr + i_b).to(tl.int64)
-    length = tl.load(lengths_ptr + i_b).to(tl.int64)
-    row_lo = start + (i_c - tl.load(first_chunk_ptr + i_b).to(tl.int64)) * CHUNK
-    row_hi = tl.minimum(start + length, row_lo + CHUNK)
-    row_hi = tl.where(live, row_hi, row_lo)  # unused programs run no tile
+    i_c, i_b, row_lo, row_hi = _chunk_rows(chunk_bag_ptr, first_chunk_ptr, starts_ptr, lengths_ptr,
+                                           B, CHUNK)
 
     o_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     m_k = o_k < K
@@ -139,11 +160,7 @@ def _fwd_kernel(
     b_l = tl.zeros([BLOCK_K], dtype=tl.float32)  # running sum of exp(s - m)
     p_acc = part_acc_ptr + i_c * K * D
     for n0 in range(row_lo, row_hi, BLOCK_N):
-        o_row = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] int64
-        m_row = o_row < row_hi
-        m_real = m_row
-        if HAS_MASK:
-            m_real = m_row & (tl.load(row_mask_ptr + o_row, mask=m_row, other=0) != 0)
+        o_row, m_row, m_real = _tile_rows(row_mask_ptr, n0, row_hi, HAS_MASK, BLOCK_N)
         # scores [BLOCK_N, BLOCK_K], one attention block of BLOCK_L columns at a time
         b_s = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for l0 in range(0, L, BLOCK_L):
@@ -228,15 +245,8 @@ def _bwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    i_c = tl.program_id(0).to(tl.int64)
-    i_b = tl.load(chunk_bag_ptr + i_c).to(tl.int64)
-    live = i_b < B
-    i_b = tl.minimum(i_b, B - 1)
-    start = tl.load(starts_ptr + i_b).to(tl.int64)
-    length = tl.load(lengths_ptr + i_b).to(tl.int64)
-    row_lo = start + (i_c - tl.load(first_chunk_ptr + i_b).to(tl.int64)) * CHUNK
-    row_hi = tl.minimum(start + length, row_lo + CHUNK)
-    row_hi = tl.where(live, row_hi, row_lo)
+    i_c, i_b, row_lo, row_hi = _chunk_rows(chunk_bag_ptr, first_chunk_ptr, starts_ptr, lengths_ptr,
+                                           B, CHUNK)
 
     o_k = tl.arange(0, BLOCK_K)
     m_k = o_k < K
@@ -246,11 +256,7 @@ def _bwd_kernel(
     GL = 2 * L if GATED else L  # row stride of dpq
     b_dbw = tl.zeros([BLOCK_K], dtype=tl.float32)
     for n0 in range(row_lo, row_hi, BLOCK_N):
-        o_row = n0 + tl.arange(0, BLOCK_N)
-        m_row = o_row < row_hi
-        m_real = m_row
-        if HAS_MASK:
-            m_real = m_row & (tl.load(row_mask_ptr + o_row, mask=m_row, other=0) != 0)
+        o_row, m_row, m_real = _tile_rows(row_mask_ptr, n0, row_hi, HAS_MASK, BLOCK_N)
         m_nk = m_real[:, None] & m_k[None, :]
         b_s = tl.load(s_ptr + o_row[:, None] * K + o_k[None, :], mask=m_nk, other=float("-inf"))
         b_a = tl.exp(b_s - b_lse[None, :])  # [BLOCK_N, BLOCK_K]; 0 at masked rows

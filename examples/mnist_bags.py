@@ -1,0 +1,752 @@
+#!/usr/bin/env python
+"""Train an attention-MIL classifier on MNIST-bags with fastmil (Ilse et al. 2018).
+
+A bag is a set of digit images; it is positive iff it holds at least one image of the positive
+class. A shared instance encoder (MLP or LeNet-style CNN) embeds every image, fastmil's gated
+attention pooling sums the embeddings weighted by their attention, and a linear head classifies
+the bag. Bags of any size are batched packed (``fastmil.collate``): no padding, no bag-per-step.
+
+Usage::
+
+    python examples/mnist_bags.py                       # bags of 3, positive class 1
+    python examples/mnist_bags.py --variable-size       # the paper's bags: ~N(10, 2), digit 9
+    python examples/mnist_bags.py --ensemble 5 --model lenet
+    python examples/mnist_bags.py --paper               # AUC vs number of training bags
+    torchrun --nproc_per_node=2 examples/mnist_bags.py  # DistributedDataParallel
+
+Data: ``--dataset auto`` (default) takes MNIST through ``torchvision.datasets.MNIST`` from
+``--data-dir`` (downloading it when online), and falls back to scikit-learn's bundled 8x8
+digits (``load_digits``) when torchvision or the files cannot be had. It prints which it used.
+
+Outputs go to ``--out-dir`` (default ``runs/mnist_bags``): ``model_<i>.pt`` (best weights of each
+ensemble member), ``attention_bags.png``, ``metrics.json``; with ``--paper``: ``paper_table.md``,
+``paper_auc.png``, ``paper_results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+import fastmil
+
+PAPER_TRAIN_BAGS = (50, 100, 150, 200, 300, 400, 500)
+MNIST_FILES = {  # torchvision's layout: <data-dir>/MNIST/raw/<name>
+    "train-images-idx3-ubyte": 2051,
+    "train-labels-idx1-ubyte": 2049,
+    "t10k-images-idx3-ubyte": 2051,
+    "t10k-labels-idx1-ubyte": 2049,
+}
+
+
+class DataError(Exception):
+    """A data problem with a message meant for the user (no traceback)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Image pools: MNIST (torchvision) or scikit-learn's 8x8 digits
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class ImagePool:
+    images: torch.Tensor  # [N, H, W] float32 in [0, 1]
+    labels: torch.Tensor  # [N] int64
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+@dataclass
+class DigitData:
+    name: str
+    train: ImagePool  # training bags draw from here ...
+    val: ImagePool  # ... validation / test bags from here: disjoint images
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return tuple(self.train.images.shape[1:])
+
+
+def load_digits_data(val_fraction: float = 0.3, split_seed: int = 0) -> DigitData:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download), split once into disjoint
+    training / validation pools by a fixed, seeded, stratified split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.tensor(digits.images / 16.0, dtype=torch.float32)  # 0..16 -> [0, 1]
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+    idx_train, idx_val = train_test_split(np.arange(len(labels)), test_size=val_fraction,
+                                          random_state=split_seed, stratify=digits.target)
+    idx_train, idx_val = torch.as_tensor(idx_train), torch.as_tensor(idx_val)
+    return DigitData("scikit-learn digits (8x8, 1797 images, fixed 70/30 split)",
+                     ImagePool(images[idx_train], labels[idx_train]),
+                     ImagePool(images[idx_val], labels[idx_val]))
+
+
+def check_mnist_files(data_dir: Path) -> None:
+    """Check the headers and sizes of the raw MNIST IDX files present under
+    ``data_dir/MNIST/raw`` so that a corrupt file gives a clear message."""
+    raw = Path(data_dir) / "MNIST" / "raw"
+    counts = {}
+    for name, magic in MNIST_FILES.items():
+        path = raw / name
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = f.read(16 if magic == 2051 else 8)
+        hint = "delete it to download it again, or use --dataset digits"
+        if len(header) < (16 if magic == 2051 else 8):
+            raise DataError(f"corrupt MNIST file {path}: only {size} bytes, too short for an "
+                            f"IDX header; {hint}")
+        found = int.from_bytes(header[:4], "big")
+        if found != magic:
+            raise DataError(f"corrupt MNIST file {path}: IDX magic number {found}, expected "
+                            f"{magic}; {hint}")
+        n = int.from_bytes(header[4:8], "big")
+        expected = 8 + n
+        if magic == 2051:
+            rows, cols = int.from_bytes(header[8:12], "big"), int.from_bytes(header[12:16], "big")
+            expected = 16 + n * rows * cols
+        if size != expected:
+            raise DataError(f"corrupt MNIST file {path}: {size} bytes, but its header announces "
+                            f"{n} items ({expected} bytes); {hint}")
+        counts[name] = n
+    for split in ("train", "t10k"):
+        ni, nl = counts.get(f"{split}-images-idx3-ubyte"), counts.get(f"{split}-labels-idx1-ubyte")
+        if ni is not None and nl is not None and ni != nl:
+            raise DataError(f"MNIST files under {raw} disagree: {ni} {split} images but {nl} "
+                            f"labels; delete them to download them again")
+
+
+def load_mnist_data(data_dir: str | Path, download: bool = True) -> DigitData:
+    """MNIST through ``torchvision.datasets.MNIST``: its own train / test split gives the
+    training / validation pools. Raises :class:`DataError` with a clear message on failure."""
+    root = Path(data_dir)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--data-dir {root} is a file, not a folder")
+    if root.is_dir():
+        check_mnist_files(root)
+    elif not download:
+        raise DataError(f"MNIST data folder {root} does not exist (and --no-download was given): "
+                        f"pass --data-dir pointing at a folder holding MNIST/raw/, drop "
+                        f"--no-download, or use --dataset digits")
+    try:
+        from torchvision.datasets import MNIST
+    except Exception as e:  # ImportError, or a broken wheel raising something else
+        raise DataError(f"--dataset mnist needs torchvision, which cannot be imported here "
+                        f"({type(e).__name__}: {e}); install torchvision or use --dataset "
+                        f"digits") from None
+    pools = []
+    for train in (True, False):
+        try:
+            ds = MNIST(str(root), train=train, download=download)
+        except Exception as e:
+            what = "download or read" if download else "read"
+            raise DataError(f"could not {what} MNIST under {root} ({type(e).__name__}: "
+                            f"{str(e).strip() or 'no details'}); use --dataset digits to run "
+                            f"offline") from None
+        images = ds.data.to(torch.float32) / 255.0  # uint8 [N, 28, 28] -> [0, 1]
+        pools.append(ImagePool(images, ds.targets.to(torch.int64)))
+    return DigitData(f"MNIST (torchvision, {root}, 60000/10000 train/test split)", *pools)
+
+
+def load_data(dataset: str, data_dir: str | Path, download: bool = True) -> tuple[DigitData, str]:
+    """Return the image pools and a line saying which dataset was used and why."""
+    if dataset == "digits":
+        return load_digits_data(), "dataset: scikit-learn digits (--dataset digits)"
+    if dataset == "mnist":
+        return load_mnist_data(data_dir, download), "dataset: MNIST (--dataset mnist)"
+    try:
+        return load_mnist_data(data_dir, download), "dataset: MNIST (--dataset auto)"
+    except DataError as e:
+        return load_digits_data(), (f"dataset: scikit-learn digits, 8x8 (--dataset auto: "
+                                    f"MNIST unavailable: {e})")
+
+
+# ------------------------------------------------------------------------------------------------
+# Bags
+# ------------------------------------------------------------------------------------------------
+
+class BagDataset(Dataset):
+    """Bags of distinct images drawn at random from one pool.
+
+    Item ``i`` is ``(x [n_i, H*W] float32 in [0, 1], label float32 scalar)``; the bag is positive
+    iff one of its images is of ``positive_class``. ``bag_size`` fixes n; ``variable=True`` draws
+    each n from round(normal(mean, std)), at least 1 (the paper's MNIST-bags).
+    """
+
+    def __init__(self, pool: ImagePool, n_bags: int, positive_class: int, *, bag_size: int = 3,
+                 variable: bool = False, mean: float = 10.0, std: float = 2.0,
+                 rng: np.random.Generator | None = None):
+        rng = np.random.default_rng(0) if rng is None else rng
+        if variable:
+            sizes = np.maximum(1, np.rint(rng.normal(mean, std, n_bags))).astype(np.int64)
+        else:
+            sizes = np.full(n_bags, bag_size, dtype=np.int64)
+        if n_bags and sizes.max() > len(pool):
+            raise DataError(f"a bag of {int(sizes.max())} distinct images cannot be drawn from a "
+                            f"pool of {len(pool)} images; use smaller bags")
+        self.images = pool.images.reshape(len(pool), -1)
+        self.image_shape = tuple(pool.images.shape[1:])
+        self.positive_class = positive_class
+        self.indices = [torch.as_tensor(rng.choice(len(pool), size=int(n), replace=False))
+                        for n in sizes]
+        self.instance_labels = [pool.labels[idx] for idx in self.indices]
+        self.labels = torch.tensor([float(bool((lab == positive_class).any()))
+                                    for lab in self.instance_labels], dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.images[self.indices[i]], self.labels[i]
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        return torch.tensor([len(idx) for idx in self.indices])
+
+    @property
+    def n_positive(self) -> int:
+        return int(self.labels.sum())
+
+    def describe(self, name: str) -> str:
+        sizes = self.sizes.float()
+        size = (f"size {int(sizes[0])}" if bool((sizes == sizes[0]).all()) else
+                f"sizes {int(sizes.min())}..{int(sizes.max())}, mean {float(sizes.mean()):.2f}")
+        return (f"{name}: {len(self)} bags ({size}), {self.n_positive} positive / "
+                f"{len(self) - self.n_positive} negative (positive class {self.positive_class})")
+
+
+def class_weights(labels: torch.Tensor) -> torch.Tensor:
+    """``[w_neg, w_pos]`` with ``w_c = total / (2 * count_c)`` (balanced classes)."""
+    pos = int(labels.sum())
+    counts = torch.tensor([len(labels) - pos, pos], dtype=torch.float32)
+    if bool((counts == 0).any()):
+        which = "negative" if counts[0] == 0 else "positive"
+        raise DataError(f"the training bags hold no {which} bag: use more bags, or another bag "
+                        f"size / positive class")
+    return len(labels) / (2 * counts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------
+
+class MLPEncoder(nn.Module):
+    """Instance encoder: flattened image -> 128 -> 64, ReLU."""
+
+    def __init__(self, image_shape, hidden=(128, 64)):
+        super().__init__()
+        dims = [math.prod(image_shape), *hidden]
+        layers = []
+        for a, b in zip(dims[:-1], dims[1:], strict=True):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.net = nn.Sequential(*layers)
+        self.out_dim = dims[-1]
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class LeNetEncoder(nn.Module):
+    """LeNet-style instance encoder (the paper's): two conv+pool blocks, then 500 features."""
+
+    def __init__(self, image_shape, out_dim=500):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        h, w = self.image_shape
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, 20, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(20, 50, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc = nn.Sequential(nn.Linear(50 * (h // 4) * (w // 4), out_dim), nn.ReLU())
+        self.out_dim = out_dim
+
+    def forward(self, x):
+        return self.fc(self.conv(x.reshape(-1, 1, *self.image_shape)).flatten(1))
+
+
+class MILClassifier(nn.Module):
+    """Shared instance encoder -> fastmil attention pooling (z = sum_k a_k h_k) -> linear head.
+
+    ``forward(x [T, H*W], offsets [B+1])`` -> bag logits ``[B]`` and attention ``[T]``.
+    """
+
+    def __init__(self, image_shape, model: str = "mlp", attn_dim: int = 256, gated: bool = True,
+                 backend: str = "auto"):
+        super().__init__()
+        encoders = {"mlp": MLPEncoder, "lenet": LeNetEncoder}
+        self.encoder = encoders[model](image_shape)
+        self.pool = fastmil.AttentionPool(self.encoder.out_dim, attn_dim, gated=gated,
+                                          backend=backend)
+        self.head = nn.Linear(self.encoder.out_dim, 1)
+
+    def forward(self, x, offsets):
+        h = self.encoder(x)  # [T, D]
+        z, attention = self.pool(h, offsets=offsets, return_attention=True)  # [B, D], [T]
+        return self.head(z).squeeze(-1), attention
+
+
+def make_optimizer(model: MILClassifier, lr: float, attn_weight_decay: float):
+    """Adam; L2 weight decay only on the attention weights (V, U, w of the pooling)."""
+    decay = [p for name, p in model.pool.named_parameters() if name.endswith("weight")]
+    ids = {id(p) for p in decay}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return torch.optim.Adam([{"params": rest, "weight_decay": 0.0},
+                             {"params": decay, "weight_decay": attn_weight_decay}], lr=lr)
+
+
+def bag_loss(logits, labels, weights=None):
+    """Mean over bags of the (class-weighted) binary cross-entropy. A mean over the local batch,
+    so DDP's gradient averaging gives the mean over the global batch."""
+    loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    if weights is not None:
+        loss = loss * weights.to(loss.device)[labels.long()]
+    return loss.mean()
+
+
+def make_loader(ds, batch_size, *, shuffle=False, seed=0, world=1, rank=0):
+    """Packed batches of whole bags. Training uses a DistributedSampler even in one process, so
+    that one process and N torchrun processes see the same global batches: with
+    ``batch_size / world`` bags per rank, step k of all ranks together covers the same bags."""
+    sampler = None
+    if shuffle:
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False,
+                      collate_fn=fastmil.collate)
+
+
+@torch.no_grad()
+def predict(model, ds, batch_size=64, device="cpu"):
+    """Bag probabilities ``[B]`` (numpy) and the attention of each bag (list of numpy arrays)."""
+    model.eval()
+    probs, attention = [], []
+    for x, offsets, _ in make_loader(ds, batch_size):
+        logits, a = model(x.to(device), offsets.to(device))
+        probs.append(torch.sigmoid(logits).float().cpu())
+        sizes = (offsets[1:] - offsets[:-1]).tolist()
+        attention += [t.numpy() for t in torch.split(a.float().cpu(), sizes)]
+    return torch.cat(probs).numpy(), attention
+
+
+def metrics(probs, labels) -> dict:
+    """Loss, accuracy and ROC AUC of bag probabilities."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels, dtype=np.float64)
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
+    loss = float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+    acc = float(np.mean((p >= 0.5) == (labels == 1)))
+    auc = float(roc_auc_score(labels, p)) if 0 < labels.sum() < len(labels) else float("nan")
+    return {"loss": loss, "accuracy": acc, "auc": auc}
+
+
+def localisation(ds: BagDataset, probs, attention) -> tuple[float, int]:
+    """Fraction of correctly predicted positive bags whose most-attended instance is of the
+    positive class, and the number of such bags."""
+    hits, n = 0, 0
+    for i in range(len(ds)):
+        if ds.labels[i] == 1 and probs[i] >= 0.5:
+            n += 1
+            hits += int(ds.instance_labels[i][int(np.argmax(attention[i]))] == ds.positive_class)
+    return (hits / n if n else float("nan")), n
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    world: int = 1
+    rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_flag: str) -> Dist:
+    """One process, or one of the processes torchrun started (WORLD_SIZE > 1): gloo on CPU,
+    nccl on GPU."""
+    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(1, 0, torch.device("cuda" if use_cuda else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(dist.get_world_size(), dist.get_rank(), device)
+
+
+def train_model(args, train_ds, val_ds, image_shape, *, seed, ctx: Dist, checkpoint=None,
+                gated=True, progress=True, desc="train"):
+    """Train one model; early stopping on the validation loss (when ``val_ds`` is given) keeps
+    the best weights and saves them to ``checkpoint``. Returns the model and a summary."""
+    torch.manual_seed(seed)
+    model = MILClassifier(image_shape, args.model, args.attn_dim, gated, args.backend)
+    model.to(ctx.device)
+    net = model
+    if ctx.world > 1:
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    opt = make_optimizer(model, args.lr, args.attn_weight_decay)
+    weights = class_weights(train_ds.labels)
+    loader = make_loader(train_ds, args.batch_size // ctx.world, shuffle=True, seed=seed,
+                         world=ctx.world, rank=ctx.rank)
+    best = {"val_loss": float("inf"), "epoch": 0, "state": copy.deepcopy(model.state_dict())}
+    history, bad_epochs = [], 0
+    bar = tqdm(range(1, args.epochs + 1), desc=desc, leave=False, dynamic_ncols=True,
+               disable=not (progress and ctx.main), file=sys.stderr)
+    for epoch in bar:
+        net.train()
+        loader.sampler.set_epoch(epoch)
+        total, count = 0.0, 0
+        for x, offsets, y in loader:
+            x, offsets, y = x.to(ctx.device), offsets.to(ctx.device), y.to(ctx.device)
+            logits, _ = net(x, offsets)
+            loss = bag_loss(logits, y, weights)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, count = total + loss.item() * len(y), count + len(y)
+        row = {"epoch": epoch, "train_loss": total / max(count, 1)}
+        if val_ds is not None:
+            probs, _ = predict(model, val_ds, device=ctx.device)
+            m = metrics(probs, val_ds.labels.numpy())
+            val_loss = torch.tensor(m["loss"], dtype=torch.float64, device=ctx.device)
+            if ctx.world > 1:  # identical on all ranks already; averaging makes it certain
+                dist.all_reduce(val_loss)
+                val_loss /= ctx.world
+            row.update(val_loss=float(val_loss), val_accuracy=m["accuracy"], val_auc=m["auc"])
+            if row["val_loss"] < best["val_loss"]:
+                best = {"val_loss": row["val_loss"], "epoch": epoch,
+                        "state": copy.deepcopy(model.state_dict())}
+                bad_epochs = 0
+                if checkpoint is not None and ctx.main:
+                    torch.save({"model": best["state"], "epoch": epoch,
+                                "val_loss": row["val_loss"], "image_shape": image_shape,
+                                "args": vars(args)}, checkpoint)
+            else:
+                bad_epochs += 1
+        history.append(row)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "epoch"})
+        if val_ds is not None and bad_epochs >= args.patience:
+            break
+    bar.close()
+    if val_ds is not None:
+        model.load_state_dict(best["state"])
+    elif checkpoint is not None and ctx.main:
+        torch.save({"model": model.state_dict(), "epoch": len(history),
+                    "image_shape": image_shape, "args": vars(args)}, checkpoint)
+    return model, {"best_epoch": best["epoch"] if val_ds is not None else len(history),
+                   "epochs_run": len(history), "best_val_loss": best["val_loss"],
+                   "history": history}
+
+
+# ------------------------------------------------------------------------------------------------
+# Interpretability plot
+# ------------------------------------------------------------------------------------------------
+
+def plot_attention_bags(path, ds: BagDataset, probs, attention, n_per_class=3, title=""):
+    """Save a PNG of ``n_per_class`` positive and negative bags: every instance with its attention
+    weight (the most-attended one framed in red), and the predicted vs true bag label."""
+    from matplotlib.figure import Figure
+
+    chosen = ([i for i in range(len(ds)) if ds.labels[i] == 1][:n_per_class]
+              + [i for i in range(len(ds)) if ds.labels[i] == 0][:n_per_class])
+    rows = max(len(chosen), 1)
+    cols = max([len(ds.indices[i]) for i in chosen] + [1])
+    fig = Figure(figsize=(1.5 + 1.1 * cols, 0.4 + 1.35 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for r, i in enumerate(chosen):
+        x, _ = ds[i]
+        a = attention[i]
+        top = int(np.argmax(a))
+        for c in range(len(a)):
+            ax = axes[r, c]
+            ax.set_axis_on()
+            ax.imshow(x[c].reshape(ds.image_shape).numpy(), cmap="gray_r", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"a={a[c]:.2f}", fontsize=8, color="red" if c == top else "black")
+            ax.set_xlabel(f"digit {int(ds.instance_labels[i][c])}", fontsize=7, labelpad=1)
+            for spine in ax.spines.values():
+                spine.set_edgecolor("red" if c == top else "lightgray")
+                spine.set_linewidth(2.5 if c == top else 0.8)
+        pred = int(probs[i] >= 0.5)
+        axes[r, 0].set_ylabel(f"true {int(ds.labels[i])}\npred {pred} (p={probs[i]:.2f})",
+                              fontsize=8, rotation=0, ha="right", va="center",
+                              color="black" if pred == int(ds.labels[i]) else "red")
+    fig.suptitle(title or f"validation bags: attention per instance (positive class "
+                          f"{ds.positive_class})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# The two modes
+# ------------------------------------------------------------------------------------------------
+
+def run_default(args, data: DigitData, ctx: Dist, log) -> dict:
+    t0 = time.perf_counter()
+    out = Path(args.out_dir)
+    variable = dict(bag_size=args.bag_size, variable=args.variable_size,
+                    mean=args.bag_size_mean, std=args.bag_size_std)
+    train_ds = BagDataset(data.train, args.train_bags, args.positive_class,
+                          rng=np.random.default_rng([args.seed, 1]), **variable)
+    val_ds = BagDataset(data.val, args.val_bags, args.positive_class,
+                        rng=np.random.default_rng([args.seed, 2]), **variable)
+    log(train_ds.describe("training bags"))
+    log(val_ds.describe("validation bags"))
+    weights = class_weights(train_ds.labels)
+    log(f"class weights: negative {weights[0]:.3f}, positive {weights[1]:.3f}")
+
+    models, summaries = [], []
+    for i in range(args.ensemble):
+        model, info = train_model(args, train_ds, val_ds, data.image_shape, seed=args.seed + i,
+                                  ctx=ctx, checkpoint=out / f"model_{i}.pt",
+                                  gated=not args.plain_attention,
+                                  progress=not args.no_progress,
+                                  desc=f"model {i + 1}/{args.ensemble}")
+        models.append(model)
+        summaries.append({k: v for k, v in info.items() if k != "history"})
+        log(f"model {i + 1}/{args.ensemble}: best epoch {info['best_epoch']} of "
+            f"{info['epochs_run']}, val loss {info['best_val_loss']:.4f} "
+            f"(saved {out / f'model_{i}.pt'})")
+
+    predictions = [predict(m, val_ds, device=ctx.device) for m in models]
+    probs = np.mean([p for p, _ in predictions], axis=0)
+    attention = [np.mean([a[b] for _, a in predictions], axis=0) for b in range(len(val_ds))]
+    result = metrics(probs, val_ds.labels.numpy())
+    loc, n_loc = localisation(val_ds, probs, attention)
+    result.update(localisation=loc, localisation_bags=n_loc, models=summaries,
+                  dataset=data.name, seconds=time.perf_counter() - t0)
+    what = f"ensemble of {args.ensemble}" if args.ensemble > 1 else "model"
+    log(f"validation ({what}): loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}, "
+        f"AUC {result['auc']:.4f}")
+    log(f"localisation: the most-attended instance is a {args.positive_class} in {loc:.3f} of "
+        f"the {n_loc} correctly predicted positive bags")
+    if ctx.main:
+        png = plot_attention_bags(out / "attention_bags.png", val_ds, probs, attention,
+                                  args.plot_bags)
+        log(f"attention plot: {png}")
+        with open(out / "metrics.json", "w") as f:
+            json.dump(result, f, indent=2)
+    log(f"done in {result['seconds']:.1f} s")
+    return result
+
+
+def run_paper(args, data: DigitData, ctx: Dist, log) -> dict:
+    """AUC vs number of training bags, gated and plain attention, mean ± std over seeds."""
+    t0 = time.perf_counter()
+    out = Path(args.out_dir)
+    target = args.positive_class
+    args = copy.copy(args)
+    args.epochs = args.paper_epochs
+    log(f"paper mode: target {target}, bag sizes ~ round(N({args.bag_size_mean}, "
+        f"{args.bag_size_std})), training bags {list(args.paper_bags)}, {args.test_bags} test "
+        f"bags, {args.paper_seeds} seeds, {args.epochs} epochs, gated and plain attention")
+    results = {"gated": {}, "plain": {}}
+    runs = [(n, s) for n in args.paper_bags for s in range(args.paper_seeds)]
+    bar = tqdm(total=2 * len(runs), desc="paper", dynamic_ncols=True, file=sys.stderr,
+               disable=args.no_progress or not ctx.main)
+    for seed in range(args.paper_seeds):
+        test_ds = BagDataset(data.val, args.test_bags, target, variable=True,
+                             mean=args.bag_size_mean, std=args.bag_size_std,
+                             rng=np.random.default_rng([args.seed + seed, 3]))
+        for n in args.paper_bags:
+            train_ds = BagDataset(data.train, n, target, variable=True, mean=args.bag_size_mean,
+                                  std=args.bag_size_std,
+                                  rng=np.random.default_rng([args.seed + seed, 1, n]))
+            for kind in ("gated", "plain"):
+                model, _ = train_model(args, train_ds, None, data.image_shape,
+                                       seed=args.seed + seed, ctx=ctx, gated=kind == "gated",
+                                       progress=False)
+                probs, _ = predict(model, test_ds, device=ctx.device)
+                auc = metrics(probs, test_ds.labels.numpy())["auc"]
+                results[kind].setdefault(n, []).append(auc)
+                bar.update(1)
+                bar.set_postfix(bags=n, seed=seed, auc=f"{auc:.3f}")
+    bar.close()
+
+    lines = [f"MNIST-bags on {data.name}: target {target}, bag size ~ N({args.bag_size_mean}, "
+             f"{args.bag_size_std}), {args.test_bags} test bags, test AUC mean ± std over "
+             f"{args.paper_seeds} seeds ({args.model} encoder, {args.epochs} epochs).", "",
+             "| training bags | gated attention | attention |", "|---:|:---:|:---:|"]
+    for n in args.paper_bags:
+        cells = [f"{np.mean(results[k][n]):.3f} ± {np.std(results[k][n]):.3f}"
+                 for k in ("gated", "plain")]
+        lines.append(f"| {n} | {cells[0]} | {cells[1]} |")
+    table = "\n".join(lines) + "\n"
+    log(table)
+    summary = {"dataset": data.name, "target": target, "train_bags": list(args.paper_bags),
+               "auc": {k: {str(n): v for n, v in r.items()} for k, r in results.items()},
+               "seconds": time.perf_counter() - t0}
+    if ctx.main:
+        (out / "paper_table.md").write_text(table)
+        with open(out / "paper_results.json", "w") as f:
+            json.dump(summary, f, indent=2)
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(5.5, 3.8))
+        ax = fig.subplots()
+        for kind, label in (("gated", "gated attention"), ("plain", "attention")):
+            ax.errorbar(args.paper_bags, [np.mean(results[kind][n]) for n in args.paper_bags],
+                        yerr=[np.std(results[kind][n]) for n in args.paper_bags], capsize=3,
+                        marker="o", label=label)
+        ax.set_xlabel("number of training bags")
+        ax.set_ylabel("test AUC")
+        ax.set_title(f"MNIST-bags ({data.name.split(' (')[0]}), target {target}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "paper_auc.png", dpi=100)
+        log(f"wrote {out / 'paper_table.md'} and {out / 'paper_auc.png'} "
+            f"in {summary['seconds']:.1f} s")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mnist_bags.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=("auto", "mnist", "digits"), default="auto",
+                   help="auto: MNIST when torchvision and the data can be had, else scikit-learn's "
+                        "8x8 digits")
+    g.add_argument("--data-dir", default="data", help="MNIST folder (torchvision layout)")
+    g.add_argument("--no-download", action="store_true", help="never download MNIST")
+    g.add_argument("--positive-class", type=int, default=None,
+                   help="digit that makes a bag positive (default 1; 9 with --variable-size or "
+                        "--paper)")
+    g.add_argument("--train-bags", type=int, default=1000)
+    g.add_argument("--val-bags", type=int, default=300)
+    g.add_argument("--bag-size", type=int, default=3, help="images per bag (fixed-size mode)")
+    g.add_argument("--variable-size", action="store_true",
+                   help="the paper's bags: sizes ~ round(normal(mean, std)), at least 1")
+    g.add_argument("--bag-size-mean", type=float, default=10.0)
+    g.add_argument("--bag-size-std", type=float, default=2.0)
+    g = p.add_argument_group("model and training")
+    g.add_argument("--model", choices=("mlp", "lenet"), default="mlp",
+                   help="instance encoder: MLP 784->128->64 or LeNet-style CNN")
+    g.add_argument("--attn-dim", type=int, default=256, help="attention dimension L")
+    g.add_argument("--plain-attention", action="store_true", help="tanh attention, no gate")
+    g.add_argument("--attn-weight-decay", type=float, default=0.01,
+                   help="L2 weight decay on the attention weights only")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--batch-size", type=int, default=16,
+                   help="bags per optimizer step over all processes (under torchrun each of N "
+                        "processes takes batch-size/N)")
+    g.add_argument("--epochs", type=int, default=100, help="maximum epochs")
+    g.add_argument("--patience", type=int, default=10,
+                   help="early stopping: epochs without a better validation loss")
+    g.add_argument("--ensemble", type=int, default=1, help="models trained and averaged")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--backend", choices=fastmil.functional.BACKENDS, default="auto",
+                   help="fastmil backend")
+    g = p.add_argument_group("output")
+    g.add_argument("--out-dir", default="runs/mnist_bags")
+    g.add_argument("--plot-bags", type=int, default=3, help="bags plotted per class")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    g = p.add_argument_group("paper mode (Ilse et al. 2018, MNIST-bags table)")
+    g.add_argument("--paper", action="store_true",
+                   help="AUC vs number of training bags, gated and plain attention")
+    g.add_argument("--paper-bags", type=int, nargs="+", default=list(PAPER_TRAIN_BAGS))
+    g.add_argument("--paper-seeds", type=int, default=5)
+    g.add_argument("--paper-epochs", type=int, default=50,
+                   help="fixed epochs per run (no validation set: the test bags stay unseen)")
+    g.add_argument("--test-bags", type=int, default=1000)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.positive_class is None:
+        args.positive_class = 9 if (args.variable_size or args.paper) else 1
+    positive = {"--train-bags": args.train_bags, "--val-bags": args.val_bags,
+                "--bag-size": args.bag_size, "--attn-dim": args.attn_dim,
+                "--batch-size": args.batch_size, "--epochs": args.epochs,
+                "--ensemble": args.ensemble, "--paper-seeds": args.paper_seeds,
+                "--paper-epochs": args.paper_epochs, "--test-bags": args.test_bags,
+                "--patience": args.patience}
+    for flag, value in positive.items():
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if not 0 <= args.positive_class <= 9:
+        parser.error(f"--positive-class must be a digit 0..9, got {args.positive_class}")
+    if args.plot_bags < 0:
+        parser.error(f"--plot-bags must be 0 or more, got {args.plot_bags}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
+    if args.attn_weight_decay < 0:
+        parser.error(f"--attn-weight-decay must be 0 or more, got {args.attn_weight_decay}")
+    if args.bag_size_mean < 1 or args.bag_size_std < 0:
+        parser.error(f"--bag-size-mean must be at least 1 and --bag-size-std 0 or more, got "
+                     f"{args.bag_size_mean} and {args.bag_size_std}")
+    if any(n < 1 for n in args.paper_bags):
+        parser.error(f"--paper-bags must all be at least 1, got {args.paper_bags}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        parser.error(f"--batch-size {args.batch_size} must be divisible by the number of "
+                     f"processes ({world}): each takes an equal share of the global batch")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA GPU is available; use --device cpu")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    ctx = init_distributed(args.device)
+    log = print if ctx.main else (lambda *a, **k: None)
+    try:
+        try:
+            data, how = load_data(args.dataset, args.data_dir, not args.no_download)
+            log(how)
+            Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+            if ctx.world > 1:
+                log(f"distributed: {ctx.world} processes ({dist.get_backend()}), "
+                    f"{args.batch_size // ctx.world} bags each per step")
+            run = run_paper if args.paper else run_default
+            return run(args, data, ctx, log)
+        except DataError as e:
+            raise SystemExit(f"mnist_bags.py: error: {e}") from None
+        except OSError as e:  # unwritable --out-dir and the like
+            raise SystemExit(f"mnist_bags.py: error: {e}") from None
+    finally:
+        if ctx.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
