@@ -130,17 +130,18 @@ def _validate(x, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, s
 
 
 def _check_offsets_values(offsets, total):
+    """One device sync when the offsets are fine; the details only on failure."""
+    steps = offsets[1:] - offsets[:-1]
+    if bool((offsets[0] == 0) & (offsets[-1] == total) & (steps >= 0).all()):
+        return
     first, last = int(offsets[0]), int(offsets[-1])
     if first != 0:
         raise ValueError(f"offsets must start at 0, got offsets[0] = {first}")
-    if offsets.shape[0] > 1:
-        steps = offsets[1:] - offsets[:-1]
-        if bool((steps < 0).any()):
-            bad = int(torch.nonzero(steps < 0)[0, 0])
-            raise ValueError(f"offsets must be non-decreasing, but offsets[{bad + 1}] = "
-                             f"{int(offsets[bad + 1])} < offsets[{bad}] = {int(offsets[bad])}")
-    if last != total:
-        raise ValueError(f"offsets must end at x.shape[0] = {total} (T), got offsets[-1] = {last}")
+    if bool((steps < 0).any()):
+        bad = int(torch.nonzero(steps < 0)[0, 0])
+        raise ValueError(f"offsets must be non-decreasing, but offsets[{bad + 1}] = "
+                         f"{int(offsets[bad + 1])} < offsets[{bad}] = {int(offsets[bad])}")
+    raise ValueError(f"offsets must end at x.shape[0] = {total} (T), got offsets[-1] = {last}")
 
 
 def _autocast(tensors, device_type):
@@ -148,7 +149,8 @@ def _autocast(tensors, device_type):
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return [t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors]
+    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in tensors]
 
 
 def _resolve_backend(backend, x):
