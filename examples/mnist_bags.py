@@ -66,6 +66,7 @@ class DataError(Exception):
 class ImagePool:
     images: torch.Tensor  # [N, H, W] float32 in [0, 1]
     labels: torch.Tensor  # [N] int64
+    ids: torch.Tensor  # [N] int64: which image of the source dataset (pools never share one)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -95,8 +96,8 @@ def load_digits_data(val_fraction: float = 0.3, split_seed: int = 0) -> DigitDat
                                           random_state=split_seed, stratify=digits.target)
     idx_train, idx_val = torch.as_tensor(idx_train), torch.as_tensor(idx_val)
     return DigitData("scikit-learn digits (8x8, 1797 images, fixed 70/30 split)",
-                     ImagePool(images[idx_train], labels[idx_train]),
-                     ImagePool(images[idx_val], labels[idx_val]))
+                     ImagePool(images[idx_train], labels[idx_train], idx_train),
+                     ImagePool(images[idx_val], labels[idx_val], idx_val))
 
 
 def check_mnist_files(data_dir: Path) -> None:
@@ -153,7 +154,7 @@ def load_mnist_data(data_dir: str | Path, download: bool = True) -> DigitData:
         raise DataError(f"--dataset mnist needs torchvision, which cannot be imported here "
                         f"({type(e).__name__}: {e}); install torchvision or use --dataset "
                         f"digits") from None
-    pools = []
+    pools, first_id = [], 0
     for train in (True, False):
         try:
             ds = MNIST(str(root), train=train, download=download)
@@ -163,7 +164,9 @@ def load_mnist_data(data_dir: str | Path, download: bool = True) -> DigitData:
                             f"{str(e).strip() or 'no details'}); use --dataset digits to run "
                             f"offline") from None
         images = ds.data.to(torch.float32) / 255.0  # uint8 [N, 28, 28] -> [0, 1]
-        pools.append(ImagePool(images, ds.targets.to(torch.int64)))
+        ids = torch.arange(first_id, first_id + len(images))  # test images after train ones
+        pools.append(ImagePool(images, ds.targets.to(torch.int64), ids))
+        first_id += len(images)
     return DigitData(f"MNIST (torchvision, {root}, 60000/10000 train/test split)", *pools)
 
 
@@ -209,6 +212,7 @@ class BagDataset(Dataset):
         self.indices = [torch.as_tensor(rng.choice(len(pool), size=int(n), replace=False))
                         for n in sizes]
         self.instance_labels = [pool.labels[idx] for idx in self.indices]
+        self.image_ids = [pool.ids[idx] for idx in self.indices]
         self.labels = torch.tensor([float(bool((lab == positive_class).any()))
                                     for lab in self.instance_labels], dtype=torch.float32)
 
@@ -296,6 +300,9 @@ class MILClassifier(nn.Module):
         self.pool = fastmil.AttentionPool(self.encoder.out_dim, attn_dim, gated=gated,
                                           backend=backend)
         self.head = nn.Linear(self.encoder.out_dim, 1)
+        # The score bias shifts every score of a bag equally, so the softmax ignores it: its
+        # gradient is zero up to rounding, and Adam would turn that noise into steps of ~lr.
+        self.pool.score.bias.requires_grad_(False)
 
     def forward(self, x, offsets):
         h = self.encoder(x)  # [T, D]
@@ -307,7 +314,7 @@ def make_optimizer(model: MILClassifier, lr: float, attn_weight_decay: float):
     """Adam; L2 weight decay only on the attention weights (V, U, w of the pooling)."""
     decay = [p for name, p in model.pool.named_parameters() if name.endswith("weight")]
     ids = {id(p) for p in decay}
-    rest = [p for p in model.parameters() if id(p) not in ids]
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     return torch.optim.Adam([{"params": rest, "weight_decay": 0.0},
                              {"params": decay, "weight_decay": attn_weight_decay}], lr=lr)
 

@@ -45,12 +45,12 @@ def main():
                                                       return_attention=True, backend=backend)
 
     print(f"\n{'backend':<10} {'z[:2, :4] (bags 0 and 1, first 4 features)':<52} max|z - ref|")
-    for name, (z, a) in results.items():
+    for name, (z, _) in results.items():
         head = "  ".join("[" + " ".join(f"{v:+.3f}" for v in row[:4].tolist()) + "]" for row in z[:2])
         err = (z - z_ref).abs().max().item()
         print(f"{name:<10} {head:<52} {err:.1e}")
     print("\nattention of bag 0 (3 instances), per backend:")
-    for name, (z, a) in results.items():
+    for name, (_, a) in results.items():
         print(f"  {name:<10} {[round(v, 4) for v in a[:3].tolist()]}")
     # the padded layout gives the same pooled vectors
     xp, mask = fastmil.pad(x, offsets)

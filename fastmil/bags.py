@@ -75,7 +75,7 @@ def collate(batch):
     labels [B])``, bags packed in batch order."""
     if len(batch) == 0:
         raise ValueError("collate got an empty batch")
-    bags, labels = zip(*batch)
+    bags, labels = zip(*batch, strict=True)
     x, offsets = pack(list(bags))
     if isinstance(labels[0], torch.Tensor):
         labels = torch.stack(list(labels))

@@ -181,7 +181,7 @@ def attention_pool(x, attn_weight, gate_weight, score_weight, *, attn_bias=None,
             with its own softmax.
         attn_bias, gate_bias: ``[L]`` or None. score_bias: ``[K]`` (``[1]`` or ``[]`` for 1-D
             score_weight) or None; it shifts all scores of a branch equally, so it changes
-            neither z nor the attention, and its gradient is zero.
+            neither z nor the attention, and its gradient is exactly zero.
         mask: ``[B, N]`` bool, True marks real instances (padded layout only; default all True).
         offsets: ``[B+1]`` int32/int64, bag b is ``x[offsets[b]:offsets[b+1]]`` (packed only).
         return_attention: also return the softmax weights.
@@ -207,13 +207,17 @@ def attention_pool(x, attn_weight, gate_weight, score_weight, *, attn_bias=None,
 
     single_branch = score_weight.dim() == 1
     w = score_weight[None, :] if single_branch else score_weight  # [K, L]
-    bw = None if score_bias is None else score_bias.reshape(w.shape[0])  # [K]
     single_bag = x.dim() == 2 and offsets is None
     xb = x[None] if single_bag else x  # a single bag is a padded batch of one, without mask
 
     impl = ops.attention_pool_triton if backend == "triton" else attention_pool_torch
-    z, attn = impl(xb, attn_weight, attn_bias, gate_weight, gate_bias, w, bw, mask, offsets)
+    z, attn = impl(xb, attn_weight, attn_bias, gate_weight, gate_bias, w, mask, offsets)
     # z [B, K, D]; attn [B, N, K] padded or [T, K] packed
+    if score_bias is not None and score_bias.requires_grad:
+        # The score bias shifts every score of a branch alike, which the softmax ignores, so the
+        # backends leave it out. Link it to z with an exact zero gradient (not rounding noise
+        # that Adam would turn into steps), so that it still gets a .grad, as DDP expects.
+        z = z + (score_bias.sum() * 0).to(z.dtype)
     if single_bag:
         z, attn = z[0], attn[0]
     if single_branch:

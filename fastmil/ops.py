@@ -11,7 +11,6 @@ Triton or a GPU driver.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -33,7 +32,7 @@ def _kernels():
     return kernels
 
 
-def triton_unavailable_reason(x: Tensor) -> Optional[str]:
+def triton_unavailable_reason(x: Tensor) -> str | None:
     """Why backend='triton' cannot run on x, or None when it can."""
     try:
         import triton  # noqa: F401
@@ -66,14 +65,14 @@ def require_triton(x: Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("fastmil::attention_pool_fwd", mutates_args=())
-def _fwd_op(x: Tensor, starts: Tensor, lengths: Tensor, row_mask: Optional[Tensor], v: Tensor,
-            bv: Optional[Tensor], u: Optional[Tensor], bu: Optional[Tensor], w: Tensor,
-            bw: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w, bw)
+def _fwd_op(x: Tensor, starts: Tensor, lengths: Tensor, row_mask: Tensor | None, v: Tensor,
+            bv: Tensor | None, u: Tensor | None, bu: Tensor | None, w: Tensor
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels().attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w)
 
 
 @_fwd_op.register_fake
-def _(x, starts, lengths, row_mask, v, bv, u, bu, w, bw):
+def _(x, starts, lengths, row_mask, v, bv, u, bu, w):
     B, K, D, R = lengths.shape[0], w.shape[0], x.shape[1], x.shape[0]
     f32 = torch.float32
     return (x.new_empty((B, K, D), dtype=f32), x.new_empty((R, K), dtype=f32),
@@ -81,11 +80,11 @@ def _(x, starts, lengths, row_mask, v, bv, u, bu, w, bw):
 
 
 @torch.library.custom_op("fastmil::attention_pool_bwd", mutates_args=())
-def _bwd_op(dz32: Tensor, glse: Optional[Tensor], gs: Optional[Tensor], x: Tensor,
-            starts: Tensor, lengths: Tensor, row_mask: Optional[Tensor], v: Tensor,
-            bv: Optional[Tensor], u: Optional[Tensor], bu: Optional[Tensor], w: Tensor,
+def _bwd_op(dz32: Tensor, glse: Tensor | None, gs: Tensor | None, x: Tensor,
+            starts: Tensor, lengths: Tensor, row_mask: Tensor | None, v: Tensor,
+            bv: Tensor | None, u: Tensor | None, bu: Tensor | None, w: Tensor,
             z32: Tensor, s: Tensor, lse: Tensor
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _kernels().attention_pool_bwd(dz32, glse, gs, x, starts, lengths, row_mask, v, bv,
                                          u, bu, w, z32, s, lse)
 
@@ -94,28 +93,27 @@ def _bwd_op(dz32: Tensor, glse: Optional[Tensor], gs: Optional[Tensor], x: Tenso
 def _(dz32, glse, gs, x, starts, lengths, row_mask, v, bv, u, bu, w, z32, s, lse):
     L, D, K = v.shape[0], x.shape[1], w.shape[0]
     GL = 2 * L if u is not None else L
-    return (torch.empty_like(x), x.new_empty((GL, D)), x.new_empty(GL), x.new_empty((K, L)),
-            x.new_empty(K))
+    return torch.empty_like(x), x.new_empty((GL, D)), x.new_empty(GL), x.new_empty((K, L))
 
 
 def _setup_context(ctx, inputs, output):
-    x, starts, lengths, row_mask, v, bv, u, bu, w, bw = inputs
+    x, starts, lengths, row_mask, v, bv, u, bu, w = inputs
     z32, s, lse = output
     ctx.save_for_backward(x, starts, lengths, row_mask, v, bv, u, bu, w, z32, s, lse)
-    ctx.has = (bv is not None, u is not None, bu is not None, bw is not None)
+    ctx.has = (bv is not None, u is not None, bu is not None)
 
 
 def _backward(ctx, dz32, ds, dlse):
     x, starts, lengths, row_mask, v, bv, u, bu, w, z32, s, lse = ctx.saved_tensors
     if dz32 is None:
         dz32 = torch.zeros_like(z32)
-    dx, dweight, dbias, dw, dbw = _bwd_op(dz32.float().contiguous(), dlse, ds, x, starts,
-                                          lengths, row_mask, v, bv, u, bu, w, z32, s, lse)
-    has_bv, has_u, has_bu, has_bw = ctx.has
+    dx, dweight, dbias, dw = _bwd_op(dz32.float().contiguous(), dlse, ds, x, starts, lengths,
+                                     row_mask, v, bv, u, bu, w, z32, s, lse)
+    has_bv, has_u, has_bu = ctx.has
     L = v.shape[0]
     dv, du = dweight[:L], (dweight[L:] if has_u else None)
     dbv, dbu = (dbias[:L] if has_bv else None), (dbias[L:] if has_bu else None)
-    return dx, None, None, None, dv, dbv, du, dbu, dw, (dbw if has_bw else None)
+    return dx, None, None, None, dv, dbv, du, dbu, dw
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -126,7 +124,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 
 def attention_pool_triton(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight,
-                          score_bias, mask=None, offsets=None):
+                          mask=None, offsets=None):
     """Same contract as :func:`fastmil.torch_backend.attention_pool_torch`: padded ``x [B, N, D]``
     (optional ``mask``) or packed ``x [T, D]`` with ``offsets``; returns ``z [B, K, D]`` in x's
     dtype and the attention (``[B, N, K]`` or ``[T, K]``) in float32."""
@@ -153,8 +151,7 @@ def attention_pool_triton(x, attn_weight, attn_bias, gate_weight, gate_bias, sco
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     z32, s, lse = _fwd_op(rows, starts, lengths, row_mask, contig(attn_weight), contig(attn_bias),
-                          contig(gate_weight), contig(gate_bias), contig(score_weight),
-                          contig(score_bias))
+                          contig(gate_weight), contig(gate_bias), contig(score_weight))
     # attention from the saved scores: a = exp(s - lse of the row's bag)
     if offsets is None:
         s = s.view(B, N, K)

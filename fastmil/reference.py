@@ -72,7 +72,7 @@ def attention_pool_reference(
         bags = [x[b, r].to(acc) for b, r in enumerate(rows)]
     elif offsets is not None:  # packed
         bounds = [int(o) for o in offsets.tolist()]
-        bags = [x[s:e].to(acc) for s, e in zip(bounds[:-1], bounds[1:])]
+        bags = [x[s:e].to(acc) for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
     else:  # single bag
         bags = [x.to(acc)]
 
@@ -90,7 +90,7 @@ def attention_pool_reference(
 
     if x.dim() == 3:
         attn = torch.zeros(x.shape[0], x.shape[1], K, dtype=acc, device=x.device)
-        for b, (r, a) in enumerate(zip(rows, attns)):
+        for b, (r, a) in enumerate(zip(rows, attns, strict=True)):
             attn[b, r] = a
     else:
         attn = torch.cat(attns) if attns else torch.zeros(0, K, dtype=acc, device=x.device)

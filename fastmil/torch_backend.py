@@ -7,7 +7,8 @@ nonlinearities and softmax in float32, and handles packed bags with a segment so
 index_add) instead of a Python loop over bags.
 
 Inputs arrive validated and canonical (see :mod:`fastmil.functional`):
-``score_weight`` is 2-D ``[K, L]``, ``score_bias`` is ``[K]`` or None, ``x`` is padded
+``score_weight`` is 2-D ``[K, L]`` (the score bias, which the softmax ignores, stays with the
+caller), ``x`` is padded
 ``[B, N, D]`` (``mask`` optional) or packed ``[T, D]`` with ``offsets [B+1]``.
 """
 
@@ -28,8 +29,8 @@ def segment_ids(offsets: torch.Tensor, total: int) -> torch.Tensor:
     return torch.repeat_interleave(bags, lengths, output_size=total)
 
 
-def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight, score_bias):
-    """Scores ``s = w·(tanh(V h + b_V) ⊙ sigmoid(U h + b_U)) + b_w``: x [..., D] -> [..., K].
+def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight):
+    """Scores ``s = w·(tanh(V h + b_V) ⊙ sigmoid(U h + b_U))``: x [..., D] -> [..., K].
 
     The projections run as one GEMM in x's dtype (float32 accumulation inside the GEMM), the
     nonlinearities in x's dtype as in the eager formulation, and the score product sums in float32
@@ -49,12 +50,10 @@ def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_we
                               zeros if gate_bias is None else gate_bias])  # [2L]
         pq = F.linear(x, weight, bias)  # [..., 2L]
         hidden = torch.tanh(pq[..., :L]) * torch.sigmoid(pq[..., L:])  # [..., L]
-    bw = None if score_bias is None else score_bias.to(acc)
     if hidden.dtype == acc:
-        return F.linear(hidden, score_weight, bw)  # [..., K]
+        return F.linear(hidden, score_weight)  # [..., K]
     # 16-bit input: products in x's dtype, their sum over L in float32
-    s = (hidden.unsqueeze(-2) * score_weight).sum(-1, dtype=acc)  # [..., K]
-    return s if bw is None else s + bw
+    return (hidden.unsqueeze(-2) * score_weight).sum(-1, dtype=acc)  # [..., K]
 
 
 def _pool_padded(x, s, mask):
@@ -92,7 +91,7 @@ def _pool_packed(x, s, offsets):
 
 
 def attention_pool_torch(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight,
-                         score_bias, mask=None, offsets=None):
+                         mask=None, offsets=None):
     """Pool padded ``x [B, N, D]`` (optional ``mask [B, N]``) or packed ``x [T, D]`` with
     ``offsets [B+1]``. Returns ``z [B, K, D]`` in x's dtype and the attention weights
     (``[B, N, K]`` or ``[T, K]``) in the accumulation dtype."""
@@ -104,8 +103,7 @@ def attention_pool_torch(x, attn_weight, attn_bias, gate_weight, gate_bias, scor
     with no_autocast:
         if mask is not None:  # padding may hold anything (NaN, inf): keep it out of the math
             x = x.masked_fill(~mask[..., None], 0)
-        s = attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight,
-                             score_bias)
+        s = attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight)
         if offsets is None:
             z, a = _pool_padded(x, s, mask)
         else:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_close, call, make_layout, make_weights
 
 import fastmil
 from fastmil.reference import attention_pool_reference
-
-from conftest import assert_close, call, make_layout, make_weights
 
 triton = pytest.importorskip("triton", reason="the Triton kernel tests need triton installed")
 kernels = pytest.importorskip("fastmil.kernels.attention_pool")
@@ -165,7 +164,7 @@ def test_torch_compile_fullgraph():
     outs = [fn(xi, kw["offsets"], w["attn_weight"], w["gate_weight"], w["score_weight"])
             for fn, xi in zip((f, compiled), xs, strict=True)]
     assert_close(outs[1], outs[0], what="compiled z")
-    for out, xi in zip(outs, xs, strict=True):
+    for out in outs:
         out.pow(2).sum().backward()
     assert_close(xs[1].grad, xs[0].grad, what="compiled dx")
 
@@ -231,3 +230,15 @@ def test_no_recompilation_per_bag_count_or_length():
     after = {k: len(k.device_caches[0][0]) if hasattr(k, "device_caches") else len(k.cache)
              for k in sizes}
     assert after == sizes
+
+
+def test_nan_padding_is_never_read():
+    x, kw = make_layout("padded_mask", [3, 9, 0], 24, device=DEVICE)
+    x_nan = torch.where(kw["mask"][..., None], x, float("nan"))
+    w = make_weights(24, 16, 2, device=DEVICE)
+    z, a, g = _run(fastmil.attention_pool, x_nan, w, backend="triton", **kw)
+    zc, ac, gc = _run(fastmil.attention_pool, x, w, backend="triton", **kw)
+    assert torch.equal(z, zc) and torch.equal(a, ac)
+    for name in g:
+        assert torch.isfinite(g[name]).all(), name
+        assert_close(g[name], gc[name], what=f"d {name}")

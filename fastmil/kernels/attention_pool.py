@@ -4,7 +4,7 @@ Math (per bag ``h_1..h_N``, K branches; ``V = attn_weight [L, D]``, ``U = gate_w
 ``w = score_weight [K, L]``)::
 
     p_n = V h_n + b_V,   q_n = U h_n + b_U,   t_n = tanh(p_n),   g_n = sigmoid(q_n)
-    s_nk = w_k · (t_n ⊙ g_n) + b_wk                     (plain attention: g_n = 1)
+    s_nk = w_k · (t_n ⊙ g_n)                            (plain attention: g_n = 1)
     a_nk = exp(s_nk - lse_k),  lse_k = log Σ_n exp(s_nk)  over the bag's real instances
     z_k  = Σ_n a_nk h_n
 
@@ -16,7 +16,11 @@ Backward, with ``dz_k`` the gradient of z_k, ``gs_nk`` a direct gradient on the 
     dH_n  = Σ_k ds_nk w_k,   dp_n = dH_n ⊙ g_n ⊙ (1 − t_n²),   dq_n = dH_n ⊙ t_n ⊙ g_n (1 − g_n)
     dh_n  = Σ_k a_nk dz_k + Vᵀ dp_n + Uᵀ dq_n
     dV = Σ_n dp_n h_nᵀ,  dU = Σ_n dq_n h_nᵀ,  db_V = Σ_n dp_n,  db_U = Σ_n dq_n,
-    dw_k = Σ_n ds_nk (t_n ⊙ g_n),  db_w = Σ_n ds_n  (= 0 up to rounding: softmax ignores a shift)
+    dw_k = Σ_n ds_nk (t_n ⊙ g_n)
+
+The score bias b_w shifts every score of a branch by the same amount, which the softmax ignores:
+it changes neither a nor z, so the kernels leave it out (fastmil.functional gives it an exact
+zero gradient).
 
 Layout. Every input is seen as rows ``x [R, D]`` (packed rows, or a padded ``[B, N, D]`` viewed
 as ``[B·N, D]``); bag b covers rows ``starts[b] .. starts[b] + lengths[b]``, and an optional
@@ -36,7 +40,7 @@ Kernels:
   (deterministic): ``z = Σ_c e^{m_c - M} acc_c / Σ_c e^{m_c - M} l_c``, ``lse = M + log l``.
   Empty bags give z = 0.
 * ``_bwd_kernel``: per chunk, recomputes p and q, forms ds, writes ``dh0 = Σ_k a_nk dz_k`` and
-  ``dpq = [dp, dq]`` rows, and per-chunk fp32 partials of dw and db_w. The launcher finishes with
+  ``dpq = [dp, dq]`` rows, and per-chunk fp32 partials of dw. The launcher finishes with
   two GEMMs, ``dx = dh0 + dpq @ [V; U]`` and ``d[V; U] = dpqᵀ @ x``, and ordered sums of the
   partials: every reduction has a fixed order, so gradients are bit-identical run to run.
 
@@ -143,11 +147,11 @@ def _tile_rows(row_mask_ptr, n0, row_hi, HAS_MASK: tl.constexpr, BLOCK_N: tl.con
 @triton.jit(do_not_specialize=["B", "CHUNK", "stride_x"])
 def _fwd_kernel(
     x_ptr, row_mask_ptr, starts_ptr, lengths_ptr, chunk_bag_ptr, first_chunk_ptr,
-    v_ptr, u_ptr, bv_ptr, bu_ptr, w_ptr, bw_ptr,
+    v_ptr, u_ptr, bv_ptr, bu_ptr, w_ptr,
     s_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     B, D, L, CHUNK, stride_x,
     K: tl.constexpr, HAS_MASK: tl.constexpr, GATED: tl.constexpr, HAS_BV: tl.constexpr,
-    HAS_BU: tl.constexpr, HAS_BW: tl.constexpr,
+    HAS_BU: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -169,8 +173,6 @@ def _fwd_kernel(
                                      PRECISION)
             b_wt = _load_w_t(w_ptr, l0, K, L, BLOCK_L, BLOCK_K)  # [BLOCK_L, BLOCK_K]
             b_s = tl.dot(b_t * b_g, b_wt, b_s, input_precision="ieee")
-        if HAS_BW:
-            b_s += tl.load(bw_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)[None, :]
         b_s = tl.where(m_real[:, None], b_s, float("-inf"))
         tl.store(s_ptr + o_row[:, None] * K + o_k[None, :], b_s, mask=m_row[:, None] & m_k[None, :])
 
@@ -238,7 +240,7 @@ def _bwd_kernel(
     x_ptr, row_mask_ptr, starts_ptr, lengths_ptr, chunk_bag_ptr, first_chunk_ptr,
     v_ptr, u_ptr, bv_ptr, bu_ptr, w_ptr,
     s_ptr, lse_ptr, dz_ptr, delta_ptr, gs_ptr,
-    dh0_ptr, dpq_ptr, part_dw_ptr, part_dbw_ptr,
+    dh0_ptr, dpq_ptr, part_dw_ptr,
     B, D, L, CHUNK, stride_x,
     K: tl.constexpr, HAS_MASK: tl.constexpr, GATED: tl.constexpr, HAS_BV: tl.constexpr,
     HAS_BU: tl.constexpr, HAS_GS: tl.constexpr,
@@ -254,7 +256,6 @@ def _bwd_kernel(
     b_delta = tl.load(delta_ptr + i_b * K + o_k, mask=m_k, other=0.0)  # [BLOCK_K]
     p_dz = dz_ptr + i_b * K * D
     GL = 2 * L if GATED else L  # row stride of dpq
-    b_dbw = tl.zeros([BLOCK_K], dtype=tl.float32)
     for n0 in range(row_lo, row_hi, BLOCK_N):
         o_row, m_row, m_real = _tile_rows(row_mask_ptr, n0, row_hi, HAS_MASK, BLOCK_N)
         m_nk = m_real[:, None] & m_k[None, :]
@@ -281,7 +282,6 @@ def _bwd_kernel(
         if HAS_GS:
             b_ds += tl.load(gs_ptr + o_row[:, None] * K + o_k[None, :], mask=m_nk, other=0.0)
         b_ds = tl.where(m_nk, b_ds, 0.0)
-        b_dbw += tl.sum(b_ds, axis=0)
 
         for l0 in range(0, L, BLOCK_L):
             b_t, b_g = _hidden_block(x_ptr, v_ptr, u_ptr, bv_ptr, bu_ptr, o_row, m_real, l0, D, L,
@@ -304,7 +304,6 @@ def _bwd_kernel(
             if GATED:
                 b_dq = b_dh * b_t * b_g * (1.0 - b_g)
                 tl.store(p_dpq + L, b_dq.to(dpq_ptr.dtype.element_ty), mask=m_out)
-    tl.store(part_dbw_ptr + i_c * K + o_k, b_dbw, mask=m_k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,9 +350,9 @@ def _chunks(x, lengths, block_n):
     return chunk, chunk_bag, first_chunk, num_chunks
 
 
-def attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w, bw):
+def attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w):
     """Forward launch. x [R, D] (rows, unit column stride), starts/lengths [B] int64,
-    row_mask [R] bool or None, v/u [L, D], bv/bu [L] or None, w [K, L], bw [K] or None.
+    row_mask [R] bool or None, v/u [L, D], bv/bu [L] or None, w [K, L].
     Returns z32 [B, K, D] fp32, s [R, K] fp32 (−inf at masked rows), lse [B, K] fp32."""
     R, D = x.shape
     L, K, B = v.shape[0], w.shape[0], lengths.shape[0]
@@ -373,11 +372,11 @@ def attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w, bw):
     _fwd_kernel[(C,)](
         x, dummy if row_mask is None else row_mask, starts, lengths, chunk_bag, first_chunk,
         v, dummy if u is None else u, dummy if bv is None else bv, dummy if bu is None else bu,
-        w, dummy if bw is None else bw,
+        w,
         s, part_m, part_l, part_acc,
         B, D, L, chunk, x.stride(0),
         K=K, HAS_MASK=row_mask is not None, GATED=u is not None, HAS_BV=bv is not None,
-        HAS_BU=bu is not None, HAS_BW=bw is not None,
+        HAS_BU=bu is not None,
         BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=block_k,
         PRECISION=_precision(x), num_warps=num_warps,
     )
@@ -392,7 +391,7 @@ def attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w, bw):
 def attention_pool_bwd(dz32, glse, gs, x, starts, lengths, row_mask, v, bv, u, bu, w,
                        z32, s, lse):
     """Backward launch: the gradients of (z32, lse, s) -> dx [R, D], d[V; U] [GL, D],
-    d[b_V; b_U] [GL], dw [K, L], db_w [K], all in x's dtype (GL = 2L gated, L plain).
+    d[b_V; b_U] [GL], dw [K, L], all in x's dtype (GL = 2L gated, L plain).
     dz32 [B, K, D] fp32, glse [B, K] fp32 or None, gs [R, K] fp32 or None."""
     R, D = x.shape
     L, K, B = v.shape[0], w.shape[0], lengths.shape[0]
@@ -407,7 +406,6 @@ def attention_pool_bwd(dz32, glse, gs, x, starts, lengths, row_mask, v, bv, u, b
     chunk, chunk_bag, first_chunk, _ = _chunks(x, lengths, block_n)
     C = chunk_bag.shape[0]
     part_dw = _empty((C, K, L), dtype=torch.float32, device=dev)
-    part_dbw = _empty((C, K), dtype=torch.float32, device=dev)
     delta = (z32 * dz32).sum(-1)  # [B, K]
     if glse is not None:
         delta = delta - glse
@@ -418,7 +416,7 @@ def attention_pool_bwd(dz32, glse, gs, x, starts, lengths, row_mask, v, bv, u, b
             v, dummy if u is None else u, dummy if bv is None else bv,
             dummy if bu is None else bu, w,
             s, lse, dz32.contiguous(), delta.contiguous(), dummy if gs is None else gs,
-            dh0, dpq, part_dw, part_dbw,
+            dh0, dpq, part_dw,
             B, D, L, chunk, x.stride(0),
             K=K, HAS_MASK=row_mask is not None, GATED=gated, HAS_BV=bv is not None,
             HAS_BU=bu is not None, HAS_GS=gs is not None,
@@ -429,9 +427,10 @@ def attention_pool_bwd(dz32, glse, gs, x, starts, lengths, row_mask, v, bv, u, b
     # so the ordered sums below only see real partials.
     live = (chunk_bag < B)[:, None]
     dw = torch.where(live[:, :, None], part_dw, 0.0).sum(0).to(dt)  # [K, L]
-    dbw = torch.where(live, part_dbw, 0.0).sum(0).to(dt)  # [K]
     weight = torch.cat([v, u]) if gated else v  # [GL, D]
     dx = torch.addmm(dh0, dpq, weight)  # [R, D]
+    if row_mask is not None:  # padding may hold anything (NaN, inf): 0 · NaN must not leak in
+        x = x.masked_fill(~row_mask[:, None], 0)
     dweight = dpq.t() @ x  # [GL, D]
     dbias = dpq.sum(0, dtype=torch.float32).to(dt)  # [GL]
-    return dx, dweight, dbias, dw, dbw
+    return dx, dweight, dbias, dw

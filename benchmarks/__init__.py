@@ -1,0 +1,1 @@
+"""fastmil's benchmark suite (``pytest benchmarks/``); see ``benchmarks/RESULTS.md``."""

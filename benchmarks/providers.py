@@ -1,0 +1,207 @@
+"""The providers: one builder per way of computing attention-MIL pooling.
+
+A builder takes ``(case, weights, device)`` and returns a :class:`Provider` whose ``fn(inputs)``
+maps an :class:`~benchmarks.cases.InputSet` to ``z`` (any shape with ``B·K·D`` elements in
+``[B, K, D]`` order). It raises :class:`Unavailable` with a reason when the provider cannot run
+here (package missing, no GPU, unsupported case). Layout conversion happens in the InputSet,
+outside the timed region: fastmil gets its native layout (one bag ``[N, D]``, or packed
+``[T, D]`` + offsets), the padded formulations get ``[B, N, D]`` + mask, PyG gets packed rows +
+a bag index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .cases import Case, InputSet, Weights
+
+__all__ = ["PROVIDERS", "LABELS", "Provider", "Unavailable", "build_provider"]
+
+
+class Unavailable(Exception):
+    """The provider cannot run for this case on this machine (the message says why)."""
+
+
+@dataclass
+class Provider:
+    name: str
+    fn: Callable[[InputSet], torch.Tensor]
+    params: list[torch.Tensor] = field(default_factory=list)  # own leaves (module parameters)
+    uses_padded: bool = False
+    info: dict = field(default_factory=dict)  # warm-up time, accuracy, memory (harness)
+
+
+# ------------------------------------------------------------------------------------ fastmil
+
+def _fastmil(backend: str):
+    def build(case: Case, W: Weights, device: torch.device) -> Provider:
+        import fastmil
+        from fastmil import ops
+
+        if backend == "triton":
+            if device.type != "cuda":
+                raise Unavailable("fastmil triton is GPU-only (CUDA tensors); this column is "
+                                  "measured on CUDA machines")
+            probe = torch.empty(1, device=device, dtype=case.torch_dtype)
+            try:
+                ok = ops.triton_available(probe)
+            except NotImplementedError as e:
+                raise Unavailable(f"fastmil backend='triton' not implemented: {e}") from e
+            if not ok:
+                raise Unavailable("fastmil.ops.triton_available() is False on this machine")
+
+        def fn(s: InputSet) -> torch.Tensor:
+            offsets = None if case.B == 1 else s.offsets
+            return fastmil.attention_pool(s.x, W.V, W.U, W.w, attn_bias=W.bV, gate_bias=W.bU,
+                                          offsets=offsets, backend=backend)
+
+        return Provider(f"fastmil_{backend}", fn)
+
+    return build
+
+
+# ------------------------------------------------------------------------- eager and compile
+
+def _eager_fn(pool, W: Weights):
+    def fn(s: InputSet) -> torch.Tensor:
+        xp, mask = s.padded()
+        return pool(xp, W.V, W.U, W.w, attn_bias=W.bV, gate_bias=W.bU, mask=mask)
+
+    return fn
+
+
+def _eager(case: Case, W: Weights, device: torch.device) -> Provider:
+    from fastmil.reference import eager_attention_pool
+
+    return Provider("eager", _eager_fn(eager_attention_pool, W), uses_padded=True)
+
+
+def _raise_recompile_limits() -> None:
+    """Every case is a new static shape: keep dynamo from falling back to eager after 8."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 1024))
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 4096))
+
+
+def _compiled(mode: str | None, name: str):
+    def build(case: Case, W: Weights, device: torch.device) -> Provider:
+        from fastmil.reference import eager_attention_pool
+
+        if device.type == "cpu":
+            if mode is not None:
+                raise Unavailable(f"torch.compile(mode={mode!r}) autotunes far too slowly on "
+                                  "CPU for the smoke run; it runs on CUDA")
+            if not case.compile_on_cpu:
+                raise Unavailable("torch.compile runs on one smoke case only on CPU (compile "
+                                  "takes ~20 s per shape on 2 cores)")
+        _raise_recompile_limits()
+        # dynamic=False: each case is specialised to its shapes, as a user with fixed bag
+        # sizes would get; compilation happens in the untimed warm-up.
+        pool = torch.compile(eager_attention_pool, mode=mode, dynamic=False)
+        return Provider(name, _eager_fn(pool, W), uses_padded=True)
+
+    return build
+
+
+# -------------------------------------------------------------------------------- torchmil
+
+def _torchmil(case: Case, W: Weights, device: torch.device) -> Provider:
+    try:
+        from torchmil.nn.attention import AttentionPool
+    except ImportError as e:
+        raise Unavailable(f"torchmil is not installed ({e})") from e
+    if case.K != 1:
+        raise Unavailable(f"torchmil's AttentionPool has one attention branch (case has "
+                          f"K={case.K})")
+    pool = AttentionPool(in_dim=case.D, att_dim=case.L, act="tanh", gated=True)
+    pool = pool.to(device=device, dtype=case.torch_dtype)
+
+    def linear(m):  # torchmil wraps nn.Linear in its own LazyLinear(module=...)
+        return getattr(m, "module", m)
+
+    with torch.no_grad():
+        linear(pool.fc1).weight.copy_(W.V)
+        linear(pool.fc1).bias.copy_(W.bV)
+        linear(pool.fc_gated).weight.copy_(W.U)
+        linear(pool.fc_gated).bias.copy_(W.bU)
+        pool.fc2.weight.copy_(W.w.reshape(1, -1))
+
+    def fn(s: InputSet) -> torch.Tensor:
+        xp, mask = s.padded()
+        return pool(xp, mask=mask)
+
+    return Provider("torchmil", fn, params=list(pool.parameters()), uses_padded=True)
+
+
+# ------------------------------------------------------------------------ PyTorch Geometric
+
+class _GatedScore(torch.nn.Module):
+    """``h -> w · (tanh(V h + b_V) ⊙ sigmoid(U h + b_U))``, [T, D] -> [T, K], on the shared
+    weight leaves (held as plain attributes, not Parameters)."""
+
+    def __init__(self, W: Weights):
+        super().__init__()
+        self.W = W
+
+    def forward(self, x):
+        W = self.W
+        hidden = torch.tanh(F.linear(x, W.V, W.bV)) * torch.sigmoid(F.linear(x, W.U, W.bU))
+        return F.linear(hidden, W.w.reshape(-1, W.w.shape[-1]))
+
+
+def _pyg(case: Case, W: Weights, device: torch.device) -> Provider:
+    try:
+        from torch_geometric.nn.aggr import AttentionalAggregation
+        from torch_geometric.utils import scatter
+        from torch_geometric.utils import softmax as segment_softmax
+    except ImportError as e:
+        raise Unavailable(f"torch_geometric is not installed ({e})") from e
+    score = _GatedScore(W)
+    B = case.B
+    if case.K == 1:  # the library's own module: softmax by `index`, then a scatter-sum
+        aggr = AttentionalAggregation(gate_nn=score)
+
+        def fn(s: InputSet) -> torch.Tensor:
+            return aggr(s.x, index=s.seg, dim_size=B)  # [B, D]
+    else:  # AttentionalAggregation takes one gate column: the same recipe, K columns
+        def fn(s: InputSet) -> torch.Tensor:
+            a = segment_softmax(score(s.x), s.seg, num_nodes=B, dim=0)  # [T, K]
+            return scatter(a[:, :, None] * s.x[:, None, :], s.seg, dim=0, dim_size=B,
+                           reduce="sum")  # [B, K, D]
+
+    return Provider("pyg", fn)
+
+
+# ---------------------------------------------------------------------------------- registry
+
+_BUILDERS = {
+    "fastmil_triton": _fastmil("triton"),
+    "fastmil_torch": _fastmil("torch"),
+    "eager": _eager,
+    "compile_default": _compiled(None, "compile_default"),
+    "compile_max_autotune": _compiled("max-autotune-no-cudagraphs", "compile_max_autotune"),
+    "torchmil": _torchmil,
+    "pyg": _pyg,
+}
+PROVIDERS = tuple(_BUILDERS)
+LABELS = {
+    "fastmil_triton": "fastmil triton",
+    "fastmil_torch": "fastmil torch",
+    "eager": "eager (fastmil.reference)",
+    "compile_default": "torch.compile (default)",
+    "compile_max_autotune": "torch.compile (max-autotune-no-cudagraphs)",
+    "torchmil": "torchmil AttentionPool",
+    "pyg": "PyG AttentionalAggregation",
+}
+
+
+def build_provider(name: str, case: Case, W: Weights, device: torch.device) -> Provider:
+    return _BUILDERS[name](case, W, device)

@@ -1,0 +1,68 @@
+"""Time forward, backward and forward+backward of attention-MIL pooling per provider and case.
+
+Parametrised in conftest.py (case × provider × mode, case-major). Each test records in
+pytest-benchmark's ``extra_info``: the median time (CUDA events on GPU, perf_counter on CPU),
+achieved TFLOP/s and GB/s, the roofline floor from the peaks measured in this run and the
+fraction of it reached, memory (saved for backward, peak above the inputs), warm-up / compile
+time, and the relative error of z against ``fastmil.reference``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .cases import get_case
+from .harness import Broken, Skip, derived_metrics, make_runner
+from .timing import cuda_bench, summarize
+
+
+def test_attention_pool(case_name, provider, mode, bench, benchmark):
+    case = get_case(case_name)
+    env = bench.env  # measures the device peaks on first use
+    bench.use_case(case)
+    prov = bench.provider(provider)
+    if isinstance(prov, Skip):
+        bench.record_skip(provider, mode, prov)
+        pytest.skip(f"{provider}: {prov.reason}")
+    if isinstance(prov, Broken):
+        raise AssertionError(prov.message) from prov.error
+
+    benchmark.group = f"{case.name} {mode}"
+    info = benchmark.extra_info
+    info.update(case=case.name, case_group=case.group, provider=provider, mode=mode,
+                device=env["device"], smoke=case.smoke, n_input_sets=len(bench.sets),
+                **prov.info)
+    setup, step = make_runner(prov, bench.weights, bench.sets, mode)
+
+    if bench.device.type == "cuda":
+        try:
+            samples = cuda_bench(setup, step, rep_ms=bench.rep_ms)
+        except torch.cuda.OutOfMemoryError as e:
+            skip = Skip(f"out of memory while timing {mode}: {str(e).splitlines()[0]}", "OOM")
+            del e
+            bench.record_skip(provider, mode, skip)
+            torch.cuda.empty_cache()
+            pytest.skip(f"{provider}: {skip.reason}")
+        info.update(summarize(samples), timer="CUDA events, L2 flushed, median")
+
+        def setup_synced():
+            args = setup()
+            torch.cuda.synchronize()
+            return args, {}
+
+        def step_synced(*args):
+            step(*args)
+            torch.cuda.synchronize()
+
+        # pytest-benchmark's own table: wall clock of a few synchronised calls (includes launch
+        # and sync overhead); the numbers above are the ones the report uses.
+        benchmark.pedantic(step_synced, setup=setup_synced, rounds=bench.rounds)
+    else:
+        benchmark.pedantic(step, setup=lambda: (setup(), {}), rounds=bench.rounds,
+                           warmup_rounds=1)
+        if benchmark.stats is None:  # --benchmark-disable
+            return
+        info.update(summarize([t * 1e3 for t in benchmark.stats.stats.data]),
+                    timer="perf_counter (pytest-benchmark), median")
+    info.update(derived_metrics(case, mode, info["median_ms"], env))

@@ -1,0 +1,186 @@
+"""Shared fixtures and helpers of the fastmil test suite.
+
+Everything here is backend-agnostic: tests take the ``backend`` fixture (or parametrize over
+:data:`BACKENDS`) and pass it to :func:`fastmil.attention_pool`, so the same tests run against
+every backend listed in :data:`BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors. The variable is
+# read when the kernels are decorated, i.e. when fastmil first imports its kernel module, which
+# happens after this line.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastmil
+
+# The backends the generic tests run on. The Triton kernel tests add "triton" (on CPU under
+# TRITON_INTERPRET=1), either by appending here or with FASTMIL_TEST_BACKENDS=torch,triton.
+BACKENDS = [b for b in os.environ.get("FASTMIL_TEST_BACKENDS", "torch").split(",") if b]
+
+# Layouts of attention_pool's x: padded [B, N, D] without / with mask, packed [T, D] + offsets,
+# and a single bag [N, D].
+LAYOUTS = ("padded", "padded_mask", "packed", "single")
+
+# Tolerances of a backend against fastmil.reference.attention_pool_reference, per input dtype.
+# ``atol`` is relative to the scale of the expected tensor (see assert_close), ``rtol`` is
+# elementwise. Do not widen these to make a test pass: investigate the failure.
+TOL = {
+    torch.float64: dict(rtol=1e-9, atol=1e-9),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
+
+WEIGHT_NAMES = ("attn_weight", "gate_weight", "score_weight", "attn_bias", "gate_bias",
+                "score_bias")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def skip_unsupported(backend, dtype, device="cpu"):
+    """Skip the test where ``backend`` cannot run ``dtype`` here (e.g. float64 or, in Triton's
+    CPU interpreter, bfloat16 on backend="triton"), with the backend's own reason."""
+    if backend in ("torch", "auto"):
+        return
+    why = getattr(fastmil.ops, f"{backend}_unavailable_reason", None)
+    reason = None if why is None else why(torch.empty(0, dtype=dtype, device=device))
+    if reason is not None:
+        pytest.skip(f"backend={backend!r}: {reason}")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def assert_close(actual, expected, dtype=None, *, what=""):
+    """``actual`` ≈ ``expected`` within TOL[dtype] (default: expected's dtype).
+
+    Both are compared in float64. The absolute tolerance is ``atol * max(1, max|expected|)``, so
+    that large outputs (x * 1e4, gradients summed over 1000 instances) are held to a relative
+    standard rather than an absolute one.
+    """
+    dtype = expected.dtype if dtype is None else dtype
+    tol = TOL[dtype]
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    a, e = actual.detach().double(), expected.detach().double()
+    scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
+    torch.testing.assert_close(a, e, rtol=tol["rtol"], atol=tol["atol"] * scale,
+                               msg=lambda m: f"{what} ({dtype}): {m}")
+
+
+def make_weights(D, L, K=None, gated=True, bias=True, dtype=torch.float32, *, scale=1.0,
+                 requires_grad=False, device="cpu"):
+    """Random attention weights as a dict of WEIGHT_NAMES -> tensor or None.
+
+    ``K=None`` gives a 1-D score_weight [L] (one branch, score_bias [1]); an int K gives
+    score_weight [K, L] and score_bias [K]. ``gated=False`` gives gate_weight = gate_bias = None,
+    ``bias=False`` gives no biases. V and U are scaled so that V h is O(1) for h ~ N(0, 1);
+    ``scale`` multiplies every weight and bias.
+    """
+    def rnd(*shape, std=1.0):
+        t = (torch.randn(*shape, dtype=torch.float64) * std * scale).to(device=device,
+                                                                          dtype=dtype)
+        return t.requires_grad_(requires_grad)
+
+    w = {
+        "attn_weight": rnd(L, D, std=D ** -0.5),
+        "gate_weight": rnd(L, D, std=D ** -0.5) if gated else None,
+        "score_weight": rnd(L) if K is None else rnd(K, L),
+        "attn_bias": rnd(L, std=0.5) if bias else None,
+        "gate_bias": rnd(L, std=0.5) if bias and gated else None,
+        "score_bias": rnd(1 if K is None else K) if bias else None,
+    }
+    return w
+
+
+def weight_tensors(weights):
+    """The non-None weights, in WEIGHT_NAMES order, as (name, tensor) pairs."""
+    return [(n, weights[n]) for n in WEIGHT_NAMES if weights[n] is not None]
+
+
+def call(fn, x, weights, **kwargs):
+    """Call attention_pool (or a reference function with its signature) with a weights dict."""
+    return fn(x, weights["attn_weight"], weights["gate_weight"], weights["score_weight"],
+              attn_bias=weights["attn_bias"], gate_bias=weights["gate_bias"],
+              score_bias=weights["score_bias"], **kwargs)
+
+
+def make_bags(lengths, D, dtype=torch.float32, *, scale=1.0, device="cpu"):
+    """A list of random bags [n_b, D], one per entry of ``lengths``."""
+    return [(torch.randn(n, D, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+            for n in lengths]
+
+
+def make_layout(layout, lengths, D, dtype=torch.float32, *, scale=1.0, device="cpu"):
+    """Random bags of the given lengths in one of LAYOUTS.
+
+    Returns ``(x, kwargs)`` where kwargs holds ``mask`` or ``offsets`` as the layout needs.
+    "padded" needs equal lengths, "single" exactly one length. Padding slots are filled with
+    random (finite) garbage, not zeros, so that a backend which reads them gets caught.
+    """
+    bags = make_bags(lengths, D, dtype, scale=scale, device=device)
+    if layout == "single":
+        assert len(lengths) == 1, "single layout takes exactly one bag"
+        return bags[0], {}
+    if layout == "padded":
+        assert len(set(lengths)) <= 1, "padded layout without mask needs equal bag lengths"
+        N = lengths[0] if lengths else 0
+        return torch.stack(bags) if bags else torch.zeros(0, N, D, dtype=dtype), {}
+    x, offsets = fastmil.pack(bags) if bags else (
+        torch.zeros(0, D, dtype=dtype, device=device),
+        torch.zeros(1, dtype=torch.int64, device=device))
+    if layout == "packed":
+        return x, {"offsets": offsets}
+    if layout == "padded_mask":
+        xp, mask = fastmil.pad(x, offsets)
+        garbage = (torch.randn(xp.shape, dtype=torch.float64) * scale).to(xp)
+        xp = torch.where(mask[..., None], xp, garbage)
+        return xp, {"mask": mask}
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+# Bag lengths per layout: 0, 1, odd and large (1000) bags, mixed where the layout allows it.
+LENGTHS = {
+    "single": [[0], [1], [7], [1000]],
+    "padded": [[0, 0], [1, 1, 1], [7, 7], [1000, 1000], []],
+    "padded_mask": [[3, 0, 1, 7, 1000], [0, 0], [1], [5, 2, 5]],
+    "packed": [[3, 0, 1, 7, 1000], [0, 0], [1], [5, 2, 5], []],
+}
+
+
+def layout_cases():
+    """pytest params (layout, lengths) over LENGTHS, with readable ids."""
+    return [pytest.param(layout, lengths, id=f"{layout}-{'_'.join(map(str, lengths)) or 'B0'}")
+            for layout, cases in LENGTHS.items() for lengths in cases]
+
+
+def clone_weights(weights, *, dtype=None, requires_grad=True):
+    """Detached copies of a weights dict (optionally cast), as fresh autograd leaves."""
+    out = {}
+    for name, t in weights.items():
+        if t is None:
+            out[name] = None
+            continue
+        t = t.detach().clone() if dtype is None else t.detach().to(dtype)
+        out[name] = t.requires_grad_(requires_grad)
+    return out
+
+
+def grads(out, upstream, inputs):
+    """Gradients of ``sum(out * upstream)`` w.r.t. ``inputs``; zeros for an unused input (or when
+    ``out`` does not depend on any input at all, e.g. a batch of zero bags)."""
+    if not out.requires_grad:
+        return [torch.zeros_like(t) for t in inputs]
+    gs = torch.autograd.grad(out, inputs, upstream, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, inputs, strict=True)]

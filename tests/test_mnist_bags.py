@@ -1,0 +1,395 @@
+"""Tests of examples/mnist_bags.py: data, bags, collate, model, training, plot, CLI and errors.
+
+Everything runs offline on scikit-learn's bundled digits; the MNIST loader is tested on a tiny
+IDX dataset written here (skipped when torchvision cannot be imported). The DDP equivalence test
+lives in test_mnist_ddp.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import fastmil
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mnist_bags.py"
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("mnist_bags", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mnist_bags"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+mb = _load_example()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return mb.load_digits_data()
+
+
+def small_args(tmp_path, *extra):
+    return ["--dataset", "digits", "--out-dir", str(tmp_path / "out"), "--no-progress", *extra]
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX file as torchvision's MNIST reads it: uint8 type code 8, then the dims."""
+    magic = 8 * 256 + array.ndim
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_tiny_mnist(root: Path, n_train=40, n_test=20, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    arrays = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = np.arange(n, dtype=np.uint8) % 10
+        write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+# ------------------------------------------------------------------------------------------------
+# data and bags
+# ------------------------------------------------------------------------------------------------
+
+def test_digits_pools_are_disjoint_scaled_and_fixed(digits):
+    assert digits.image_shape == (8, 8)
+    assert len(digits.train) + len(digits.val) == 1797
+    assert not set(digits.train.ids.tolist()) & set(digits.val.ids.tolist())
+    for pool in (digits.train, digits.val):
+        assert pool.images.dtype == torch.float32
+        assert float(pool.images.min()) == 0.0 and float(pool.images.max()) == 1.0
+        assert set(pool.labels.tolist()) == set(range(10))  # stratified: every digit in both
+    again = mb.load_digits_data()
+    assert torch.equal(again.train.ids, digits.train.ids)  # a fixed, seeded split
+
+
+def test_fixed_size_bags(digits):
+    ds = mb.BagDataset(digits.train, 500, 1, bag_size=3, rng=np.random.default_rng(0))
+    assert len(ds) == 500 and ds.sizes.tolist() == [3] * 500
+    for i in range(len(ds)):
+        x, y = ds[i]
+        assert x.shape == (3, 64) and x.dtype == torch.float32
+        assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+        assert len(set(ds.indices[i].tolist())) == 3  # distinct images
+        assert float(y) == float(bool((ds.instance_labels[i] == 1).any()))
+        assert torch.equal(x, digits.train.images[ds.indices[i]].reshape(3, 64))
+    assert ds.n_positive == int(ds.labels.sum())
+    # about 1 - 0.9^3 = 27% of the bags hold a 1
+    assert 0.18 < ds.n_positive / len(ds) < 0.36
+    assert f"{ds.n_positive} positive / {500 - ds.n_positive} negative" in ds.describe("train")
+    same = mb.BagDataset(digits.train, 500, 1, bag_size=3, rng=np.random.default_rng(0))
+    assert all(torch.equal(a, b) for a, b in zip(ds.indices, same.indices, strict=True))
+
+
+def test_variable_size_bags(digits):
+    args = mb.parse_args(["--variable-size"])
+    assert args.positive_class == 9 and mb.parse_args([]).positive_class == 1
+    ds = mb.BagDataset(digits.train, 2000, 9, variable=True, mean=10, std=2,
+                       rng=np.random.default_rng(0))
+    sizes = ds.sizes.float()
+    assert int(sizes.min()) >= 1 and abs(float(sizes.mean()) - 10) < 0.2
+    assert abs(float(sizes.std()) - 2) < 0.2
+    assert len(set(ds.sizes.tolist())) > 5
+    for i in range(0, 2000, 97):
+        assert float(ds.labels[i]) == float(bool((ds.instance_labels[i] == 9).any()))
+    tiny = mb.BagDataset(digits.train, 300, 9, variable=True, mean=1, std=3,
+                         rng=np.random.default_rng(0))
+    assert int(tiny.sizes.min()) == 1  # at least one image per bag
+
+
+def test_train_and_validation_bags_never_share_an_image(digits):
+    train = mb.BagDataset(digits.train, 1000, 1, rng=np.random.default_rng(1))
+    val = mb.BagDataset(digits.val, 300, 1, rng=np.random.default_rng(2))
+    train_ids = set(torch.cat(train.image_ids).tolist())
+    val_ids = set(torch.cat(val.image_ids).tolist())
+    assert train_ids and val_ids and not train_ids & val_ids
+
+
+def test_collate_packs_variable_bags(digits):
+    ds = mb.BagDataset(digits.val, 10, 9, variable=True, rng=np.random.default_rng(3))
+    loader = DataLoader(ds, batch_size=4, collate_fn=fastmil.collate)
+    batches = list(loader)
+    assert [len(y) for _, _, y in batches] == [4, 4, 2]
+    x, offsets, labels = batches[0]
+    sizes = ds.sizes[:4]
+    assert offsets.tolist() == [0, *torch.cumsum(sizes, 0).tolist()]
+    assert x.shape == (int(sizes.sum()), 64)
+    assert torch.equal(x, torch.cat([ds[i][0] for i in range(4)]))
+    assert torch.equal(labels, ds.labels[:4])
+    # the example's own loader is the same collate, with whole bags per step
+    x2, offsets2, _ = next(iter(mb.make_loader(ds, 4)))
+    assert torch.equal(x2, x) and torch.equal(offsets2, offsets)
+
+
+def test_class_weights():
+    w = mb.class_weights(torch.tensor([1.0, 0, 0, 0]))
+    torch.testing.assert_close(w, torch.tensor([4 / 6, 4 / 2]))
+    with pytest.raises(mb.DataError, match="no positive bag"):
+        mb.class_weights(torch.zeros(5))
+
+
+# ------------------------------------------------------------------------------------------------
+# model and training
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["mlp", "lenet"])
+def test_model_sums_attention_weighted_instances_and_is_permutation_invariant(kind):
+    torch.manual_seed(0)
+    model = mb.MILClassifier((8, 8), kind, attn_dim=16).eval()
+    assert isinstance(model.pool, fastmil.AttentionPool) and model.pool.gated
+    x = torch.rand(9, 64)
+    offsets = torch.tensor([0, 2, 9])
+    logits, attention = model(x, offsets)
+    assert logits.shape == (2,) and attention.shape == (9,)
+    torch.testing.assert_close(attention[:2].sum(), torch.tensor(1.0))
+    h = model.encoder(x)
+    z = torch.stack([(attention[:2, None] * h[:2]).sum(0), (attention[2:, None] * h[2:]).sum(0)])
+    torch.testing.assert_close(logits, model.head(z).squeeze(-1))  # weighted sum, not concat
+    perm = torch.cat([torch.tensor([1, 0]), 2 + torch.randperm(7)])
+    logits_p, attention_p = model(x[perm], offsets)
+    torch.testing.assert_close(logits_p, logits)
+    torch.testing.assert_close(attention_p, attention[perm])
+
+
+def test_weight_decay_only_on_attention_weights():
+    model = mb.MILClassifier((8, 8), attn_dim=16)
+    opt = mb.make_optimizer(model, 1e-3, 0.01)
+    rest, decay = opt.param_groups
+    pool = model.pool
+    expected = {id(pool.attn.weight), id(pool.gate.weight), id(pool.score.weight)}
+    assert {id(p) for p in decay["params"]} == expected and decay["weight_decay"] == 0.01
+    assert rest["weight_decay"] == 0.0 and not expected & {id(p) for p in rest["params"]}
+    assert id(model.encoder.net[0].weight) in {id(p) for p in rest["params"]}
+
+
+def test_one_training_step_decreases_the_loss(digits):
+    ds = mb.BagDataset(digits.train, 32, 1, rng=np.random.default_rng(0))
+    x, offsets, y = mb.fastmil.collate([ds[i] for i in range(len(ds))])
+    torch.manual_seed(0)
+    model = mb.MILClassifier(digits.image_shape)
+    opt = mb.make_optimizer(model, 1e-3, 0.01)
+    weights = mb.class_weights(ds.labels)
+    before = mb.bag_loss(model(x, offsets)[0], y, weights)
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = mb.bag_loss(model(x, offsets)[0], y, weights)
+    assert after.item() < before.item()
+
+
+def test_training_learns_and_keeps_the_best_weights(digits, tmp_path):
+    args = mb.parse_args(small_args(tmp_path, "--epochs", "8", "--patience", "3"))
+    train = mb.BagDataset(digits.train, 300, 1, rng=np.random.default_rng(1))
+    val = mb.BagDataset(digits.val, 100, 1, rng=np.random.default_rng(2))
+    ckpt = tmp_path / "model.pt"
+    model, info = mb.train_model(args, train, val, digits.image_shape, seed=0, ctx=mb.Dist(),
+                                 checkpoint=ckpt, progress=False)
+    probs, attention = mb.predict(model, val)
+    m = mb.metrics(probs, val.labels.numpy())
+    assert m["accuracy"] > 0.85 and m["auc"] > 0.9
+    best = min(info["history"], key=lambda r: r["val_loss"])
+    assert info["best_epoch"] == best["epoch"]
+    assert m["loss"] == pytest.approx(best["val_loss"], rel=1e-5)  # best weights restored
+    saved = torch.load(ckpt)
+    assert saved["epoch"] == best["epoch"]
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(saved["model"][k], v)
+    loc, n = mb.localisation(val, probs, attention)
+    assert n > 0 and 0.0 <= loc <= 1.0
+
+
+def test_metrics_and_localisation():
+    m = mb.metrics([0.9, 0.2, 0.6, 0.4], [1, 0, 0, 1])
+    assert m["accuracy"] == 0.5 and m["auc"] == 0.75
+    assert np.isnan(mb.metrics([0.2, 0.7], [1, 1])["auc"])  # one class: no AUC, no crash
+
+    class Bags:  # two positive bags, one negative
+        labels = torch.tensor([1.0, 1.0, 0.0])
+        instance_labels = [torch.tensor([3, 1]), torch.tensor([1, 5, 2]), torch.tensor([0, 2])]
+        positive_class = 1
+
+        def __len__(self):
+            return 3
+
+    attention = [np.array([0.2, 0.8]), np.array([0.1, 0.7, 0.2]), np.array([0.5, 0.5])]
+    assert mb.localisation(Bags(), [0.9, 0.8, 0.1], attention) == (0.5, 2)
+    assert mb.localisation(Bags(), [0.9, 0.3, 0.1], attention) == (1.0, 1)  # only hits count
+
+
+# ------------------------------------------------------------------------------------------------
+# outputs: end to end, plot, paper mode
+# ------------------------------------------------------------------------------------------------
+
+def test_end_to_end_run_writes_checkpoint_plot_and_metrics(tmp_path, capsys):
+    result = mb.main(small_args(tmp_path, "--train-bags", "120", "--val-bags", "40",
+                                "--epochs", "3", "--ensemble", "2", "--plot-bags", "2"))
+    out = capsys.readouterr().out
+    assert "dataset: scikit-learn digits" in out
+    assert "training bags: 120 bags (size 3)" in out and "positive /" in out
+    assert "validation (ensemble of 2)" in out and "localisation" in out
+    folder = tmp_path / "out"
+    for name in ("model_0.pt", "model_1.pt", "attention_bags.png", "metrics.json"):
+        assert (folder / name).is_file(), name
+    assert (folder / "attention_bags.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((folder / "metrics.json").read_text())
+    assert set(saved) >= {"loss", "accuracy", "auc", "localisation"}
+    assert saved["accuracy"] == result["accuracy"] and len(saved["models"]) == 2
+    ckpt = torch.load(folder / "model_0.pt")
+    model = mb.MILClassifier(tuple(ckpt["image_shape"]), ckpt["args"]["model"],
+                             ckpt["args"]["attn_dim"])
+    model.load_state_dict(ckpt["model"])
+
+
+def test_plot_of_variable_bags_with_few_positives(digits, tmp_path):
+    ds = mb.BagDataset(digits.val, 6, 9, variable=True, rng=np.random.default_rng(0))
+    probs = np.linspace(0, 1, len(ds))
+    attention = [np.full(n, 1.0 / n) for n in ds.sizes.tolist()]
+    path = mb.plot_attention_bags(tmp_path / "bags.png", ds, probs, attention, n_per_class=5)
+    assert path.stat().st_size > 1000
+
+
+def test_variable_size_run_and_plain_attention(tmp_path, capsys):
+    result = mb.main(small_args(tmp_path, "--variable-size", "--train-bags", "24", "--val-bags",
+                                "12", "--epochs", "1", "--plain-attention", "--model", "lenet"))
+    out = capsys.readouterr().out
+    assert "positive class 9" in out and "sizes " in out
+    assert (tmp_path / "out" / "attention_bags.png").is_file()
+    assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_paper_mode_writes_table_and_plot(tmp_path, capsys):
+    summary = mb.main(small_args(tmp_path, "--paper", "--paper-bags", "20", "40",
+                                 "--paper-seeds", "2", "--paper-epochs", "2", "--test-bags", "60"))
+    table = (tmp_path / "out" / "paper_table.md").read_text()
+    assert "| training bags | gated attention | attention |" in table
+    assert "| 20 |" in table and "| 40 |" in table and "±" in table
+    assert (tmp_path / "out" / "paper_auc.png").is_file()
+    assert summary["target"] == 9 and len(summary["auc"]["gated"]["40"]) == 2
+    assert "paper mode: target 9" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# errors: clear messages, no tracebacks
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bag-size", "0"], "--bag-size must be at least 1"),
+    (["--train-bags", "-5"], "--train-bags must be at least 1"),
+    (["--ensemble", "0"], "--ensemble must be at least 1"),
+    (["--positive-class", "12"], "--positive-class must be a digit 0..9"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--dataset", "cifar"], "invalid choice: 'cifar'"),
+    (["--bag-size", "three"], "invalid int value: 'three'"),
+    (["--bag-size-std", "-1"], "--bag-size-std 0 or more"),
+    (["--paper-bags", "0", "50"], "--paper-bags must all be at least 1"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_bad_flags_give_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        mb.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "usage: mnist_bags.py" in err and "Traceback" not in err
+
+
+def test_batch_size_must_split_over_processes(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        mb.parse_args(["--batch-size", "5"])
+    assert "must be divisible by the number of processes (2)" in capsys.readouterr().err
+
+
+def test_missing_data_dir_message(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        mb.main(small_args(tmp_path, "--dataset", "mnist", "--data-dir", str(tmp_path / "nope"),
+                           "--no-download"))
+    assert "does not exist" in str(info.value) and str(tmp_path / "nope") in str(info.value)
+    data_file = tmp_path / "file"
+    data_file.write_text("x")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        mb.main(small_args(tmp_path, "--dataset", "mnist", "--data-dir", str(data_file)))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("magic", "IDX magic number"),
+    ("truncate", "header announces 40 items"),
+    ("short", "too short for an IDX header"),
+    ("labels", "40 train images but 39 labels"),
+])
+def test_corrupt_mnist_files_message(tmp_path, damage, message):
+    write_tiny_mnist(tmp_path)
+    raw = tmp_path / "MNIST" / "raw"
+    mb.check_mnist_files(tmp_path)  # the intact files pass
+    images = raw / "train-images-idx3-ubyte"
+    if damage == "magic":
+        images.write_bytes(b"\x00\x00\x09\x99" + images.read_bytes()[4:])
+    elif damage == "truncate":
+        images.write_bytes(images.read_bytes()[:-100])
+    elif damage == "short":
+        images.write_bytes(b"\x00\x00\x08")
+    else:
+        write_idx(raw / "train-labels-idx1-ubyte", np.zeros(39, dtype=np.uint8))
+    with pytest.raises(SystemExit) as info:
+        mb.main(small_args(tmp_path, "--dataset", "mnist", "--data-dir", str(tmp_path)))
+    assert message in str(info.value) and "error:" in str(info.value)
+    # --dataset auto does not stop on it: it says why and falls back to the digits
+    data, how = mb.load_data("auto", tmp_path, download=False)
+    assert data.image_shape == (8, 8) and "MNIST unavailable" in how and message in how
+
+
+def test_mnist_without_torchvision_message(tmp_path, monkeypatch):
+    write_tiny_mnist(tmp_path)
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision -> ImportError
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
+    with pytest.raises(SystemExit, match="needs torchvision.*use --dataset digits"):
+        mb.main(small_args(tmp_path, "--dataset", "mnist", "--data-dir", str(tmp_path)))
+    data, how = mb.load_data("auto", tmp_path, download=False)
+    assert data.image_shape == (8, 8) and "needs torchvision" in how
+
+
+def test_bag_larger_than_pool_and_unwritable_out_dir(tmp_path):
+    with pytest.raises(SystemExit, match="cannot be drawn from a pool of 1257 images"):
+        mb.main(small_args(tmp_path, "--bag-size", "2000", "--train-bags", "2"))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit, match="error:"):
+        mb.main(["--dataset", "digits", "--out-dir", str(blocker / "sub"), "--no-progress"])
+
+
+def test_mnist_loader_on_tiny_idx_files(tmp_path, capsys):
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:  # not installed, or a wheel that does not match this torch
+        pytest.skip(f"torchvision cannot be imported ({type(e).__name__}: {e}); the MNIST "
+                    f"loader goes through torchvision.datasets.MNIST")
+    arrays = write_tiny_mnist(tmp_path)
+    data = mb.load_mnist_data(tmp_path, download=False)
+    assert data.image_shape == (28, 28)
+    for pool, split in ((data.train, "train"), (data.val, "t10k")):
+        images, labels = arrays[split]
+        torch.testing.assert_close(pool.images, torch.tensor(images, dtype=torch.float32) / 255)
+        assert pool.labels.tolist() == labels.tolist()
+    assert not set(data.train.ids.tolist()) & set(data.val.ids.tolist())
+    auto, how = mb.load_data("auto", tmp_path, download=False)
+    assert "MNIST" in how and auto.image_shape == (28, 28)
+    mb.main(["--dataset", "mnist", "--data-dir", str(tmp_path), "--no-download", "--out-dir",
+             str(tmp_path / "out"), "--train-bags", "20", "--val-bags", "10", "--epochs", "1",
+             "--positive-class", "3", "--no-progress"])
+    assert "dataset: MNIST" in capsys.readouterr().out

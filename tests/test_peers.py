@@ -1,0 +1,196 @@
+"""fastmil against independent implementations of attention-MIL pooling: torchmil's
+AttentionPool, CLAM's Attn_Net / Attn_Net_Gated, and PyTorch Geometric's segment softmax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, make_bags, make_layout, make_weights
+from torch import nn
+
+import fastmil
+from fastmil import AttentionPool
+
+# ---------------------------------------------------------------- torchmil
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "nomask"])
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_torchmil_attention_pool(backend, gated, masked):
+    tm = pytest.importorskip("torchmil.nn.attention",
+                             reason="torchmil (pip install torchmil) is needed for this test")
+    D, L = 16, 8
+    peer = tm.AttentionPool(in_dim=D, att_dim=L, act="tanh", gated=gated).eval()
+    with torch.no_grad():  # torchmil's fc2 has default init; make scores spread out
+        peer.fc2.weight.mul_(4)
+    pool = AttentionPool.from_torchmil(peer, backend=backend)
+    assert pool.gated is gated
+
+    # torchmil returns NaN for a fully masked bag, so every bag here has an instance
+    x, kw = make_layout("padded_mask", [3, 1, 7, 40], D) if masked else \
+        make_layout("padded", [9, 9, 9], D)
+    mask = kw.get("mask")
+    z_peer, f_peer = peer(x, mask=mask, return_att=True)
+    z, a = pool(x, mask=mask, return_attention=True)
+    assert z.shape == z_peer.shape == (x.shape[0], D)
+    assert_close(z, z_peer, what="z vs torchmil")
+    # torchmil returns the raw scores f; its attention is their masked softmax
+    s = f_peer if mask is None else f_peer.masked_fill(~mask, float("-inf"))
+    assert_close(a, torch.softmax(s, dim=1), what="attention vs torchmil")
+    assert a.max() > 2 * a[a > 0].min()  # not uniform: the scores matter
+
+
+def test_torchmil_lazy_module_after_first_call(backend):
+    tm = pytest.importorskip("torchmil.nn.attention",
+                             reason="torchmil (pip install torchmil) is needed for this test")
+    peer = tm.AttentionPool(in_dim=None, att_dim=8, gated=True).eval()
+    x = torch.randn(2, 6, 12)
+    z_peer = peer(x)  # materializes the lazy layers
+    pool = AttentionPool.from_torchmil(peer, backend=backend)
+    assert pool.in_dim == 12 and pool.attn_dim == 8
+    assert_close(pool(x), z_peer, what="z vs torchmil (lazy)")
+
+
+# ---------------------------------------------------------------- CLAM
+# Faithful minimal copies of CLAM's attention networks: github.com/mahmoodlab/CLAM,
+# models/model_clam.py (classes Attn_Net and Attn_Net_Gated). CLAM is not pip-installable.
+# CLAM names the instance feature size L and the attention size D (fastmil: D and L).
+
+
+class Attn_Net(nn.Module):  # CLAM's name
+    def __init__(self, L=1024, D=256, dropout=False, n_classes=1):
+        super().__init__()
+        self.module = [nn.Linear(L, D), nn.Tanh()]
+        if dropout:
+            self.module.append(nn.Dropout(0.25))
+        self.module.append(nn.Linear(D, n_classes))
+        self.module = nn.Sequential(*self.module)
+
+    def forward(self, x):
+        return self.module(x), x  # N x n_classes
+
+
+class Attn_Net_Gated(nn.Module):  # CLAM's name
+    def __init__(self, L=1024, D=256, dropout=False, n_classes=1):
+        super().__init__()
+        self.attention_a = [nn.Linear(L, D), nn.Tanh()]
+        self.attention_b = [nn.Linear(L, D), nn.Sigmoid()]
+        if dropout:
+            self.attention_a.append(nn.Dropout(0.25))
+            self.attention_b.append(nn.Dropout(0.25))
+        self.attention_a = nn.Sequential(*self.attention_a)
+        self.attention_b = nn.Sequential(*self.attention_b)
+        self.attention_c = nn.Linear(D, n_classes)
+
+    def forward(self, x):
+        a = self.attention_a(x)
+        b = self.attention_b(x)
+        A = a.mul(b)
+        A = self.attention_c(A)  # N x n_classes
+        return A, x
+
+
+def clam_pool(net, h):
+    """What CLAM_SB / CLAM_MB do with the attention net for one bag h [N, L]."""
+    A, h = net(h)  # N x K
+    A = torch.transpose(A, 1, 0)  # K x N
+    A = F.softmax(A, dim=1)  # softmax over N
+    return torch.mm(A, h), A  # M [K, L], A [K, N]
+
+
+@pytest.mark.parametrize("n_classes", [1, 3])
+@pytest.mark.parametrize("net_cls", [Attn_Net_Gated, Attn_Net])
+def test_clam(backend, net_cls, n_classes):
+    feat, hidden = 32, 16
+    net = net_cls(L=feat, D=hidden, dropout=True, n_classes=n_classes).eval()
+    pool = AttentionPool.from_clam(net, backend=backend)
+    assert pool.gated is (net_cls is Attn_Net_Gated)
+    assert pool.branches == (None if n_classes == 1 else n_classes)
+
+    bags = make_bags([1, 9, 300], feat)
+    x, offsets = fastmil.pack(bags)
+    with torch.no_grad():
+        z_packed, a_packed = pool(x, offsets=offsets, return_attention=True)
+        for b, h in enumerate(bags):
+            M, A = clam_pool(net, h)
+            z, a = pool(h, return_attention=True)
+            if n_classes == 1:
+                M, A = M[0], A[0]
+                assert z.shape == (feat,)
+            else:
+                A = A.t()  # fastmil's attention is [N, K]
+                assert z.shape == (n_classes, feat)
+            assert_close(z, M, what=f"z vs CLAM, bag {b}")
+            assert_close(a, A, what=f"attention vs CLAM, bag {b}")
+            assert_close(z_packed[b], M, what=f"packed z vs CLAM, bag {b}")
+        assert A.max() > 2 * A.min()  # the last, large bag has non-uniform attention
+
+
+# ---------------------------------------------------------------- PyTorch Geometric
+
+
+def _scores(x, w):
+    """Attention scores written out independently of fastmil: x [T, D] -> [T, K]."""
+    hidden = torch.tanh(x @ w["attn_weight"].T + w["attn_bias"])
+    if w["gate_weight"] is not None:
+        hidden = hidden * torch.sigmoid(x @ w["gate_weight"].T + w["gate_bias"])
+    return hidden @ w["score_weight"].reshape(-1, hidden.shape[-1]).T + w["score_bias"]
+
+
+@pytest.mark.parametrize("K", [None, 3], ids=["K1", "K3"])
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_pyg_segment_softmax(backend, gated, K):
+    pyg = pytest.importorskip("torch_geometric.utils",
+                              reason="torch-geometric (pip install torch-geometric) is needed")
+    D, L = 16, 8
+    lengths = [4, 0, 1, 37, 250, 0]
+    w = make_weights(D, L, K, gated)
+    x, offsets = fastmil.pack(make_bags(lengths, D))
+    B = len(lengths)
+    index = torch.repeat_interleave(torch.arange(B), torch.tensor(lengths))
+
+    a_pyg = pyg.softmax(_scores(x, w), index, num_nodes=x.shape[0])  # [T, K]
+    z_pyg = torch.stack([pyg.scatter(a_pyg[:, k, None] * x, index, dim=0, dim_size=B,
+                                     reduce="sum") for k in range(a_pyg.shape[1])], dim=1)
+    z, a = fastmil.attention_pool(x, w["attn_weight"], w["gate_weight"], w["score_weight"],
+                                  attn_bias=w["attn_bias"], gate_bias=w["gate_bias"],
+                                  score_bias=w["score_bias"], offsets=offsets,
+                                  return_attention=True, backend=backend)
+    if K is None:
+        z_pyg, a_pyg = z_pyg[:, 0], a_pyg[:, 0]
+    assert_close(z, z_pyg, what="z vs PyG")
+    assert_close(a, a_pyg, what="attention vs PyG")
+    assert torch.equal(z[1], torch.zeros_like(z[1])) and torch.equal(z[5], torch.zeros_like(z[5]))
+
+
+@pytest.mark.parametrize("use_ptr", [False, True], ids=["index", "ptr"])
+def test_pyg_attentional_aggregation(backend, use_ptr):
+    aggr = pytest.importorskip("torch_geometric.nn.aggr",
+                               reason="torch-geometric (pip install torch-geometric) is needed")
+    D, L = 16, 8
+    lengths = [4, 0, 1, 37, 250]
+    w = make_weights(D, L, None, gated=True)
+    x, offsets = fastmil.pack(make_bags(lengths, D))
+    B = len(lengths)
+
+    class Gate(nn.Module):
+        def forward(self, h):
+            return _scores(h, w)  # [T, 1]
+
+    peer = aggr.AttentionalAggregation(gate_nn=Gate())
+    if use_ptr:
+        z_pyg = peer(x, ptr=offsets, dim_size=B)
+    else:
+        index = torch.repeat_interleave(torch.arange(B), torch.tensor(lengths))
+        z_pyg = peer(x, index=index, dim_size=B)
+    pool = AttentionPool(D, L, backend=backend)
+    with torch.no_grad():
+        pool.attn.weight.copy_(w["attn_weight"])
+        pool.attn.bias.copy_(w["attn_bias"])
+        pool.gate.weight.copy_(w["gate_weight"])
+        pool.gate.bias.copy_(w["gate_bias"])
+        pool.score.weight.copy_(w["score_weight"][None])
+        pool.score.bias.copy_(w["score_bias"])
+    z = pool(x, offsets=offsets)
+    assert_close(z, z_pyg, what="z vs PyG AttentionalAggregation")
