@@ -300,9 +300,6 @@ class MILClassifier(nn.Module):
         self.pool = fastmil.AttentionPool(self.encoder.out_dim, attn_dim, gated=gated,
                                           backend=backend)
         self.head = nn.Linear(self.encoder.out_dim, 1)
-        # The score bias shifts every score of a bag equally, so the softmax ignores it: its
-        # gradient is zero up to rounding, and Adam would turn that noise into steps of ~lr.
-        self.pool.score.bias.requires_grad_(False)
 
     def forward(self, x, offsets):
         h = self.encoder(x)  # [T, D]

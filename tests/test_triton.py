@@ -242,3 +242,17 @@ def test_nan_padding_is_never_read():
     for name in g:
         assert torch.isfinite(g[name]).all(), name
         assert_close(g[name], gc[name], what=f"d {name}")
+
+
+def test_import_touches_neither_triton_nor_a_gpu_driver():
+    """`import fastmil` and a torch-backend call must work on a machine without a GPU driver."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, fastmil\n"
+            "fastmil.attention_pool(torch.randn(4, 8), torch.randn(3, 8), None, torch.randn(3),"
+            " backend='auto')\n"
+            "print('triton' in sys.modules, 'fastmil.kernels.attention_pool' in sys.modules,"
+            " torch.cuda.is_initialized())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False", "False"]
