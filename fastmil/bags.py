@@ -11,7 +11,23 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["pack", "pad", "unpad", "collate", "lengths_to_offsets"]
+__all__ = ["pack", "pad", "unpad", "collate", "lengths_to_offsets", "check_offsets_values"]
+
+
+def check_offsets_values(offsets, total):
+    """Raise a ValueError unless offsets start at 0, never decrease and end at ``total``.
+    One device sync when the offsets are fine; the details only on failure."""
+    steps = offsets[1:] - offsets[:-1]
+    if bool((offsets[0] == 0) & (offsets[-1] == total) & (steps >= 0).all()):
+        return
+    first, last = int(offsets[0]), int(offsets[-1])
+    if first != 0:
+        raise ValueError(f"offsets must start at 0, got offsets[0] = {first}")
+    if bool((steps < 0).any()):
+        bad = int(torch.nonzero(steps < 0)[0, 0])
+        raise ValueError(f"offsets must be non-decreasing, but offsets[{bad + 1}] = "
+                         f"{int(offsets[bad + 1])} < offsets[{bad}] = {int(offsets[bad])}")
+    raise ValueError(f"offsets must end at x.shape[0] = {total} (T), got offsets[-1] = {last}")
 
 
 def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
@@ -47,11 +63,11 @@ def pad(x: torch.Tensor, offsets: torch.Tensor, *, value: float = 0.0
         raise ValueError(f"x must be packed [T, D], got shape {tuple(x.shape)}")
     if offsets.dim() != 1 or offsets.shape[0] < 1:
         raise ValueError(f"offsets must be 1-D [B+1], got shape {tuple(offsets.shape)}")
+    if offsets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"offsets must be int32 or int64, got {offsets.dtype}")
+    check_offsets_values(offsets, x.shape[0])
     offsets = offsets.to(torch.int64)
     lengths = offsets[1:] - offsets[:-1]  # [B]
-    if int(offsets[0]) != 0 or int(offsets[-1]) != x.shape[0] or bool((lengths < 0).any()):
-        raise ValueError(f"offsets must be non-decreasing from 0 to x.shape[0] = {x.shape[0]}, "
-                         f"got offsets[0] = {int(offsets[0])}, offsets[-1] = {int(offsets[-1])}")
     B = lengths.shape[0]
     N = int(lengths.max()) if B > 0 else 0
     positions = torch.arange(N, device=x.device)

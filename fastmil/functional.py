@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
+from .bags import check_offsets_values
 from .torch_backend import attention_pool_torch
 
 __all__ = ["attention_pool", "BACKENDS"]
@@ -123,30 +124,19 @@ def _validate(x, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, s
             raise TypeError(f"offsets must be int32 or int64, got {offsets.dtype}")
         if offsets.device != x.device:
             raise ValueError(f"offsets is on {offsets.device} but x is on {x.device}")
-        # Value checks read the data: skip them while torch.compile traces (they would break
-        # the graph); eager calls, and the first call of a compiled function, still check.
+        # Value checks read the data, which would break a torch.compile graph: they run in
+        # eager mode only. Inside a compiled function, offsets are trusted as given.
         if not torch.compiler.is_compiling():
-            _check_offsets_values(offsets, x.shape[0])
-
-
-def _check_offsets_values(offsets, total):
-    """One device sync when the offsets are fine; the details only on failure."""
-    steps = offsets[1:] - offsets[:-1]
-    if bool((offsets[0] == 0) & (offsets[-1] == total) & (steps >= 0).all()):
-        return
-    first, last = int(offsets[0]), int(offsets[-1])
-    if first != 0:
-        raise ValueError(f"offsets must start at 0, got offsets[0] = {first}")
-    if bool((steps < 0).any()):
-        bad = int(torch.nonzero(steps < 0)[0, 0])
-        raise ValueError(f"offsets must be non-decreasing, but offsets[{bad + 1}] = "
-                         f"{int(offsets[bad + 1])} < offsets[{bad}] = {int(offsets[bad])}")
-    raise ValueError(f"offsets must end at x.shape[0] = {total} (T), got offsets[-1] = {last}")
+            check_offsets_values(offsets, x.shape[0])
 
 
 def _autocast(tensors, device_type):
-    """Inside torch.autocast, run in the autocast dtype (like nn.Linear would)."""
+    """Inside torch.autocast, run in the autocast dtype, as nn.Linear would. Like torch's own
+    autocast, float64 input is left alone."""
     if not torch.is_autocast_enabled(device_type):
+        return tensors
+    x = tensors[0]
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float64:
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
@@ -184,6 +174,8 @@ def attention_pool(x, attn_weight, gate_weight, score_weight, *, attn_bias=None,
             neither z nor the attention, and its gradient is exactly zero.
         mask: ``[B, N]`` bool, True marks real instances (padded layout only; default all True).
         offsets: ``[B+1]`` int32/int64, bag b is ``x[offsets[b]:offsets[b+1]]`` (packed only).
+            Checked (starts at 0, non-decreasing, ends at T) in eager mode; inside
+            ``torch.compile`` these value checks are skipped so as not to break the graph.
         return_attention: also return the softmax weights.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 

@@ -33,11 +33,17 @@ class AttentionPool(nn.Module):
     def __init__(self, in_dim: int, attn_dim: int = 128, *, branches: int | None = None,
                  gated: bool = True, bias: bool = True, backend: str = "auto"):
         super().__init__()
+        def positive_int(value):
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
         for name, value in (("in_dim", in_dim), ("attn_dim", attn_dim)):
-            if not isinstance(value, int) or value < 1:
+            if not positive_int(value):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if branches is not None and (not isinstance(branches, int) or branches < 1):
+        if branches is not None and not positive_int(branches):
             raise ValueError(f"branches must be None or a positive int, got {branches!r}")
+        for name, value in (("gated", gated), ("bias", bias)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.in_dim, self.attn_dim, self.branches = in_dim, attn_dim, branches
@@ -64,8 +70,10 @@ class AttentionPool(nn.Module):
 
     @classmethod
     def _from_linears(cls, attn, gate, score, branches, **kwargs):
+        # one bias flag for all three layers: a source bias that is absent becomes a zero bias
+        bias = any(m is not None and m.bias is not None for m in (attn, gate, score))
         pool = cls(attn.in_features, attn.out_features, branches=branches,
-                   gated=gate is not None, bias=attn.bias is not None, **kwargs)
+                   gated=gate is not None, bias=bias, **kwargs)
         pool = pool.to(device=attn.weight.device, dtype=attn.weight.dtype)
         with torch.no_grad():
             for mine, theirs in ((pool.attn, attn), (pool.gate, gate), (pool.score, score)):

@@ -228,6 +228,16 @@ def test_autocast_bf16(backend, layout):
         assert_close(gg, gw, torch.bfloat16, what=f"grad of {name}")
 
 
+def test_autocast_leaves_float64_alone():
+    """Like torch's own autocast, float64 input is not cast down."""
+    x, kw = make_layout("packed", [3, 4], 8, torch.float64)
+    weights = make_weights(8, 4, None, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = call(attention_pool, x, weights, backend="torch", **kw)
+    assert z.dtype == torch.float64
+    assert_close(z, call(attention_pool_reference, x, weights, **kw), what="z")
+
+
 @pytest.mark.parametrize("layout", ["padded_mask", "packed"])
 def test_torch_compile_fullgraph(layout):
     """attention_pool traces without graph breaks; forward and backward match eager."""

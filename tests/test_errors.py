@@ -216,11 +216,18 @@ def test_x_not_a_tensor_under_autocast():
     (dict(in_dim=8, attn_dim=None), "attn_dim must be a positive int, got None"),
     (dict(in_dim=8, branches=0), "branches must be None or a positive int, got 0"),
     (dict(in_dim=8, branches=2.0), "branches must be None or a positive int, got 2.0"),
+    (dict(in_dim=True, attn_dim=4), "in_dim must be a positive int, got True"),
     (dict(in_dim=8, backend="cuda"), r"backend must be one of \('auto', 'torch', 'triton'\)"),
 ])
 def test_attention_pool_module_bad_args(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AttentionPool(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["gated", "bias"])
+def test_attention_pool_module_flags_must_be_bool(name):
+    with pytest.raises(TypeError, match=f"{name} must be a bool, got 'yes'"):
+        AttentionPool(8, **{name: "yes"})
 
 
 def test_module_forward_validates():

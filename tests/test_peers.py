@@ -194,3 +194,16 @@ def test_pyg_attentional_aggregation(backend, use_ptr):
         pool.score.bias.copy_(w["score_bias"])
     z = pool(x, offsets=offsets)
     assert_close(z, z_pyg, what="z vs PyG AttentionalAggregation")
+
+
+def test_converter_keeps_a_gate_bias_when_the_attention_layer_has_none():
+    """One bias flag covers the three layers: a missing source bias becomes a zero bias."""
+    net = Attn_Net_Gated(L=16, D=8, n_classes=1).eval()
+    net.attention_a[0].bias = None
+    pool = AttentionPool.from_clam(net, backend="torch")
+    assert torch.equal(pool.attn.bias, torch.zeros(8))
+    assert torch.equal(pool.gate.bias, net.attention_b[0].bias)
+    h = make_bags([7], 16)[0]
+    with torch.no_grad():
+        M, _ = clam_pool(net, h)
+        assert_close(pool(h), M[0], what="z vs CLAM without attention bias")

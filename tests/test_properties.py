@@ -223,8 +223,8 @@ def test_pack_errors(bags, match):
     (torch.zeros(2, 3, 4), torch.tensor([0, 2]), r"x must be packed \[T, D\]"),
     (torch.zeros(4, 3), torch.tensor([[0, 4]]), "offsets must be 1-D"),
     (torch.zeros(4, 3), torch.zeros(0, dtype=torch.int64), "offsets must be 1-D"),
-    (torch.zeros(4, 3), torch.tensor([1, 3, 5]), "offsets must be non-decreasing from 0"),
-    (torch.zeros(4, 3), torch.tensor([0, 3, 5]), r"to x.shape\[0\] = 4"),
+    (torch.zeros(4, 3), torch.tensor([1, 3, 5]), r"offsets must start at 0, got offsets\[0\] = 1"),
+    (torch.zeros(4, 3), torch.tensor([0, 3, 5]), r"must end at x.shape\[0\] = 4 \(T\), got offsets\[-1\] = 5"),
     (torch.zeros(4, 3), torch.tensor([0, 3, 1, 4]), "non-decreasing"),
 ])
 def test_pad_errors(x, offsets, match):
@@ -246,3 +246,8 @@ def test_collate_empty_batch():
     with pytest.raises(ValueError, match="collate got an empty batch"):
         collate([])
 
+
+
+def test_pad_rejects_float_offsets():
+    with pytest.raises(TypeError, match="offsets must be int32 or int64, got torch.float32"):
+        pad(torch.zeros(4, 3), torch.tensor([0.0, 4.0]))
