@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from .cases import Case, InputSet, Weights
+from .report import PROVIDERS
 
-__all__ = ["PROVIDERS", "LABELS", "Provider", "Unavailable", "build_provider"]
+__all__ = ["PROVIDERS", "Provider", "Unavailable", "build_provider"]
 
 
 class Unavailable(Exception):
@@ -191,16 +192,8 @@ _BUILDERS = {
     "torchmil": _torchmil,
     "pyg": _pyg,
 }
-PROVIDERS = tuple(_BUILDERS)
-LABELS = {
-    "fastmil_triton": "fastmil triton",
-    "fastmil_torch": "fastmil torch",
-    "eager": "eager (fastmil.reference)",
-    "compile_default": "torch.compile (default)",
-    "compile_max_autotune": "torch.compile (max-autotune-no-cudagraphs)",
-    "torchmil": "torchmil AttentionPool",
-    "pyg": "PyG AttentionalAggregation",
-}
+# the provider names and their order live in report.py, which must import without torch
+assert set(_BUILDERS) == set(PROVIDERS), "report.PROVIDERS and the builders disagree"
 
 
 def build_provider(name: str, case: Case, W: Weights, device: torch.device) -> Provider:
