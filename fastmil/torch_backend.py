@@ -33,7 +33,7 @@ def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_we
     """Scores ``s = w·(tanh(V h + b_V) ⊙ sigmoid(U h + b_U))``: x [..., D] -> [..., K].
 
     The projections run as one GEMM in x's dtype (float32 accumulation inside the GEMM), the
-    nonlinearities in x's dtype as in the eager formulation, and the score product sums in float32
+    nonlinearities in x's dtype as in the eager formulation, and the score product in float32
     (float64 for float64 input), which is also the dtype of the returned scores.
     """
     acc = torch.promote_types(x.dtype, torch.float32)
@@ -50,10 +50,7 @@ def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_we
                               zeros if gate_bias is None else gate_bias])  # [2L]
         pq = F.linear(x, weight, bias)  # [..., 2L]
         hidden = torch.tanh(pq[..., :L]) * torch.sigmoid(pq[..., L:])  # [..., L]
-    if hidden.dtype == acc:
-        return F.linear(hidden, score_weight)  # [..., K]
-    # 16-bit input: products in x's dtype, their sum over L in float32
-    return (hidden.unsqueeze(-2) * score_weight).sum(-1, dtype=acc)  # [..., K]
+    return F.linear(hidden.to(acc), score_weight.to(acc))  # [..., K]
 
 
 def _pool_padded(x, s, mask):
