@@ -3,12 +3,12 @@
 Runs on any device and any floating dtype (float64 included), is differentiable by autograd and
 traces under ``torch.compile(fullgraph=True)``. It is the fallback wherever the fused Triton kernel
 does not run. Compared with the eager formulation it does one GEMM for V and U together, keeps the
-nonlinearities and softmax in float32, and handles packed bags with a segment softmax (scatter /
-index_add) instead of a Python loop over bags.
+score product and the softmax in float32, zeroes padding so that garbage there cannot leak in, and
+handles packed bags with a segment softmax (scatter / index_add) instead of a Python loop over
+bags.
 
-Inputs arrive validated and canonical (see :mod:`fastmil.functional`):
-``score_weight`` is 2-D ``[K, L]`` (the score bias, which the softmax ignores, stays with the
-caller), ``x`` is padded
+Inputs arrive validated and canonical (see :mod:`fastmil.functional`): ``score_weight`` is 2-D
+``[K, L]`` (the score bias, which the softmax ignores, stays with the caller), ``x`` is padded
 ``[B, N, D]`` (``mask`` optional) or packed ``[T, D]`` with ``offsets [B+1]``.
 """
 
