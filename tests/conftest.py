@@ -7,6 +7,7 @@ every backend listed in :data:`BACKENDS`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -20,9 +21,11 @@ if not torch.cuda.is_available():
 
 import fastmil
 
-# The backends the generic tests run on. The Triton kernel tests add "triton" (on CPU under
-# TRITON_INTERPRET=1), either by appending here or with FASTMIL_TEST_BACKENDS=torch,triton.
-BACKENDS = [b for b in os.environ.get("FASTMIL_TEST_BACKENDS", "torch").split(",") if b]
+# The backends the generic tests run on: both, wherever Triton is installed (on CPU its kernels
+# run in the interpreter; skip_unsupported skips the dtypes a backend cannot take there).
+# FASTMIL_TEST_BACKENDS=torch (or =triton) narrows the run to one.
+_DEFAULT_BACKENDS = "torch,triton" if importlib.util.find_spec("triton") else "torch"
+BACKENDS = [b for b in os.environ.get("FASTMIL_TEST_BACKENDS", _DEFAULT_BACKENDS).split(",") if b]
 
 # Layouts of attention_pool's x: padded [B, N, D] without / with mask, packed [T, D] + offsets,
 # and a single bag [N, D].
