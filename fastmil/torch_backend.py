@@ -50,7 +50,11 @@ def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_we
                               zeros if gate_bias is None else gate_bias])  # [2L]
         pq = F.linear(x, weight, bias)  # [..., 2L]
         hidden = torch.tanh(pq[..., :L]) * torch.sigmoid(pq[..., L:])  # [..., L]
-    return F.linear(hidden.to(acc), score_weight.to(acc))  # [..., K]
+    if hidden.dtype == acc or score_weight.shape[0] > 1:
+        return F.linear(hidden.to(acc), score_weight.to(acc))  # [..., K]
+    # one branch of 16-bit input: products in x's dtype, summed in float32 (about twice as fast
+    # on CPU as upcasting hidden to float32 first)
+    return (hidden * score_weight[0]).sum(-1, keepdim=True, dtype=acc)  # [..., 1]
 
 
 def _pool_padded(x, s, mask):
