@@ -203,7 +203,8 @@ def attention_pool(x, attn_weight, gate_weight, score_weight, *, attn_bias=None,
     xb = x[None] if single_bag else x  # a single bag is a padded batch of one, without mask
 
     impl = ops.attention_pool_triton if backend == "triton" else attention_pool_torch
-    z, attn = impl(xb, attn_weight, attn_bias, gate_weight, gate_bias, w, mask, offsets)
+    z, attn = impl(xb, attn_weight, attn_bias, gate_weight, gate_bias, w, mask, offsets,
+                   need_attention=return_attention)
     # z [B, K, D]; attn [B, N, K] padded or [T, K] packed
     if score_bias is not None and score_bias.requires_grad:
         # The score bias shifts every score of a branch alike, which the softmax ignores, so the
@@ -211,7 +212,11 @@ def attention_pool(x, attn_weight, gate_weight, score_weight, *, attn_bias=None,
         # that Adam would turn into steps), so that it still gets a .grad, as DDP expects.
         z = z + (score_bias.sum() * 0).to(z.dtype)
     if single_bag:
-        z, attn = z[0], attn[0]
+        z = z[0]
     if single_branch:
-        z, attn = z.squeeze(-2), attn.squeeze(-1)
-    return (z, attn) if return_attention else z
+        z = z.squeeze(-2)
+    if not return_attention:
+        return z
+    if single_bag:
+        attn = attn[0]
+    return z, (attn.squeeze(-1) if single_branch else attn)

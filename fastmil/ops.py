@@ -124,10 +124,11 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 
 def attention_pool_triton(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight,
-                          mask=None, offsets=None):
+                          mask=None, offsets=None, need_attention=True):
     """Same contract as :func:`fastmil.torch_backend.attention_pool_torch`: padded ``x [B, N, D]``
     (optional ``mask``) or packed ``x [T, D]`` with ``offsets``; returns ``z [B, K, D]`` in x's
-    dtype and the attention (``[B, N, K]`` or ``[T, K]``) in float32."""
+    dtype and the attention (``[B, N, K]`` or ``[T, K]``) in float32, or None when
+    ``need_attention`` is False (the kernels never form it; it is derived from the saved scores)."""
     D = x.shape[-1]
     K = score_weight.shape[0]
     contig = lambda t: None if t is None else t.contiguous()  # noqa: E731
@@ -152,6 +153,8 @@ def attention_pool_triton(x, attn_weight, attn_bias, gate_weight, gate_bias, sco
         rows = rows.contiguous()
     z32, s, lse = _fwd_op(rows, starts, lengths, row_mask, contig(attn_weight), contig(attn_bias),
                           contig(gate_weight), contig(gate_bias), contig(score_weight))
+    if not need_attention:
+        return z32.to(x.dtype), None
     # attention from the saved scores: a = exp(s - lse of the row's bag)
     if offsets is None:
         s = s.view(B, N, K)

@@ -92,10 +92,11 @@ def _pool_packed(x, s, offsets):
 
 
 def attention_pool_torch(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight,
-                         mask=None, offsets=None):
+                         mask=None, offsets=None, need_attention=True):
     """Pool padded ``x [B, N, D]`` (optional ``mask [B, N]``) or packed ``x [T, D]`` with
     ``offsets [B+1]``. Returns ``z [B, K, D]`` in x's dtype and the attention weights
-    (``[B, N, K]`` or ``[T, K]``) in the accumulation dtype."""
+    (``[B, N, K]`` or ``[T, K]``) in the accumulation dtype; this backend forms them on the way
+    to z, so ``need_attention`` changes nothing here."""
     # The inputs arrive already cast to the autocast dtype (fastmil.functional); disable autocast
     # here so that it does not also downcast the float32 score product, softmax and pooling.
     device_type = x.device.type
