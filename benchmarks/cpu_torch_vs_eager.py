@@ -11,12 +11,12 @@ is quick; this script answers "is the torch backend slower than eager on a CPU?"
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 import fastmil
 from fastmil.reference import eager_attention_pool
+
+from .timing import cpu_median
 
 CASES = [  # (bag lengths, D, L, dtype)
     ([20_000], 1024, 256, torch.float32),
@@ -27,14 +27,8 @@ CASES = [  # (bag lengths, D, L, dtype)
 
 
 def median_ms(fn, reps=9):
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[reps // 2] * 1e3
+    fn()  # one warm-up on top of cpu_median's own
+    return cpu_median(fn, rounds=reps) * 1e3
 
 
 def run_case(lengths, D, L, dtype):

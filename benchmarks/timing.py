@@ -73,7 +73,8 @@ def cuda_bench(setup: Callable[[], tuple], step: Callable, *, rep_ms: float = 20
     return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
 
 
-def _cpu_bench(fn: Callable, rounds: int = 5) -> float:
+def cpu_median(fn: Callable, rounds: int = 5) -> float:
+    """Median wall time in seconds of ``rounds`` calls of fn, after one warm-up call."""
     fn()
     times = []
     for _ in range(rounds):
@@ -98,7 +99,7 @@ def measure_peaks(device: torch.device) -> dict:
         n, copy_bytes = 2048, 256 << 20
 
         def timed(fn):
-            return _cpu_bench(fn)
+            return cpu_median(fn)
 
     out = {}
     for key, dtype, precision in (("bf16", torch.bfloat16, "highest"),

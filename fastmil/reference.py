@@ -26,8 +26,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _bag_scores(h, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, score_bias):
-    """Scores of one bag. h: [n, D] -> [n, K] (score_weight made 2-D by the caller)."""
+def _scores(h, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, score_bias):
+    """The textbook scores: h [..., D] -> [..., K] (score_weight made 2-D by the caller)."""
     hidden = torch.tanh(F.linear(h, attn_weight, attn_bias))
     if gate_weight is not None:
         hidden = hidden * torch.sigmoid(F.linear(h, gate_weight, gate_bias))
@@ -82,7 +82,7 @@ def attention_pool_reference(
             zs.append(torch.zeros(K, D, dtype=acc, device=x.device))
             attns.append(torch.zeros(0, K, dtype=acc, device=x.device))
             continue
-        s = _bag_scores(h, V, U, w, bV, bU, bw)  # [n, K]
+        s = _scores(h, V, U, w, bV, bU, bw)  # [n, K]
         a = torch.softmax(s, dim=0)  # [n, K]
         zs.append(a.t() @ h)  # [K, D]
         attns.append(a)
@@ -124,10 +124,7 @@ def eager_attention_pool(
     single_branch = score_weight.dim() == 1
     w = score_weight[None, :] if single_branch else score_weight
     bw = None if score_bias is None else score_bias.reshape(w.shape[0])
-    hidden = torch.tanh(F.linear(x, attn_weight, attn_bias))  # [B, N, L]
-    if gate_weight is not None:
-        hidden = hidden * torch.sigmoid(F.linear(x, gate_weight, gate_bias))  # [B, N, L]
-    s = F.linear(hidden, w, bw)  # [B, N, K]
+    s = _scores(x, attn_weight, gate_weight, w, attn_bias, gate_bias, bw)  # [B, N, K]
     if mask is not None:
         s = s.masked_fill(~mask[..., None], torch.finfo(s.dtype).min)
     a = torch.softmax(s, dim=1)  # [B, N, K]
