@@ -15,6 +15,7 @@ import torch
 
 from . import ops
 from .bags import check_offsets_values
+from .reference import ACTIVATIONS
 from .torch_backend import attention_pool_torch
 
 __all__ = ["attention_pool", "BACKENDS"]
@@ -45,13 +46,24 @@ def _check_dim(name, t, axis, size, what):
                          f"{axis} must equal {what} = {size}")
 
 
-def _validate(x, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, score_bias,
-              mask, offsets, return_attention, backend):
-    """Raise a TypeError / ValueError naming the argument for every malformed input."""
+def _check_options(activation, dropout_p, return_attention, return_scores, recompute, backend):
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not isinstance(return_attention, bool):
-        raise TypeError(f"return_attention must be a bool, got {type(return_attention).__name__}")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) \
+            or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    for name, flag in (("return_attention", return_attention), ("return_scores", return_scores)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if recompute is not None and not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be None, True or False, got {recompute!r}")
+
+
+def _validate(x, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, score_bias,
+              mask, offsets):
+    """Raise a TypeError / ValueError naming the argument for every malformed input."""
     _check_tensor("x", x, (2, 3))
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
@@ -104,8 +116,11 @@ def _validate(x, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, s
                              f"{_shape(x)}; for packed bags pass offsets instead")
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True = real instance), got {mask.dtype}")
+        if mask.is_floating_point() or mask.is_complex():
+            raise TypeError(f"mask must be bool or an integer dtype (True / nonzero = real "
+                            f"instance), got {mask.dtype}: a floating mask is ambiguous (an "
+                            "additive mask of 0 / -inf means the opposite of a keep mask); "
+                            "convert it, e.g. mask.bool() or mask == 0, as you mean it")
         if tuple(mask.shape) != tuple(x.shape[:2]):
             raise ValueError(f"mask has shape {_shape(mask)} but must be [B, N] = "
                              f"{tuple(x.shape[:2])} to match x of shape {_shape(x)}")
@@ -122,11 +137,14 @@ def _validate(x, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, s
             raise ValueError(f"offsets must be 1-D [B+1], got shape {_shape(offsets)}")
         if offsets.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"offsets must be int32 or int64, got {offsets.dtype}")
-        if offsets.device != x.device:
-            raise ValueError(f"offsets is on {offsets.device} but x is on {x.device}")
-        # Value checks read the data, which would break a torch.compile graph: they run in
-        # eager mode only. Inside a compiled function, offsets are trusted as given.
-        if not torch.compiler.is_compiling():
+        if offsets.device != x.device and offsets.device.type != "cpu":
+            raise ValueError(f"offsets is on {offsets.device} but x is on {x.device}: pass "
+                             "them on x's device or on the CPU")
+        # Value checks read the data. On the CPU that is free; on a GPU it would stall the
+        # host until the device catches up, so offsets on the GPU are trusted as given (the
+        # kernels never read outside x, whatever the offsets hold). Inside a compiled function
+        # nothing is read, so as not to break the graph.
+        if offsets.device.type == "cpu" and not torch.compiler.is_compiling():
             check_offsets_values(offsets, x.shape[0])
 
 
@@ -152,13 +170,14 @@ def _resolve_backend(backend, x):
 
 
 def attention_pool(x, attn_weight, gate_weight, score_weight, *, attn_bias=None, gate_bias=None,
-                   score_bias=None, mask=None, offsets=None, return_attention=False,
+                   score_bias=None, mask=None, offsets=None, activation="tanh", dropout_p=0.0,
+                   return_attention=False, return_scores=False, recompute=None,
                    backend="auto"):
     """Gated (or plain) attention-MIL pooling of bags of instances (Ilse et al. 2018).
 
     Per bag ``h_1..h_N``, with ``V = attn_weight``, ``U = gate_weight``, ``w = score_weight``::
 
-        s_k = w · (tanh(V h_k + attn_bias) ⊙ sigmoid(U h_k + gate_bias)) + score_bias
+        s_k = w · (act(V h_k + attn_bias) ⊙ sigmoid(U h_k + gate_bias)) + score_bias
         a   = softmax(s) over the bag's real instances,   z = Σ_k a_k h_k
 
     Args:
@@ -166,36 +185,69 @@ def attention_pool(x, attn_weight, gate_weight, score_weight, *, attn_bias=None,
             padded ``[B, N, D]`` (with optional ``mask [B, N]``), packed ``[T, D]`` (with
             ``offsets [B+1]``), or one bag ``[N, D]`` (neither mask nor offsets).
         attn_weight: ``V``, ``[L, D]`` (``nn.Linear`` layout).
-        gate_weight: ``U``, ``[L, D]``, or None for plain attention ``w · tanh(V h + b)``.
+        gate_weight: ``U``, ``[L, D]``, or None for plain attention ``w · act(V h + b)``.
         score_weight: ``w``, ``[L]`` for one attention branch or ``[K, L]`` for K branches, each
             with its own softmax.
         attn_bias, gate_bias: ``[L]`` or None. score_bias: ``[K]`` (``[1]`` or ``[]`` for 1-D
             score_weight) or None; it shifts all scores of a branch equally, so it changes
-            neither z nor the attention, and its gradient is exactly zero.
-        mask: ``[B, N]`` bool, True marks real instances (padded layout only; default all True).
-        offsets: ``[B+1]`` int32/int64, bag b is ``x[offsets[b]:offsets[b+1]]`` (packed only).
-            Checked (starts at 0, non-decreasing, ends at T) in eager mode; inside
-            ``torch.compile`` these value checks are skipped so as not to break the graph.
+            neither z nor the attention (its gradient through them is exactly zero), only the
+            raw scores.
+        mask: ``[B, N]``, bool or any integer dtype, True / nonzero marks real instances (padded
+            layout only; default all real).
+        offsets: ``[B+1]`` int32/int64, bag b is ``x[offsets[b]:offsets[b+1]]`` (packed only),
+            on x's device or on the CPU (``fastmil.collate`` makes CPU offsets). CPU offsets are
+            checked (start at 0, non-decreasing, end at T) at no cost to the GPU; offsets on a
+            GPU are trusted as given, since reading them would stall the host (check them
+            yourself once with ``fastmil.bags.check_offsets_values``). Inside
+            ``torch.compile`` the value checks are skipped.
+        activation: the attention branch's activation: ``"tanh"`` (the paper's), ``"relu"`` or
+            ``"gelu"`` (exact erf form, as ``nn.GELU()``).
+        dropout_p: attention dropout probability: independent dropout masks on the activation's
+            and the sigmoid's outputs (plain attention: the activation's only), each scaled by
+            1/(1-p), as CLAM's ``Attn_Net_Gated(dropout=True)``. Applied whenever > 0 (like
+            ``F.scaled_dot_product_attention``; ``AttentionPool`` passes it in training mode
+            only). Random numbers come from PyTorch's generator: ``torch.manual_seed`` makes a
+            run reproducible; the backward reuses the forward's masks.
         return_attention: also return the softmax weights.
+        return_scores: also return the raw (pre-softmax) scores ``s``, score bias included,
+            aligned like the attention, ``-inf`` at masked slots; differentiable.
+        recompute: what the backward keeps. ``True``: memory-lean, keep only the scores (4·K
+            bytes per instance) and recompute the projections in backward (one more ``4·L·D``
+            flop per instance). ``False``: save the projections (triton: ``p, q`` in x's dtype,
+            ``2·L`` values per instance; torch: autograd's usual intermediates) and skip that
+            GEMM. ``None`` (default): triton recomputes, torch saves. Only the backward's cost
+            changes, never the numbers.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
         ``z``: ``[B, D]`` (``[B, K, D]`` for 2-D score_weight; ``[D]`` / ``[K, D]`` for a single
-        bag) in x's dtype. With ``return_attention=True``, ``(z, attention)`` where attention is
-        aligned with x's instance axis: ``[B, N]`` / ``[B, N, K]`` padded (exactly 0 at masked
-        slots), ``[T]`` / ``[T, K]`` packed, ``[N]`` / ``[N, K]`` single, in float32 (float64
-        for float64 x). An empty bag pools to zeros with zero gradients.
+        bag) in x's dtype, alone when neither flag is set; otherwise a tuple ``(z, attention,
+        scores)`` holding the ones asked for, in that order. Attention and scores are aligned
+        with x's instance axis: ``[B, N]`` / ``[B, N, K]`` padded (attention exactly 0 and
+        scores ``-inf`` at masked slots), ``[T]`` / ``[T, K]`` packed, ``[N]`` / ``[N, K]``
+        single, in float32 (float64 for float64 x). An empty bag pools to zeros with zero
+        gradients.
 
     All tensors must share one dtype (float16, bfloat16, float32 or float64) and one device;
-    inside ``torch.autocast`` they are cast to the autocast dtype. Accumulation is float32.
+    inside ``torch.autocast`` they are cast to the autocast dtype. Accumulation is float32
+    (float64 for float64 input).
     """
+    _check_options(activation, dropout_p, return_attention, return_scores, recompute, backend)
     device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
     x, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, score_bias = _autocast(
         [x, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, score_bias],
         device_type)
     _validate(x, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, score_bias,
-              mask, offsets, return_attention, backend)
+              mask, offsets)
     backend = _resolve_backend(backend, x)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask != 0
+    if offsets is not None and backend == "torch" and offsets.device != x.device:
+        offsets = offsets.to(x.device, non_blocking=True)
+        if x.is_cuda and not torch.compiler.is_compiling():
+            # the torch backend would crash a CUDA kernel on bad offsets: check them (one sync;
+            # the triton backend, the default on CUDA, needs none)
+            check_offsets_values(offsets, x.shape[0])
 
     single_branch = score_weight.dim() == 1
     w = score_weight[None, :] if single_branch else score_weight  # [K, L]
@@ -203,20 +255,21 @@ def attention_pool(x, attn_weight, gate_weight, score_weight, *, attn_bias=None,
     xb = x[None] if single_bag else x  # a single bag is a padded batch of one, without mask
 
     impl = ops.attention_pool_triton if backend == "triton" else attention_pool_torch
-    z, attn = impl(xb, attn_weight, attn_bias, gate_weight, gate_bias, w, mask, offsets,
-                   need_attention=return_attention)
-    # z [B, K, D]; attn [B, N, K] padded or [T, K] packed
+    z, attn, scores = impl(xb, attn_weight, attn_bias, gate_weight, gate_bias, w, mask, offsets,
+                           activation=activation, dropout_p=float(dropout_p),
+                           recompute=recompute, need_attention=return_attention,
+                           need_scores=return_scores)
+    # z [B, K, D]; attn, scores [B, N, K] padded or [T, K] packed
     if score_bias is not None and score_bias.requires_grad:
         # The score bias shifts every score of a branch alike, which the softmax ignores, so the
         # backends leave it out. Link it to z with an exact zero gradient (not rounding noise
         # that Adam would turn into steps), so that it still gets a .grad, as DDP expects.
         z = z + (score_bias.sum() * 0).to(z.dtype)
+    if return_scores and score_bias is not None:
+        scores = scores + score_bias.reshape(-1).to(scores.dtype)
+    outs = [z] + [t for t, flag in ((attn, return_attention), (scores, return_scores)) if flag]
     if single_bag:
-        z = z[0]
+        outs = [t[0] for t in outs]
     if single_branch:
-        z = z.squeeze(-2)
-    if not return_attention:
-        return z
-    if single_bag:
-        attn = attn[0]
-    return z, (attn.squeeze(-1) if single_branch else attn)
+        outs = [outs[0].squeeze(-2)] + [t.squeeze(-1) for t in outs[1:]]
+    return outs[0] if len(outs) == 1 else tuple(outs)

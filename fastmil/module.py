@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .functional import BACKENDS, attention_pool
+from .reference import ACTIVATIONS
 
 __all__ = ["AttentionPool"]
 
@@ -23,15 +24,24 @@ class AttentionPool(nn.Module):
             own softmax (``z [B, K, D]``, as CLAM's multi-branch model).
         gated: tanh ⊙ sigmoid gating (True) or plain tanh attention (False).
         bias: whether the three Linear layers carry biases.
+        activation: the attention branch's activation, ``"tanh"``, ``"relu"`` or ``"gelu"``.
+        dropout: attention dropout probability, applied in training mode only (CLAM's
+            ``dropout=True`` is 0.25): independent masks on the activation's and the sigmoid's
+            outputs.
+        recompute: what the backward keeps (see :func:`attention_pool`): None picks per
+            backend, True is memory-lean (for bags of millions of instances), False saves the
+            projections.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``, passed to :func:`attention_pool`.
 
-    ``forward(x, mask=None, offsets=None, return_attention=False)`` takes the layouts of
-    :func:`fastmil.attention_pool`: padded ``[B, N, D]`` + mask, packed ``[T, D]`` + offsets, or
-    one bag ``[N, D]``.
+    ``forward(x, mask=None, offsets=None, return_attention=False, return_scores=False)`` takes
+    the layouts of :func:`fastmil.attention_pool`: padded ``[B, N, D]`` + mask, packed
+    ``[T, D]`` + offsets, or one bag ``[N, D]``, and returns ``z``, or a tuple of ``z``, the
+    attention and the raw scores (those asked for, in that order).
     """
 
     def __init__(self, in_dim: int, attn_dim: int = 128, *, branches: int | None = None,
-                 gated: bool = True, bias: bool = True, backend: str = "auto"):
+                 gated: bool = True, bias: bool = True, activation: str = "tanh",
+                 dropout: float = 0.0, recompute: bool | None = None, backend: str = "auto"):
         super().__init__()
         def positive_int(value):
             return isinstance(value, int) and not isinstance(value, bool) and value >= 1
@@ -46,7 +56,15 @@ class AttentionPool(nn.Module):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+                or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        if recompute is not None and not isinstance(recompute, bool):
+            raise TypeError(f"recompute must be None, True or False, got {recompute!r}")
         self.in_dim, self.attn_dim, self.branches = in_dim, attn_dim, branches
+        self.activation, self.dropout, self.recompute = activation, float(dropout), recompute
         self.backend = backend
         self.attn = nn.Linear(in_dim, attn_dim, bias=bias)
         self.gate = nn.Linear(in_dim, attn_dim, bias=bias) if gated else None
@@ -56,17 +74,19 @@ class AttentionPool(nn.Module):
     def gated(self) -> bool:
         return self.gate is not None
 
-    def forward(self, x, mask=None, offsets=None, return_attention=False):
+    def forward(self, x, mask=None, offsets=None, return_attention=False, return_scores=False):
         score_weight = self.score.weight if self.branches is not None else self.score.weight[0]
         return attention_pool(
             x, self.attn.weight, None if self.gate is None else self.gate.weight, score_weight,
             attn_bias=self.attn.bias, gate_bias=None if self.gate is None else self.gate.bias,
-            score_bias=self.score.bias, mask=mask, offsets=offsets,
-            return_attention=return_attention, backend=self.backend)
+            score_bias=self.score.bias, mask=mask, offsets=offsets, activation=self.activation,
+            dropout_p=self.dropout if self.training else 0.0, return_attention=return_attention,
+            return_scores=return_scores, recompute=self.recompute, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_dim={self.in_dim}, attn_dim={self.attn_dim}, branches={self.branches}, "
-                f"gated={self.gated}, backend={self.backend!r}")
+                f"gated={self.gated}, activation={self.activation!r}, dropout={self.dropout}, "
+                f"backend={self.backend!r}")
 
     @classmethod
     def _from_linears(cls, attn, gate, score, branches, **kwargs):
@@ -92,30 +112,39 @@ class AttentionPool(nn.Module):
         """Copy the weights of CLAM's ``Attn_Net_Gated`` (``attention_a``/``attention_b``/
         ``attention_c``) or ``Attn_Net`` (``module = Sequential(Linear, Tanh, [Dropout], Linear)``).
 
-        ``n_classes == 1`` gives one branch (``z [B, D]``), more gives that many branches. The
-        result matches CLAM in eval mode (fastmil applies no dropout).
+        ``n_classes == 1`` gives one branch (``z [B, D]``), more gives that many branches. CLAM's
+        attention dropout (``dropout=True``: p = 0.25 after the tanh and after the sigmoid) is
+        carried over, so the result matches CLAM in training mode too (in distribution: the
+        masks are drawn differently) and exactly in eval mode.
         """
         if hasattr(module, "attention_a") and hasattr(module, "attention_c"):
             attn, gate = module.attention_a[0], module.attention_b[0]
             score = module.attention_c
+            branch = module.attention_a
         elif hasattr(module, "module") and isinstance(module.module, nn.Sequential):
             layers = [m for m in module.module if isinstance(m, nn.Linear)]
             if len(layers) != 2 or not any(isinstance(m, nn.Tanh) for m in module.module):
                 raise ValueError("from_clam expects Attn_Net's Sequential(Linear, Tanh, "
                                  f"[Dropout], Linear), got {module.module}")
             (attn, score), gate = layers, None
+            branch = module.module
         else:
             raise TypeError("from_clam expects CLAM's Attn_Net_Gated or Attn_Net, got "
                             f"{type(module).__name__}")
+        drops = [m.p for m in branch if isinstance(m, nn.Dropout)]
+        kwargs.setdefault("dropout", drops[0] if drops else 0.0)
         K = score.out_features
         return cls._from_linears(attn, gate, score, None if K == 1 else K, **kwargs)
 
     @classmethod
     def from_torchmil(cls, module: nn.Module, **kwargs) -> AttentionPool:
-        """Copy the weights of torchmil's ``torchmil.nn.attention.AttentionPool`` (act='tanh')."""
-        if getattr(module, "act", None) != "tanh":
-            raise ValueError("from_torchmil supports torchmil AttentionPool with act='tanh', got "
-                             f"act={getattr(module, 'act', None)!r}")
+        """Copy the weights of torchmil's ``torchmil.nn.attention.AttentionPool`` (its
+        activation ``act`` included)."""
+        act = getattr(module, "act", None)
+        if act not in ACTIVATIONS:
+            raise ValueError(f"from_torchmil supports torchmil AttentionPool with act in "
+                             f"{tuple(ACTIVATIONS)}, got act={act!r}")
+        kwargs.setdefault("activation", act)
 
         def linear(m):  # torchmil wraps nn.Linear in its own LazyLinear(module=...)
             m = getattr(m, "module", m)

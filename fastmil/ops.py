@@ -124,11 +124,14 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 
 def attention_pool_triton(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight,
-                          mask=None, offsets=None, need_attention=True):
+                          mask=None, offsets=None, *, activation="tanh", dropout_p=0.0,
+                          recompute=None, need_attention=True, need_scores=False):
     """Same contract as :func:`fastmil.torch_backend.attention_pool_torch`: padded ``x [B, N, D]``
     (optional ``mask``) or packed ``x [T, D]`` with ``offsets``; returns ``z [B, K, D]`` in x's
     dtype and the attention (``[B, N, K]`` or ``[T, K]``) in float32, or None when
     ``need_attention`` is False (the kernels never form it; it is derived from the saved scores)."""
+    if activation != "tanh" or dropout_p > 0 or recompute is False:
+        raise NotImplementedError("WIP")
     D = x.shape[-1]
     K = score_weight.shape[0]
     contig = lambda t: None if t is None else t.contiguous()  # noqa: E731
@@ -153,8 +156,8 @@ def attention_pool_triton(x, attn_weight, attn_bias, gate_weight, gate_bias, sco
         rows = rows.contiguous()
     z32, s, lse = _fwd_op(rows, starts, lengths, row_mask, contig(attn_weight), contig(attn_bias),
                           contig(gate_weight), contig(gate_bias), contig(score_weight))
-    if not need_attention:
-        return z32.to(x.dtype), None
+    if not (need_attention or need_scores):
+        return z32.to(x.dtype), None, None
     # attention from the saved scores: a = exp(s - lse of the row's bag)
     if offsets is None:
         s = s.view(B, N, K)
@@ -163,4 +166,4 @@ def attention_pool_triton(x, attn_weight, attn_bias, gate_weight, gate_bias, sco
         attn = torch.exp(s - lse[:, None, :])
     else:
         attn = torch.exp(s - lse[segment_ids(offsets, x.shape[0])])
-    return z32.to(x.dtype), attn
+    return z32.to(x.dtype), attn if need_attention else None, s if need_scores else None

@@ -19,16 +19,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention_pool_reference", "eager_attention_pool"]
+__all__ = ["ACTIVATIONS", "attention_pool_reference", "eager_attention_pool"]
+
+# The attention branch's activation, by name (torchmil's ``act``): GELU is the exact erf form,
+# as ``nn.GELU()``.
+ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _scores(h, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, score_bias):
+def _scores(h, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, score_bias,
+            activation="tanh"):
     """The textbook scores: h [..., D] -> [..., K] (score_weight made 2-D by the caller)."""
-    hidden = torch.tanh(F.linear(h, attn_weight, attn_bias))
+    hidden = ACTIVATIONS[activation](F.linear(h, attn_weight, attn_bias))
     if gate_weight is not None:
         hidden = hidden * torch.sigmoid(F.linear(h, gate_weight, gate_bias))
     return F.linear(hidden, score_weight, score_bias)
@@ -45,13 +50,18 @@ def attention_pool_reference(
     score_bias=None,
     mask=None,
     offsets=None,
+    activation="tanh",
     return_attention=False,
+    return_scores=False,
 ):
     """Ground-truth attention pooling, one bag at a time. Same contract as
-    :func:`fastmil.attention_pool` (layouts, shapes, empty bags), without input validation.
+    :func:`fastmil.attention_pool` (layouts, shapes, empty bags, outputs ``z``, then the
+    attention if ``return_attention``, then the raw scores if ``return_scores``), without input
+    validation and without dropout. ``mask`` may be bool or integer (nonzero = real instance).
 
     Computes in float32 (float64 for float64 input) and returns ``z`` in x's dtype; the
-    attention weights come back in the accumulation dtype.
+    attention weights and the scores (score bias included, ``-inf`` at padded slots) come back
+    in the accumulation dtype.
     """
     acc = _acc_dtype(x.dtype)
     out_dtype = x.dtype
@@ -67,7 +77,7 @@ def attention_pool_reference(
     # Cut the input into a list of bags [n_b, D] and remember where each instance came from.
     if x.dim() == 3:  # padded
         B, N = x.shape[:2]
-        keep = torch.ones(B, N, dtype=torch.bool, device=x.device) if mask is None else mask
+        keep = torch.ones(B, N, dtype=torch.bool, device=x.device) if mask is None else mask != 0
         rows = [torch.nonzero(keep[b]).flatten() for b in range(B)]
         bags = [x[b, r].to(acc) for b, r in enumerate(rows)]
     elif offsets is not None:  # packed
@@ -76,30 +86,34 @@ def attention_pool_reference(
     else:  # single bag
         bags = [x.to(acc)]
 
-    zs, attns = [], []
+    zs, attns, scores = [], [], []
     for h in bags:
-        if h.shape[0] == 0:
-            zs.append(torch.zeros(K, D, dtype=acc, device=x.device))
-            attns.append(torch.zeros(0, K, dtype=acc, device=x.device))
-            continue
-        s = _scores(h, V, U, w, bV, bU, bw)  # [n, K]
+        s = _scores(h, V, U, w, bV, bU, bw, activation)  # [n, K]
         a = torch.softmax(s, dim=0)  # [n, K]
-        zs.append(a.t() @ h)  # [K, D]
+        zs.append(a.t() @ h)  # [K, D]; zeros for an empty bag
         attns.append(a)
+        scores.append(s)
     z = torch.stack(zs) if zs else torch.zeros(0, K, D, dtype=acc, device=x.device)
 
-    if x.dim() == 3:
-        attn = torch.zeros(x.shape[0], x.shape[1], K, dtype=acc, device=x.device)
-        for b, (r, a) in enumerate(zip(rows, attns, strict=True)):
-            attn[b, r] = a
-    else:
-        attn = torch.cat(attns) if attns else torch.zeros(0, K, dtype=acc, device=x.device)
-        if offsets is None:
-            z = z[0]
+    def align(per_bag, fill):  # per-bag [n_b, K] values -> aligned with x's instance axis
+        if x.dim() == 3:
+            out = torch.full((x.shape[0], x.shape[1], K), fill, dtype=acc, device=x.device)
+            for b, (r, v) in enumerate(zip(rows, per_bag, strict=True)):
+                out[b, r] = v
+            return out
+        return torch.cat(per_bag) if per_bag else torch.zeros(0, K, dtype=acc, device=x.device)
+
+    outs = [z]
+    if return_attention:
+        outs.append(align(attns, 0.0))
+    if return_scores:
+        outs.append(align(scores, float("-inf")))
+    if x.dim() == 2 and offsets is None:  # single bag
+        outs[0] = z[0]
     if single_branch:
-        z, attn = z.squeeze(-2), attn.squeeze(-1)
-    z = z.to(out_dtype)
-    return (z, attn) if return_attention else z
+        outs = [outs[0].squeeze(-2)] + [t.squeeze(-1) for t in outs[1:]]
+    outs[0] = outs[0].to(out_dtype)
+    return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 def eager_attention_pool(
@@ -112,6 +126,7 @@ def eager_attention_pool(
     gate_bias=None,
     score_bias=None,
     mask=None,
+    activation="tanh",
     return_attention=False,
 ):
     """The padded formulation most MIL code uses (ABMIL, CLAM, torchmil, MIL-Lab).
@@ -124,7 +139,7 @@ def eager_attention_pool(
     single_branch = score_weight.dim() == 1
     w = score_weight[None, :] if single_branch else score_weight
     bw = None if score_bias is None else score_bias.reshape(w.shape[0])
-    s = _scores(x, attn_weight, gate_weight, w, attn_bias, gate_bias, bw)  # [B, N, K]
+    s = _scores(x, attn_weight, gate_weight, w, attn_bias, gate_bias, bw, activation)  # [B, N, K]
     if mask is not None:
         s = s.masked_fill(~mask[..., None], torch.finfo(s.dtype).min)
     a = torch.softmax(s, dim=1)  # [B, N, K]

@@ -7,9 +7,14 @@ score product and the softmax in float32, zeroes padding so that garbage there c
 handles packed bags with a segment softmax (scatter / index_add) instead of a Python loop over
 bags.
 
+Precision: every softmax normalises along the last dimension (``[B, K, N]``), and the packed
+path sums its normaliser in float64 and its weighted sum in slices of ``POOL_ROWS`` rows, so a
+float32 bag of 10⁶ instances stays as close to float64 as a GEMM-based formulation. Memory: the
+packed weighted sum forms its ``a·x`` products one slice at a time, never a ``[T, D]`` temporary.
+
 Inputs arrive validated and canonical (see :mod:`fastmil.functional`): ``score_weight`` is 2-D
 ``[K, L]`` (the score bias, which the softmax ignores, stays with the caller), ``x`` is padded
-``[B, N, D]`` (``mask`` optional) or packed ``[T, D]`` with ``offsets [B+1]``.
+``[B, N, D]`` (``mask`` optional, bool) or packed ``[T, D]`` with ``offsets [B+1]``.
 """
 
 from __future__ import annotations
@@ -18,8 +23,15 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["attention_pool_torch", "attention_scores", "segment_ids"]
+from .reference import ACTIVATIONS
+
+__all__ = ["attention_pool_torch", "attention_scores", "segment_ids", "POOL_ROWS"]
+
+# Rows per slice of the packed weighted sum: bounds its temporary memory to
+# POOL_ROWS·K·D values and its sequential (index_add) summation to POOL_ROWS terms per slice.
+POOL_ROWS = 4096
 
 
 def segment_ids(offsets: torch.Tensor, total: int) -> torch.Tensor:
@@ -29,17 +41,25 @@ def segment_ids(offsets: torch.Tensor, total: int) -> torch.Tensor:
     return torch.repeat_interleave(bags, lengths, output_size=total)
 
 
-def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight):
-    """Scores ``s = w·(tanh(V h + b_V) ⊙ sigmoid(U h + b_U))``: x [..., D] -> [..., K].
+def _dropout(t, p):
+    return t if p == 0 else F.dropout(t, p)
 
-    The projections run as one GEMM in x's dtype (float32 accumulation inside the GEMM), the
-    nonlinearities in x's dtype as in the eager formulation, and the score product in float32
-    (float64 for float64 input), which is also the dtype of the returned scores.
+
+def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight,
+                     activation="tanh", dropout_p=0.0):
+    """Scores ``s = w·(act(V h + b_V) ⊙ sigmoid(U h + b_U))``: x [..., D] -> [..., K].
+
+    With ``dropout_p > 0`` the activation's and the sigmoid's outputs each get their own
+    dropout mask (scaled by 1/(1-p)), as in CLAM's ``Attn_Net_Gated``. The projections run as
+    one GEMM in x's dtype (float32 accumulation inside the GEMM), the nonlinearities in x's dtype
+    as in the eager formulation, and the score product in float32 (float64 for float64 input),
+    which is also the dtype of the returned scores.
     """
     acc = torch.promote_types(x.dtype, torch.float32)
     L = attn_weight.shape[0]
+    act = ACTIVATIONS[activation]
     if gate_weight is None:
-        hidden = torch.tanh(F.linear(x, attn_weight, attn_bias))  # [..., L]
+        hidden = _dropout(act(F.linear(x, attn_weight, attn_bias)), dropout_p)  # [..., L]
     else:
         weight = torch.cat([attn_weight, gate_weight])  # [2L, D]
         if attn_bias is None and gate_bias is None:
@@ -49,7 +69,8 @@ def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_we
             bias = torch.cat([zeros if attn_bias is None else attn_bias,
                               zeros if gate_bias is None else gate_bias])  # [2L]
         pq = F.linear(x, weight, bias)  # [..., 2L]
-        hidden = torch.tanh(pq[..., :L]) * torch.sigmoid(pq[..., L:])  # [..., L]
+        hidden = (_dropout(act(pq[..., :L]), dropout_p)
+                  * _dropout(torch.sigmoid(pq[..., L:]), dropout_p))  # [..., L]
     if hidden.dtype == acc or score_weight.shape[0] > 1:
         return F.linear(hidden.to(acc), score_weight.to(acc))  # [..., K]
     # one branch of 16-bit input: products in x's dtype, summed in float32 (about twice as fast
@@ -59,11 +80,12 @@ def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_we
 
 def _pool_padded(x, s, mask):
     """x [B, N, D], s [B, N, K] -> z [B, K, D], a [B, N, K]."""
+    st = s.transpose(1, 2)  # [B, K, N]: the softmax runs along the last dim, where it is exact
     if mask is None:
-        a = torch.softmax(s, dim=1)
+        a = torch.softmax(st, dim=-1)
     else:
-        keep = mask[..., None]  # [B, N, 1]
-        a = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=1)
+        keep = mask[:, None, :]  # [B, 1, N]
+        a = torch.softmax(st.masked_fill(~keep, float("-inf")), dim=-1)
         # An all-masked bag gives NaN rows in softmax; zero them. The gradient reaching s there
         # is zeroed by the masked_fill above, so no NaN leaks backward either.
         a = a.masked_fill(~keep, 0.0)
@@ -71,32 +93,51 @@ def _pool_padded(x, s, mask):
     # for large h. bfloat16 has float32's range and stays in bfloat16 (float32 accumulation
     # inside the GEMM), which halves the time of this step on CPU.
     dtype = x.dtype if x.dtype == torch.bfloat16 else a.dtype
-    z = torch.bmm(a.transpose(1, 2).to(dtype), x.to(dtype))  # [B, K, D]
-    return z, a
+    z = torch.bmm(a.to(dtype), x.to(dtype))  # [B, K, D]
+    return z, a.transpose(1, 2)
 
 
 def _pool_packed(x, s, offsets):
     """x [T, D], s [T, K], offsets [B+1] -> z [B, K, D], a [T, K]."""
     T, K = s.shape
-    B = offsets.shape[0] - 1
+    B, D = offsets.shape[0] - 1, x.shape[1]
     seg = segment_ids(offsets, T)  # [T]
-    idx = seg[:, None].expand(T, K)
-    m = s.new_full((B, K), float("-inf")).scatter_reduce(0, idx, s.detach(), "amax")  # [B, K]
+    m = s.new_full((B, K), float("-inf")).scatter_reduce(
+        0, seg[:, None].expand(T, K), s.detach(), "amax")  # [B, K]
     e = torch.exp(s - m[seg])  # [T, K]; every row belongs to a non-empty bag, so m is finite
-    l = s.new_zeros(B, K).index_add(0, seg, e)  # [B, K]
-    a = e / l[seg]  # [T, K]
-    xa = x.to(a.dtype)
-    z = torch.stack([a.new_zeros(B, x.shape[1]).index_add(0, seg, a[:, k, None] * xa)
-                     for k in range(K)], dim=1)  # [B, K, D]
+    # the normaliser summed in float64: exact to float32 rounding for bags of any length
+    l = torch.zeros(B, K, dtype=torch.float64, device=s.device).index_add(0, seg, e.double())
+    a = (e / l[seg]).to(s.dtype)  # [T, K]
+    # z = Σ a_n h_n per bag, one slice of rows at a time: each slice's products [S, K, D] are
+    # summed per bag into a partial (bags in a slice are consecutive: local ids from 0), and the
+    # partials into z, so no bag sums more than POOL_ROWS terms in a row.
+    z = a.new_zeros(B, K, D)
+    for x_c, a_c, seg_c in zip(x.split(POOL_ROWS), a.split(POOL_ROWS), seg.split(POOL_ROWS),
+                               strict=True):
+        prod = a_c[:, :, None] * x_c.to(a.dtype)[:, None, :]  # [S, K, D]
+        if T <= POOL_ROWS:
+            z = z.index_add(0, seg_c, prod)
+            break
+        nb = min(POOL_ROWS, B)
+        local = seg_c - seg_c[0]  # [S], in [0, nb)
+        part = a.new_zeros(nb, K, D).index_add_(0, local, prod)  # [nb, K, D]
+        rows = (seg_c[0] + torch.arange(nb, device=x.device)).clamp_(max=B - 1)  # tail rows: +0
+        z.index_add_(0, rows, part)
     return z, a
 
 
 def attention_pool_torch(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight,
-                         mask=None, offsets=None, need_attention=True):
-    """Pool padded ``x [B, N, D]`` (optional ``mask [B, N]``) or packed ``x [T, D]`` with
-    ``offsets [B+1]``. Returns ``z [B, K, D]`` in x's dtype and the attention weights
-    (``[B, N, K]`` or ``[T, K]``) in the accumulation dtype; this backend forms them on the way
-    to z, so ``need_attention`` changes nothing here."""
+                         mask=None, offsets=None, *, activation="tanh", dropout_p=0.0,
+                         recompute=None, need_attention=True, need_scores=False):
+    """Pool padded ``x [B, N, D]`` (optional bool ``mask [B, N]``) or packed ``x [T, D]`` with
+    ``offsets [B+1]``.
+
+    Returns ``(z, attention, scores)``: ``z [B, K, D]`` in x's dtype, the attention weights and
+    the raw scores (``-inf`` at masked slots, no score bias), each ``[B, N, K]`` or ``[T, K]``
+    in the accumulation dtype, or None when not needed. ``recompute=True`` keeps only the inputs
+    for backward and recomputes the scores there (activation checkpointing, same dropout
+    masks); None or False lets autograd save the intermediate ``[.., L]`` tensors.
+    """
     # The inputs arrive already cast to the autocast dtype (fastmil.functional); disable autocast
     # here so that it does not also downcast the float32 score product, softmax and pooling.
     device_type = x.device.type
@@ -105,9 +146,16 @@ def attention_pool_torch(x, attn_weight, attn_bias, gate_weight, gate_bias, scor
     with no_autocast:
         if mask is not None:  # padding may hold anything (NaN, inf): keep it out of the math
             x = x.masked_fill(~mask[..., None], 0)
-        s = attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight)
+        args = (x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight, activation,
+                dropout_p)
+        if recompute and torch.is_grad_enabled():
+            s = checkpoint(attention_scores, *args, use_reentrant=False)
+        else:
+            s = attention_scores(*args)
         if offsets is None:
             z, a = _pool_padded(x, s, mask)
         else:
             z, a = _pool_packed(x, s, offsets)
-    return z.to(x.dtype), a
+        if need_scores and mask is not None:
+            s = s.masked_fill(~mask[..., None], float("-inf"))
+    return (z.to(x.dtype), a if need_attention else None, s if need_scores else None)

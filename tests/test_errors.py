@@ -142,8 +142,9 @@ def test_mask_with_2d_x():
     (torch.ones(2, 4, dtype=torch.bool), ValueError, r"mask has shape \(2, 4\) but must be"),
     (torch.ones(2, 5, 1, dtype=torch.bool), ValueError, r"mask has shape \(2, 5, 1\)"),
     (torch.ones(10, dtype=torch.bool), ValueError, r"mask has shape \(10,\)"),
-    (torch.ones(2, 5), TypeError, "mask must be a bool tensor.*torch.float32"),
-    (torch.ones(2, 5, dtype=torch.uint8), TypeError, "mask must be a bool tensor.*torch.uint8"),
+    (torch.ones(2, 5), TypeError, "mask must be bool or an integer dtype.*got torch.float32: a "
+     "floating mask is ambiguous"),
+    (torch.ones(2, 5, dtype=torch.float16), TypeError, "mask must be bool.*torch.float16"),
     ([[True] * 5] * 2, TypeError, "mask must be a torch.Tensor, got list"),
     (torch.ones(2, 5, dtype=torch.bool, device="meta"), ValueError, "mask is on meta"),
 ])
@@ -193,9 +194,29 @@ def test_unknown_backend(backend):
 
 
 @pytest.mark.parametrize("value", [1, 0, "yes", None, torch.tensor(True)])
-def test_return_attention_not_bool(value):
+@pytest.mark.parametrize("name", ["return_attention", "return_scores"])
+def test_return_flags_not_bool(name, value):
     x, w, kw = _inputs()
-    _raises(TypeError, "return_attention must be a bool", x, w, return_attention=value, **kw)
+    _raises(TypeError, f"{name} must be a bool", x, w, **{name: value}, **kw)
+
+
+@pytest.mark.parametrize("value", ["sigmoid", "Tanh", None, 1])
+def test_unknown_activation(value):
+    x, w, kw = _inputs()
+    _raises(ValueError, r"activation must be one of \('tanh', 'relu', 'gelu'\)", x, w,
+            activation=value, **kw)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, True, "0.25", None, float("nan")])
+def test_bad_dropout_p(value):
+    x, w, kw = _inputs()
+    _raises(ValueError, r"dropout_p must be a number in \[0, 1\)", x, w, dropout_p=value, **kw)
+
+
+@pytest.mark.parametrize("value", [1, "yes", torch.tensor(True)])
+def test_bad_recompute(value):
+    x, w, kw = _inputs()
+    _raises(TypeError, "recompute must be None, True or False", x, w, recompute=value, **kw)
 
 
 def test_x_not_a_tensor_under_autocast():
@@ -218,6 +239,10 @@ def test_x_not_a_tensor_under_autocast():
     (dict(in_dim=8, branches=2.0), "branches must be None or a positive int, got 2.0"),
     (dict(in_dim=True, attn_dim=4), "in_dim must be a positive int, got True"),
     (dict(in_dim=8, backend="cuda"), r"backend must be one of \('auto', 'torch', 'triton'\)"),
+    (dict(in_dim=8, activation="sigmoid"), r"activation must be one of \('tanh', 'relu', "
+     r"'gelu'\), got 'sigmoid'"),
+    (dict(in_dim=8, dropout=1.0), r"dropout must be a number in \[0, 1\), got 1.0"),
+    (dict(in_dim=8, dropout=-0.5), r"dropout must be a number in \[0, 1\), got -0.5"),
 ])
 def test_attention_pool_module_bad_args(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -239,11 +264,9 @@ def test_module_forward_validates():
         pool(torch.randn(3, 8, dtype=torch.float64))
 
 
-def test_from_torchmil_rejects_relu():
-    tm = pytest.importorskip("torchmil.nn.attention",
-                             reason="torchmil (pip install torchmil) is needed for this test")
-    with pytest.raises(ValueError, match="act='tanh'.*got act='relu'"):
-        AttentionPool.from_torchmil(tm.AttentionPool(in_dim=8, att_dim=4, act="relu"))
+def test_module_recompute_must_be_bool_or_none():
+    with pytest.raises(TypeError, match="recompute must be None, True or False, got 'yes'"):
+        AttentionPool(8, recompute="yes")
 
 
 def test_from_torchmil_rejects_lazy_module():

@@ -104,7 +104,8 @@ def clam_pool(net, h):
 def test_clam(backend, net_cls, n_classes):
     feat, hidden = 32, 16
     net = net_cls(L=feat, D=hidden, dropout=True, n_classes=n_classes).eval()
-    pool = AttentionPool.from_clam(net, backend=backend)
+    pool = AttentionPool.from_clam(net, backend=backend).eval()
+    assert pool.dropout == 0.25  # CLAM's dropout=True, applied in training mode only
     assert pool.gated is (net_cls is Attn_Net_Gated)
     assert pool.branches == (None if n_classes == 1 else n_classes)
 
