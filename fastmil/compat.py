@@ -1,0 +1,342 @@
+"""Drop-in use of fastmil in the MIL code people already run: torchmil and CLAM.
+
+torchmil
+    :func:`patch_torchmil` replaces the ``forward`` of ``torchmil.nn.attention.AttentionPool``
+    (the pooling of torchmil's ABMIL, CLAM, DTFDMIL, PatchGCN, TransformerABMIL, VAEABMIL …)
+    by one that runs :func:`fastmil.attention_pool` on the module's own parameters, with
+    torchmil's signature ``forward(X, mask=None, return_att=False)`` and return values
+    (``return_att=True`` gives the raw scores ``f`` too). Nothing else changes: parameter names,
+    ``state_dict`` and checkpoints are torchmil's. Calls that fastmil cannot fuse run torchmil's
+    own code (:func:`torchmil_fallback_reason` says why). :func:`unpatch_torchmil` undoes it.
+
+CLAM
+    :func:`clam_to_fastmil_state_dict` and :func:`fastmil_to_clam_state_dict` rename the keys of
+    CLAM's attention net (``attention_net.3.attention_a.0.weight`` …) to those of a
+    :class:`fastmil.AttentionPool` (``attention_pool.attn.weight`` …) and back, so that CLAM
+    checkpoints load into a CLAM model whose pooling runs through fastmil (the README shows the
+    edit) and its checkpoints load back into CLAM.
+
+torchmil is imported only when :func:`patch_torchmil` runs, so ``import fastmil`` never imports
+it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from .functional import BACKENDS, attention_pool
+from .ops import triton_unavailable_reason
+
+__all__ = [
+    "clam_to_fastmil_state_dict",
+    "fastmil_to_clam_state_dict",
+    "patch_torchmil",
+    "torchmil_fallback_reason",
+    "unpatch_torchmil",
+]
+
+# ------------------------------------------------------------------------------------ torchmil
+
+# torchmil's own AttentionPool.forward while the patch is applied (None when it is not), and the
+# backend the patched forward passes to fastmil.attention_pool.
+_patch = {"forward": None, "backend": "auto"}
+
+# the attention branch's activation layer (torchmil's ``act``) -> fastmil's activation
+_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.GELU: "gelu"}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _torchmil_attention_pool_class():
+    from torchmil.nn.attention.attention_pool import AttentionPool
+
+    return AttentionPool
+
+
+def _inner_linear(layer, name):
+    """The nn.Linear that computes ``layer`` (torchmil's LazyLinear wraps one as ``.module``),
+    or a str saying why it cannot be read off."""
+    from torchmil.nn.utils import LazyLinear
+
+    linear = layer.module if type(layer) is LazyLinear else layer
+    if isinstance(linear, nn.modules.lazy.LazyModuleMixin):
+        return (f"{name} is still lazy (in_dim=None): torchmil's first call sets its size, "
+                "later calls are fused")
+    if type(linear) is not nn.Linear:
+        return (f"{name} is a {type(layer).__name__}, not torchmil's LazyLinear or an "
+                "nn.Linear")
+    return linear
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as nn_module
+
+    names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+             "_global_backward_pre_hooks")
+    return any(getattr(nn_module, n, None) for n in names)
+
+
+def _parts(pool):
+    """(fc1 Linear, fc_gated Linear or None, activation name) of a torchmil AttentionPool, or a
+    str saying why its structure is not the one fastmil fuses."""
+    fc1 = _inner_linear(pool.fc1, "fc1")
+    if isinstance(fc1, str):
+        return fc1
+    gate = None
+    if pool.gated:
+        gate = _inner_linear(pool.fc_gated, "fc_gated")
+        if isinstance(gate, str):
+            return gate
+        if type(pool.act_gated) is not nn.Sigmoid:
+            return f"act_gated is {type(pool.act_gated).__name__}, not nn.Sigmoid"
+        if gate.weight.shape != fc1.weight.shape:
+            return (f"fc_gated's weight has shape {tuple(gate.weight.shape)}, fc1's "
+                    f"{tuple(fc1.weight.shape)}: they must match")
+    act = _ACTIVATIONS.get(type(pool.act_layer))
+    if act is None or (act == "gelu" and pool.act_layer.approximate != "none"):
+        return (f"act_layer is {pool.act_layer!r}; fastmil fuses nn.Tanh, nn.ReLU and the exact "
+                "nn.GELU")
+    fc2 = pool.fc2
+    if type(fc2) is not nn.Linear or fc2.out_features != 1 \
+            or fc2.in_features != fc1.out_features:
+        return (f"fc2 is {fc2!r}; fastmil fuses an nn.Linear({fc1.out_features}, 1) score "
+                "layer")
+    modules = [pool.fc1, fc1, pool.act_layer, fc2]
+    if gate is not None:
+        modules += [pool.fc_gated, gate, pool.act_gated]
+    if _global_hooks() or any(getattr(m, d, None) for m in modules for d in _HOOK_DICTS):
+        return "hooks are registered on its layers (or globally), which fastmil would bypass"
+    return fc1, gate, act
+
+
+def _fusable(pool, X, mask, backend):
+    """The parts of :func:`_parts` when fastmil can fuse this call, else a str saying why not."""
+    if not isinstance(X, torch.Tensor) or X.dim() != 3 or X.dtype not in _FLOAT_DTYPES:
+        what = (f"a {X.dim()}-D {X.dtype} tensor" if isinstance(X, torch.Tensor)
+                else type(X).__name__)
+        return f"X must be a 3-D floating tensor [B, N, D], got {what}"
+    parts = _parts(pool)
+    if isinstance(parts, str):
+        return parts
+    fc1, gate, _ = parts
+    if X.shape[-1] != fc1.in_features:
+        return f"X has {X.shape[-1]} features but fc1 takes {fc1.in_features}"
+    tensors = [t for m in (fc1, gate, pool.fc2) if m is not None
+               for t in (m.weight, m.bias) if t is not None]
+    if any(t.device != X.device for t in tensors):
+        return "X and the module's parameters are on different devices"
+    if torch.is_autocast_enabled(X.device.type):
+        if torch.float64 in {X.dtype, *(t.dtype for t in tensors)}:
+            return "float64 tensors inside torch.autocast (which leaves float64 alone)"
+    elif any(t.dtype != X.dtype for t in tensors):
+        return f"X is {X.dtype} but the module's parameters are not"
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(X.shape[:2]):
+            what = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            return f"mask must be a tensor of shape [B, N] = {tuple(X.shape[:2])}, got {what}"
+        if mask.is_complex() or mask.device != X.device:
+            return f"mask must be a real tensor on X's device, got {mask.dtype} on {mask.device}"
+    if backend == "triton":
+        reason = triton_unavailable_reason(X)
+        if reason is not None:
+            return f"backend='triton' cannot run here: {reason}"
+    return parts
+
+
+def torchmil_fallback_reason(pool, X, mask=None, backend: str = "auto") -> str | None:
+    """Why the patched torchmil ``AttentionPool`` runs torchmil's own code for this call, or None
+    when fastmil fuses it.
+
+    Args:
+        pool: a ``torchmil.nn.attention.AttentionPool``.
+        X: the call's bag features, padded ``[B, N, D]``.
+        mask: the call's mask, ``[B, N]`` or None (bool, integer or floating; torchmil treats 0
+            as padding).
+        backend: the backend the fused call would use (see :func:`patch_torchmil`).
+    """
+    parts = _fusable(pool, X, mask, backend)
+    return parts if isinstance(parts, str) else None
+
+
+def _torchmil_scores(pool, rows):
+    """torchmil's raw scores ``f`` of some instances ``rows [M, D]`` -> ``[M]``, computed with the
+    module's own layers exactly as its forward does."""
+    H = pool.act_layer(pool.fc1(rows))
+    if pool.gated:
+        H = H * pool.act_gated(pool.fc_gated(rows))
+    return pool.fc2(H).squeeze(-1)
+
+
+def _forward(self, X, mask=None, return_att=False):
+    """torchmil's ``AttentionPool.forward(X, mask=None, return_att=False)``, fused by fastmil.
+
+    X ``[B, N, D]``, mask ``[B, N]`` (0 = padding) -> ``z [B, D]``, and with ``return_att`` the raw
+    scores ``f [B, N]``. Installed by :func:`fastmil.patch_torchmil`.
+    """
+    original = _patch["forward"]
+    if original is None:  # unpatched since this forward was looked up: torchmil's own
+        return _torchmil_attention_pool_class().forward(self, X, mask, return_att)
+    parts = _fusable(self, X, mask, _patch["backend"])
+    if isinstance(parts, str):
+        return original(self, X, mask, return_att)
+    fc1, gate, act = parts
+    keep = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0)
+    out = attention_pool(
+        X, fc1.weight, None if gate is None else gate.weight, self.fc2.weight[0],
+        attn_bias=fc1.bias, gate_bias=None if gate is None else gate.bias,
+        score_bias=self.fc2.bias, mask=keep, activation=act, return_scores=bool(return_att),
+        backend=_patch["backend"])
+    if not return_att:
+        return out
+    z, f = out
+    f = f.to(z.dtype)  # torchmil's f has the dtype of its layers' output, as z does
+    if keep is not None:
+        # torchmil returns the scores it computed at padded slots too, and its models use them
+        # (its CLAM picks instances by top-k over f, mask ignored): fill them in from the padded
+        # rows alone, with torchmil's own layers, so that f and its gradient are torchmil's.
+        pad = (~keep).nonzero(as_tuple=True)
+        f = f.index_put(pad, _torchmil_scores(self, X[pad]).to(f.dtype))
+    return z, f
+
+
+def patch_torchmil(backend: str = "auto") -> None:
+    """Run every ``torchmil.nn.attention.AttentionPool`` through fastmil (Liger-style).
+
+    Patches the class's ``forward``, so it applies to modules built before and after the call and
+    to every torchmil model that pools with it (ABMIL, CLAM, DTFDMIL, PatchGCN,
+    TransformerABMIL, VAEABMIL …). Signature, return values, parameters and ``state_dict`` stay
+    torchmil's. A call fastmil cannot fuse (a still-lazy ``in_dim``, an activation layer other
+    than tanh / relu / exact gelu, hooks on the layers, input torchmil takes but fastmil does
+    not …) runs torchmil's own code; :func:`torchmil_fallback_reason` says why. Calling it
+    again only changes the backend. One deliberate difference: a bag whose mask is all zeros
+    pools to zeros (torchmil: NaN, from a softmax over nothing).
+
+    Args:
+        backend: passed to :func:`fastmil.attention_pool` (``"auto"``: the Triton kernels for
+            CUDA tensors, PyTorch otherwise).
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    cls = _torchmil_attention_pool_class()
+    if _patch["forward"] is None:
+        _patch["forward"] = cls.forward
+        cls.forward = _forward
+    _patch["backend"] = backend
+
+
+def unpatch_torchmil() -> None:
+    """Undo :func:`patch_torchmil`: torchmil's ``AttentionPool`` runs its own forward again.
+    Does nothing when the patch is not applied."""
+    if _patch["forward"] is None:
+        return
+    _torchmil_attention_pool_class().forward = _patch["forward"]
+    _patch["forward"] = None
+    _patch["backend"] = "auto"
+
+
+# ---------------------------------------------------------------------------------------- CLAM
+
+# CLAM's attention net (models/model_clam.py) -> AttentionPool's layers
+_CLAM_GATED = {"attention_a.0": "attn", "attention_b.0": "gate", "attention_c": "score"}
+_PARAMS = ("weight", "bias")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _rename(state_dict, renames):
+    """A copy of ``state_dict`` with keys renamed by ``renames`` (old -> new), order kept;
+    tensors are shared, not copied."""
+    out = OrderedDict()
+    for key, value in state_dict.items():
+        out[renames.get(key, key)] = value
+    return out
+
+
+def clam_to_fastmil_state_dict(state_dict, *, attention_net: str = "attention_net.3",
+                               pool: str = "attention_pool"):
+    """Rename a CLAM ``state_dict``'s attention-net keys to those of a :class:`fastmil.AttentionPool`.
+
+    CLAM's ``CLAM_SB`` / ``CLAM_MB`` keep their attention net (``Attn_Net_Gated`` or
+    ``Attn_Net``) at index 3 of ``attention_net = nn.Sequential(Linear, ReLU, Dropout, net)``::
+
+        attention_net.3.attention_a.0.{weight,bias}   ->  attention_pool.attn.{weight,bias}
+        attention_net.3.attention_b.0.{weight,bias}   ->  attention_pool.gate.{weight,bias}
+        attention_net.3.attention_c.{weight,bias}     ->  attention_pool.score.{weight,bias}
+        attention_net.3.module.0.{weight,bias}        ->  attention_pool.attn.{weight,bias}    (Attn_Net)
+        attention_net.3.module.{2|3}.{weight,bias}    ->  attention_pool.score.{weight,bias}   (Attn_Net)
+
+    Every other key (``attention_net.0.*``, the classifiers …) is passed through unchanged.
+
+    Args:
+        state_dict: CLAM's ``model.state_dict()`` or a checkpoint of it.
+        attention_net: the prefix of the attention net's keys (``""`` for a bare
+            ``Attn_Net_Gated`` / ``Attn_Net`` state_dict).
+        pool: the prefix of the fastmil ``AttentionPool``'s keys (``""`` to load into a bare
+            ``AttentionPool``).
+
+    Returns:
+        A new ``OrderedDict`` sharing the tensors.
+    """
+    keys = set(state_dict)
+    if _join(attention_net, "attention_a.0.weight") in keys:
+        layers = dict(_CLAM_GATED)
+    elif _join(attention_net, "module.0.weight") in keys:
+        scores = [f"module.{i}" for i in (2, 3) if _join(attention_net, f"module.{i}.weight")
+                  in keys]
+        if len(scores) != 1:
+            raise ValueError(f"state_dict has an Attn_Net at {attention_net!r} whose score "
+                             f"layer must be module.2 (no dropout) or module.3 (dropout), got "
+                             f"{scores or 'neither'}")
+        layers = {"module.0": "attn", scores[0]: "score"}
+    else:
+        seen = sorted(k for k in keys if k.startswith(_join(attention_net, "")))[:6]
+        raise ValueError(f"state_dict has no CLAM attention net at attention_net="
+                         f"{attention_net!r}: expected the key "
+                         f"{_join(attention_net, 'attention_a.0.weight')!r} (Attn_Net_Gated) "
+                         f"or {_join(attention_net, 'module.0.weight')!r} (Attn_Net), found "
+                         f"{seen or 'no key with that prefix'}")
+    renames = {_join(attention_net, f"{theirs}.{p}"): _join(pool, f"{mine}.{p}")
+               for theirs, mine in layers.items() for p in _PARAMS}
+    return _rename(state_dict, renames)
+
+
+def fastmil_to_clam_state_dict(state_dict, *, dropout=None,
+                               attention_net: str = "attention_net.3",
+                               pool: str = "attention_pool"):
+    """The inverse of :func:`clam_to_fastmil_state_dict`: a fastmil ``AttentionPool``'s keys back
+    to CLAM's attention net, every other key unchanged.
+
+    Args:
+        state_dict: the ``state_dict`` of the CLAM model whose pooling runs through fastmil.
+        dropout: CLAM's ``dropout`` argument (truthy: its ``Attn_Net`` holds a Dropout, which
+            moves the score layer from ``module.2`` to ``module.3``). Needed only for plain
+            attention (a ``state_dict`` without ``{pool}.gate.weight``); gated attention
+            ignores it.
+        attention_net, pool: the key prefixes, as in :func:`clam_to_fastmil_state_dict`.
+
+    Returns:
+        A new ``OrderedDict`` sharing the tensors.
+    """
+    keys = set(state_dict)
+    for layer in ("attn", "score"):
+        for p in _PARAMS:
+            if _join(pool, f"{layer}.{p}") not in keys:
+                raise ValueError(f"state_dict has no key {_join(pool, f'{layer}.{p}')!r}: "
+                                 f"expected a fastmil AttentionPool with biases (CLAM's layers "
+                                 f"all carry one) under pool={pool!r}")
+    if _join(pool, "gate.weight") in keys:
+        layers = {mine: theirs for theirs, mine in _CLAM_GATED.items()}
+    elif dropout is None:
+        raise ValueError("dropout is None, but this AttentionPool is plain (no gate), i.e. "
+                         "CLAM's Attn_Net, whose score layer is module.2 without dropout and "
+                         "module.3 with it: pass dropout= as given to CLAM_SB / CLAM_MB")
+    else:
+        layers = {"attn": "module.0", "score": "module.3" if dropout else "module.2"}
+    renames = {_join(pool, f"{mine}.{p}"): _join(attention_net, f"{theirs}.{p}")
+               for mine, theirs in layers.items() for p in _PARAMS}
+    return _rename(state_dict, renames)
