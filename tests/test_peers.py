@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from clam_models import Attn_Net, Attn_Net_Gated
 from conftest import assert_close, make_bags, make_layout, make_weights
 from torch import nn
 
@@ -53,42 +54,7 @@ def test_torchmil_lazy_module_after_first_call(backend):
 
 
 # ---------------------------------------------------------------- CLAM
-# Faithful minimal copies of CLAM's attention networks: github.com/mahmoodlab/CLAM,
-# models/model_clam.py (classes Attn_Net and Attn_Net_Gated). CLAM is not pip-installable.
-# CLAM names the instance feature size L and the attention size D (fastmil: D and L).
-
-
-class Attn_Net(nn.Module):  # CLAM's name
-    def __init__(self, L=1024, D=256, dropout=False, n_classes=1):
-        super().__init__()
-        self.module = [nn.Linear(L, D), nn.Tanh()]
-        if dropout:
-            self.module.append(nn.Dropout(0.25))
-        self.module.append(nn.Linear(D, n_classes))
-        self.module = nn.Sequential(*self.module)
-
-    def forward(self, x):
-        return self.module(x), x  # N x n_classes
-
-
-class Attn_Net_Gated(nn.Module):  # CLAM's name
-    def __init__(self, L=1024, D=256, dropout=False, n_classes=1):
-        super().__init__()
-        self.attention_a = [nn.Linear(L, D), nn.Tanh()]
-        self.attention_b = [nn.Linear(L, D), nn.Sigmoid()]
-        if dropout:
-            self.attention_a.append(nn.Dropout(0.25))
-            self.attention_b.append(nn.Dropout(0.25))
-        self.attention_a = nn.Sequential(*self.attention_a)
-        self.attention_b = nn.Sequential(*self.attention_b)
-        self.attention_c = nn.Linear(D, n_classes)
-
-    def forward(self, x):
-        a = self.attention_a(x)
-        b = self.attention_b(x)
-        A = a.mul(b)
-        A = self.attention_c(A)  # N x n_classes
-        return A, x
+# CLAM's attention networks: the faithful copies in clam_models.py.
 
 
 def clam_pool(net, h):
