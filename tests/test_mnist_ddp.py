@@ -3,7 +3,7 @@ DistributedSampler) reach the same weights as one process on the same global bat
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import subprocess
 import sys
@@ -16,17 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "mnist_bags.py"
 
 
-def _load_example():
-    if "mnist_bags" in sys.modules:
-        return sys.modules["mnist_bags"]
-    spec = importlib.util.spec_from_file_location("mnist_bags", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["mnist_bags"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-mb = _load_example()
+sys.path.insert(0, str(EXAMPLE.parent))  # the examples import their shared helpers, _common.py
+mb = importlib.import_module("mnist_bags")
 
 
 def test_ranks_together_cover_the_single_process_global_batch():
