@@ -66,6 +66,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tests of many tiny ops otherwise crawl when another
+    process holds a core (threads wait on each other), and gain nothing from a second one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def assert_close(actual, expected, dtype=None, *, what=""):
     """``actual`` ≈ ``expected`` within TOL[dtype] (default: expected's dtype).
 

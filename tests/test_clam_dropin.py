@@ -15,6 +15,8 @@ from conftest import assert_close, skip_unsupported
 import fastmil
 from fastmil.compat import clam_to_fastmil_state_dict, fastmil_to_clam_state_dict
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops
+
 TWINS = {CLAM_SB: FastCLAM_SB, CLAM_MB: FastCLAM_MB}
 EMBED = 24  # instance features; the "tiny" size then gives fc 24 -> 32, attention size 16
 

@@ -19,6 +19,8 @@ from torch import nn
 import fastmil
 from fastmil import compat
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops
+
 tm_attention = pytest.importorskip("torchmil.nn.attention",
                                    reason="torchmil (pip install torchmil) is needed")
 TorchmilPool = tm_attention.AttentionPool
@@ -211,6 +213,7 @@ def test_torchmil_own_tests_pass_under_the_patch(backend, tmp_path):
     (tmp_path / "pytest.ini").write_text("[pytest]\n")  # not fastmil's settings
     here = pathlib.Path(__file__).resolve().parent
     env = dict(os.environ, FASTMIL_PATCH_BACKEND=backend, FASTMIL_PATCH_REPORT=str(report),
+               OMP_NUM_THREADS="1",  # tiny ops, as the one_thread fixture
                PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
            "-p", "torchmil_patch_plugin", "-c", str(tmp_path / "pytest.ini"),
