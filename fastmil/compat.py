@@ -128,9 +128,11 @@ def _fusable(pool, X, mask, backend):
                for t in (m.weight, m.bias) if t is not None]
     if any(t.device != X.device for t in tensors):
         return "X and the module's parameters are on different devices"
+    dtype = X.dtype  # the dtype fastmil computes in
     if torch.is_autocast_enabled(X.device.type):
         if torch.float64 in {X.dtype, *(t.dtype for t in tensors)}:
             return "float64 tensors inside torch.autocast (which leaves float64 alone)"
+        dtype = torch.get_autocast_dtype(X.device.type)
     elif any(t.dtype != X.dtype for t in tensors):
         return f"X is {X.dtype} but the module's parameters are not"
     if mask is not None:
@@ -140,7 +142,7 @@ def _fusable(pool, X, mask, backend):
         if mask.is_complex() or mask.device != X.device:
             return f"mask must be a real tensor on X's device, got {mask.dtype} on {mask.device}"
     if backend == "triton":
-        reason = triton_unavailable_reason(X)
+        reason = triton_unavailable_reason(X.new_empty(0, dtype=dtype))
         if reason is not None:
             return f"backend='triton' cannot run here: {reason}"
     return parts

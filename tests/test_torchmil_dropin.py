@@ -354,6 +354,24 @@ def test_fallback_on_input_fastmil_does_not_take(patched, fused_calls, case):
     assert not fused_calls
 
 
+def test_autocast(backend, fused_calls):
+    """Inside CPU autocast (bfloat16) the patched pool computes in bfloat16 as torchmil's layers
+    do, and returns z and f in bfloat16, close to torchmil's; where the backend cannot take
+    bfloat16 (Triton's interpreter) it runs torchmil's code."""
+    pool = TorchmilPool(16, 8, gated=True)
+    X, mask = _bags([7, 3], 16, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = TORCHMIL_FORWARD(pool, X, mask, True)
+        fastmil.patch_torchmil(backend=backend)
+        reason = compat.torchmil_fallback_reason(pool, X, mask, backend)
+        actual = pool(X, mask, True)
+    fused = fastmil.ops.triton_available(X.bfloat16()) or backend == "torch"
+    assert (reason is None) == fused and len(fused_calls) == int(fused), reason
+    for a, e, name in zip(actual, expected, "zf", strict=True):
+        assert a.dtype == e.dtype == torch.bfloat16, (name, a.dtype, e.dtype)
+        assert_close(a, e, what=f"{name} under autocast")
+
+
 def test_float_mask_is_fused_with_torchmil_meaning(patched):
     """torchmil treats mask == 0 as padding whatever the dtype: a float mask of 0 / 1 is fused as
     that (fastmil's own API rejects float masks as ambiguous)."""
