@@ -177,8 +177,8 @@ def fit(model, opt, loader, train_loss, evaluate=None, *, epochs, patience, ctx:
     "val_loss", **extra}``; without it the last weights are kept (and saved). ``state_path``
     (rank 0 writes it after every epoch) holds everything needed to go on: with ``resume`` and
     an existing ``state_path``, training continues from there exactly as if never stopped.
-    Every epoch's row in ``summary["history"]`` has ``train_seconds`` and ``bags_per_s`` (all
-    ranks together, validation not counted).
+    Every epoch's row in ``summary["history"]`` has the mean training loss, ``train_seconds`` and
+    ``bags_per_s`` (all ranks together; validation not counted).
     """
     extra = extra or {}
     net = model
@@ -209,8 +209,12 @@ def fit(model, opt, loader, train_loss, evaluate=None, *, epochs, patience, ctx:
             opt.step()
             total, count = total + loss.detach().float() * bags, count + bags
         seconds = time.perf_counter() - t0
-        row = {"epoch": epoch, "train_loss": float(total) / max(count, 1),  # float(): one sync
-               "train_seconds": seconds, "bags_per_s": count * ctx.world / seconds}
+        sums = torch.stack([total, torch.tensor(float(count), device=ctx.device)])
+        if ctx.world > 1:  # the loss and number of bags of all ranks together
+            dist.all_reduce(sums)
+        total, count = sums.tolist()  # one sync per epoch
+        row = {"epoch": epoch, "train_loss": total / max(count, 1), "train_seconds": seconds,
+               "bags_per_s": count / seconds}
         if evaluate is not None:
             m = evaluate(model)
             val_loss = torch.tensor(m["loss"], dtype=torch.float64, device=ctx.device)
@@ -260,7 +264,10 @@ def run_cli(prog: str, body, ctx: Dist):
         try:
             return body()
         except (DataError, OSError) as e:
-            raise SystemExit(f"{prog}: error: {e}") from None
+            message = str(e).strip()
+            if "Original Traceback" in message:  # raised in a DataLoader worker: its last line
+                message = message.splitlines()[-1].removeprefix(f"{DataError.__name__}: ")
+            raise SystemExit(f"{prog}: error: {message}") from None
     finally:
         if ctx.world > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -208,22 +208,22 @@ def read_features(path: Path) -> torch.Tensor:
     return t
 
 
-def read_coords(path: Path, n: int) -> tuple[np.ndarray, int | None]:
-    """``coords [N, 2]`` (x, y of each patch's top-left corner, level-0 pixels) of an .h5 file and
-    its ``patch_size`` attribute (None when absent)."""
+def read_coords(path: Path, n: int, data: bool = True) -> np.ndarray | None:
+    """``coords [N, 2]`` of an .h5 file (x, y of each patch's top-left corner in level-0
+    pixels, row-aligned with the features); ``data=False`` only checks that they are there and
+    have that shape."""
     try:
         with h5py.File(path, "r") as f:
             if "coords" not in f:
                 raise DataError(f"{path}: no 'coords' dataset (it holds "
                                 f"{', '.join(f.keys()) or 'nothing'})")
-            coords = f["coords"][()]
-            size = f["coords"].attrs.get("patch_size")
+            shape = f["coords"].shape
+            if shape != (n, 2):
+                raise DataError(f"{path}: coords have shape {shape}, expected [{n}, 2] (one x, "
+                                f"y per patch of the features)")
+            return f["coords"][()] if data else None
     except OSError as e:
         raise _h5_error(path, e) from None
-    if coords.shape != (n, 2):
-        raise DataError(f"{path}: coords have shape {coords.shape}, expected [{n}, 2] (one x, y "
-                        f"per patch of the features)")
-    return coords, None if size is None else int(size)
 
 
 @dataclass
@@ -327,6 +327,8 @@ def load_cohort(features, labels_csv, split_csv=None, *, classes=None, coords=No
         coords_path = path if path.suffix == ".h5" else None
         if coords is not None and (Path(coords) / f"{sid}.h5").is_file():
             coords_path = Path(coords) / f"{sid}.h5"
+        if coords_path is not None:
+            read_coords(coords_path, n, data=False)
         mask_path = Path(masks) / f"{sid}.npy" if masks is not None else None
         slides[name].append(Slide(sid, index[labels[sid]], path, n, coords_path,
                                   mask_path if mask_path is not None and mask_path.is_file()
@@ -515,7 +517,7 @@ def write_attention(folder: Path, s: Slide, attention: np.ndarray, classes) -> P
     cols = [np.arange(s.n)[:, None]]
     header = ["patch"]
     if s.coords_path is not None:
-        cols.append(read_coords(s.coords_path, s.n)[0])
+        cols.append(read_coords(s.coords_path, s.n))
         header += ["x", "y"]
     cols.append(a)
     header += ["attention"] if a.shape[1] == 1 else [f"attention_{c}" for c in classes]
@@ -573,7 +575,7 @@ def save_heatmaps(out: Path, slides, attention, probs, classes, n: int) -> list[
     panels = []
     for i in chosen:
         s = slides[i]
-        coords, _ = read_coords(s.coords_path, s.n)
+        coords = read_coords(s.coords_path, s.n)
         pred = int(np.argmax(probs[i]))
         a = branch_of(attention[i], pred)  # CLAM: the predicted class's branch
         mask = load_mask(s) if s.mask_path is not None else None
