@@ -255,16 +255,14 @@ def attention_pool(x, attn_weight, gate_weight, score_weight, *, attn_bias=None,
     xb = x[None] if single_bag else x  # a single bag is a padded batch of one, without mask
 
     impl = ops.attention_pool_triton if backend == "triton" else attention_pool_torch
+    # The score bias shifts every score of a branch alike, which the softmax ignores: the backends
+    # leave it out of z and the attention and give it an exact zero gradient there (not rounding
+    # noise that Adam would turn into steps), so that it still gets a .grad, as DDP expects.
     z, attn, scores = impl(xb, attn_weight, attn_bias, gate_weight, gate_bias, w, mask, offsets,
-                           activation=activation, dropout_p=float(dropout_p),
-                           recompute=recompute, need_attention=return_attention,
-                           need_scores=return_scores)
+                           score_bias=score_bias, activation=activation,
+                           dropout_p=float(dropout_p), recompute=recompute,
+                           need_attention=return_attention, need_scores=return_scores)
     # z [B, K, D]; attn, scores [B, N, K] padded or [T, K] packed
-    if score_bias is not None and score_bias.requires_grad:
-        # The score bias shifts every score of a branch alike, which the softmax ignores, so the
-        # backends leave it out. Link it to z with an exact zero gradient (not rounding noise
-        # that Adam would turn into steps), so that it still gets a .grad, as DDP expects.
-        z = z + (score_bias.sum() * 0).to(z.dtype)
     if return_scores and score_bias is not None:
         scores = scores + score_bias.reshape(-1).to(scores.dtype)
     outs = [z] + [t for t, flag in ((attn, return_attention), (scores, return_scores)) if flag]

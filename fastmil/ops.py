@@ -66,54 +66,95 @@ def require_triton(x: Tensor) -> None:
 
 @torch.library.custom_op("fastmil::attention_pool_fwd", mutates_args=())
 def _fwd_op(x: Tensor, starts: Tensor, lengths: Tensor, row_mask: Tensor | None, v: Tensor,
-            bv: Tensor | None, u: Tensor | None, bu: Tensor | None, w: Tensor
-            ) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w)
+            bv: Tensor | None, u: Tensor | None, bu: Tensor | None, w: Tensor,
+            bw: Tensor | None, seed: Tensor | None, p_drop: float, act: int, save_pq: bool
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # bw (the score bias) is not read: it is an input only to get its exact zero gradient
+    return _kernels().attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w, seed,
+                                         p_drop, act, save_pq)
 
 
 @_fwd_op.register_fake
-def _(x, starts, lengths, row_mask, v, bv, u, bu, w):
-    B, K, D, R = lengths.shape[0], w.shape[0], x.shape[1], x.shape[0]
+def _(x, starts, lengths, row_mask, v, bv, u, bu, w, bw, seed, p_drop, act, save_pq):
+    k = _kernels()
+    B, K, (R, D), L = lengths.shape[0], w.shape[0], x.shape, v.shape[0]
+    GL = 2 * L if u is not None else L
     f32 = torch.float32
+    meta = x.new_empty(k.meta_length(R, B, k.chunk_size(R, x.device)), dtype=torch.int64)
     return (x.new_empty((B, K, D), dtype=f32), x.new_empty((R, K), dtype=f32),
-            x.new_empty((B, K), dtype=f32))
+            x.new_empty((B, K), dtype=f32), x.new_empty((R, GL) if save_pq else (0,)), meta)
 
 
 @torch.library.custom_op("fastmil::attention_pool_bwd", mutates_args=())
 def _bwd_op(dz32: Tensor, glse: Tensor | None, gs: Tensor | None, x: Tensor,
-            starts: Tensor, lengths: Tensor, row_mask: Tensor | None, v: Tensor,
-            bv: Tensor | None, u: Tensor | None, bu: Tensor | None, w: Tensor,
-            z32: Tensor, s: Tensor, lse: Tensor
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _kernels().attention_pool_bwd(dz32, glse, gs, x, starts, lengths, row_mask, v, bv,
-                                         u, bu, w, z32, s, lse)
+            row_mask: Tensor | None, meta: Tensor, v: Tensor, bv: Tensor | None,
+            u: Tensor | None, bu: Tensor | None, w: Tensor, seed: Tensor | None, p_drop: float,
+            act: int, z32: Tensor, s: Tensor, lse: Tensor, pq: Tensor, need_dx: bool,
+            need_dvu: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dx [R, D], d[V; U] [GL, D] and the float32 sums [dw (K·L) | d[b_V; b_U] (GL)], each
+    an empty tensor when not asked for."""
+    dx, dweight, dbias, dw = _kernels().attention_pool_bwd(
+        dz32, glse, gs, x, row_mask, meta, v, bv, u, bu, w, seed, p_drop, act, z32, s, lse, pq,
+        need_dx, need_dvu, need_dw)
+    def none():  # a fresh empty tensor per absent output (outputs may not alias each other)
+        return x.new_empty(0)
+
+    if dw is None and dbias is None:
+        sums = dz32.new_empty(0)
+    else:  # one float32 vector, split by the autograd formula (outputs may not alias)
+        K, L = w.shape
+        sums = torch.cat([(dw.float().reshape(-1) if dw is not None else dz32.new_zeros(K * L)),
+                          (dbias.float() if dbias is not None else dz32.new_zeros(0))])
+    return (none() if dx is None else dx, none() if dweight is None else dweight, sums)
 
 
 @_bwd_op.register_fake
-def _(dz32, glse, gs, x, starts, lengths, row_mask, v, bv, u, bu, w, z32, s, lse):
-    L, D, K = v.shape[0], x.shape[1], w.shape[0]
+def _(dz32, glse, gs, x, row_mask, meta, v, bv, u, bu, w, seed, p_drop, act, z32, s, lse, pq,
+      need_dx, need_dvu, need_dw):
+    L, (K, _), (R, D) = v.shape[0], w.shape, x.shape
     GL = 2 * L if u is not None else L
-    return torch.empty_like(x), x.new_empty((GL, D)), x.new_empty(GL), x.new_empty((K, L))
+    need_db = need_dvu and (bv is not None or bu is not None)
+    n_sums = K * L + GL if need_db else (K * L if need_dw else 0)
+    return (x.new_empty((R, D) if need_dx else (0,)), x.new_empty((GL, D) if need_dvu else (0,)),
+            x.new_empty((n_sums,), dtype=torch.float32))
+
+
+_FWD_INPUTS = ("x", "starts", "lengths", "row_mask", "v", "bv", "u", "bu", "w", "bw", "seed",
+               "p_drop", "act", "save_pq")
 
 
 def _setup_context(ctx, inputs, output):
-    x, starts, lengths, row_mask, v, bv, u, bu, w = inputs
-    z32, s, lse = output
-    ctx.save_for_backward(x, starts, lengths, row_mask, v, bv, u, bu, w, z32, s, lse)
-    ctx.has = (bv is not None, u is not None, bu is not None)
+    x, starts, lengths, row_mask, v, bv, u, bu, w, bw, seed, p_drop, act, save_pq = inputs
+    z32, s, lse, pq, meta = output
+    ctx.save_for_backward(x, row_mask, meta, v, bv, u, bu, w, bw, seed, z32, s, lse, pq)
+    ctx.p_drop, ctx.act = p_drop, act
 
 
-def _backward(ctx, dz32, ds, dlse):
-    x, starts, lengths, row_mask, v, bv, u, bu, w, z32, s, lse = ctx.saved_tensors
-    if dz32 is None:
-        dz32 = torch.zeros_like(z32)
-    dx, dweight, dbias, dw = _bwd_op(dz32.float().contiguous(), dlse, ds, x, starts, lengths,
-                                     row_mask, v, bv, u, bu, w, z32, s, lse)
-    has_bv, has_u, has_bu = ctx.has
-    L = v.shape[0]
-    dv, du = dweight[:L], (dweight[L:] if has_u else None)
-    dbv, dbu = (dbias[:L] if has_bv else None), (dbias[L:] if has_bu else None)
-    return dx, None, None, None, dv, dbv, du, dbu, dw
+def _backward(ctx, dz32, gs, glse, _dpq, _dmeta):
+    x, row_mask, meta, v, bv, u, bu, w, bw, seed, z32, s, lse, pq = ctx.saved_tensors
+    needs = dict(zip(_FWD_INPUTS, ctx.needs_input_grad, strict=True))
+    need_dx, need_dw = needs["x"], needs["w"]
+    need_dvu = any(needs[n] for n in ("v", "bv", "u", "bu"))
+    grads = dict.fromkeys(_FWD_INPUTS)
+    if needs["bw"]:  # the softmax ignores a shift of all scores: exactly zero
+        grads["bw"] = torch.zeros_like(bw)
+    if need_dx or need_dvu or need_dw:
+        if dz32 is None:  # only the attention or the scores are differentiated
+            dz32 = torch.zeros_like(z32)
+        dx, dweight, sums = _bwd_op(dz32.float().contiguous(), glse, gs, x, row_mask, meta, v,
+                                    bv, u, bu, w, seed, ctx.p_drop, ctx.act, z32, s, lse, pq,
+                                    need_dx, need_dvu, need_dw)
+        L, K = v.shape[0], w.shape[0]
+        if need_dx:
+            grads["x"] = dx
+        if need_dvu:
+            grads["v"], grads["u"] = dweight[:L], (dweight[L:] if u is not None else None)
+            bias_sums = sums[K * L:]
+            grads["bv"] = bias_sums[:L].to(v.dtype) if bv is not None else None
+            grads["bu"] = bias_sums[L:].to(v.dtype) if bu is not None else None
+        if need_dw:
+            grads["w"] = sums[:K * L].view(K, L).to(w.dtype)
+    return tuple(grads[n] for n in _FWD_INPUTS)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -124,46 +165,56 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 
 def attention_pool_triton(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight,
-                          mask=None, offsets=None, *, activation="tanh", dropout_p=0.0,
-                          recompute=None, need_attention=True, need_scores=False):
+                          mask=None, offsets=None, *, score_bias=None, activation="tanh",
+                          dropout_p=0.0, recompute=None, need_attention=True,
+                          need_scores=False):
     """Same contract as :func:`fastmil.torch_backend.attention_pool_torch`: padded ``x [B, N, D]``
-    (optional ``mask``) or packed ``x [T, D]`` with ``offsets``; returns ``z [B, K, D]`` in x's
-    dtype and the attention (``[B, N, K]`` or ``[T, K]``) in float32, or None when
-    ``need_attention`` is False (the kernels never form it; it is derived from the saved scores)."""
-    if activation != "tanh" or dropout_p > 0 or recompute is False:
-        raise NotImplementedError("WIP")
+    (optional bool ``mask``) or packed ``x [T, D]`` with ``offsets`` (on x's device or the
+    CPU); returns ``(z [B, K, D]`` in x's dtype, the attention, the raw scores``)``, the last two
+    ``[B, N, K]`` or ``[T, K]`` float32 or None when not asked for (the kernels never form the
+    attention; it is derived from the saved scores)."""
     D = x.shape[-1]
     K = score_weight.shape[0]
     contig = lambda t: None if t is None else t.contiguous()  # noqa: E731
     if offsets is None:  # padded: rows of x.view(B*N, D); bag b starts at row b*N
         B, N = x.shape[:2]
         rows = x.reshape(B * N, D)
-        starts = torch.arange(B, device=x.device, dtype=torch.int64) * N
-        if mask is None:
-            lengths = torch.full((B,), N, device=x.device, dtype=torch.int64)
+        if mask is None:  # lengths known on the host: the chunk map costs the GPU one copy
+            starts = torch.arange(B, dtype=torch.int64) * N
+            lengths = torch.full((B,), N, dtype=torch.int64)
             row_mask = None
         else:
             # scan each bag only up to its last real instance: trailing padding costs nothing
-            pos = torch.arange(1, N + 1, device=x.device, dtype=torch.int64)
-            lengths = (mask * pos).amax(1) if N > 0 else torch.zeros_like(starts)
+            pos = torch.arange(1, N + 1, device=mask.device, dtype=torch.int64)
+            lengths = (mask * pos).amax(1) if N > 0 else torch.zeros(B, dtype=torch.int64,
+                                                                      device=mask.device)
+            starts = torch.arange(B, device=mask.device, dtype=torch.int64) * N
             row_mask = mask.reshape(B * N).contiguous()
     else:
         rows = x
         offsets = offsets.to(torch.int64)
-        starts, lengths = offsets[:-1].contiguous(), offsets[1:] - offsets[:-1]
+        starts, lengths = offsets[:-1], offsets[1:] - offsets[:-1]
         row_mask = None
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    z32, s, lse = _fwd_op(rows, starts, lengths, row_mask, contig(attn_weight), contig(attn_bias),
-                          contig(gate_weight), contig(gate_bias), contig(score_weight))
+    seed = None
+    if dropout_p > 0:  # from PyTorch's generator of x's device: torch.manual_seed reproduces
+        seed = torch.randint(0, 2**31 - 1, (2,), device=x.device, dtype=torch.int64)
+    save_pq = recompute is False and torch.is_grad_enabled()
+    z32, s, lse, _, meta = _fwd_op(
+        rows, starts, lengths, row_mask, contig(attn_weight), contig(attn_bias),
+        contig(gate_weight), contig(gate_bias), contig(score_weight), score_bias, seed,
+        float(dropout_p), _kernels().ACTIVATION_CODES[activation], save_pq)
+    z = z32.to(x.dtype)
     if not (need_attention or need_scores):
-        return z32.to(x.dtype), None, None
-    # attention from the saved scores: a = exp(s - lse of the row's bag)
+        return z, None, None
     if offsets is None:
         s = s.view(B, N, K)
-        if mask is not None:
+        if mask is not None:  # rows past a bag's last real instance are never written
             s = s.masked_fill(~mask[..., None], float("-inf"))
-        attn = torch.exp(s - lse[:, None, :])
-    else:
-        attn = torch.exp(s - lse[segment_ids(offsets, x.shape[0])])
-    return z32.to(x.dtype), attn if need_attention else None, s if need_scores else None
+        lse_rows = lse[:, None, :]
+    else:  # each row's bag, from the device copy of the lengths (no host sync)
+        B = lse.shape[0]
+        lse_rows = lse[segment_ids(meta[B:2 * B], x.shape[0])]
+    attn = torch.exp(s - lse_rows) if need_attention else None  # a = exp(s - lse of the bag)
+    return z, attn, s if need_scores else None

@@ -10,7 +10,8 @@ bags.
 Precision: every softmax normalises along the last dimension (``[B, K, N]``), and the packed
 path sums its normaliser in float64 and its weighted sum in slices of ``POOL_ROWS`` rows, so a
 float32 bag of 10⁶ instances stays as close to float64 as a GEMM-based formulation. Memory: the
-packed weighted sum forms its ``a·x`` products one slice at a time, never a ``[T, D]`` temporary.
+packed weighted sum forms its ``a·x`` products one slice at a time, forward and backward, never
+a ``[T, D]`` temporary beyond the gradient of x itself.
 
 Inputs arrive validated and canonical (see :mod:`fastmil.functional`): ``score_weight`` is 2-D
 ``[K, L]`` (the score bias, which the softmax ignores, stays with the caller), ``x`` is padded
@@ -34,10 +35,9 @@ __all__ = ["attention_pool_torch", "attention_scores", "segment_ids", "POOL_ROWS
 POOL_ROWS = 4096
 
 
-def segment_ids(offsets: torch.Tensor, total: int) -> torch.Tensor:
-    """Bag index of every packed row: offsets [B+1] -> [T] int64."""
-    lengths = offsets[1:] - offsets[:-1]
-    bags = torch.arange(lengths.shape[0], device=offsets.device)
+def segment_ids(lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """Bag index of every packed row: bag lengths [B] -> [T] int64 (no host sync)."""
+    bags = torch.arange(lengths.shape[0], device=lengths.device)
     return torch.repeat_interleave(bags, lengths, output_size=total)
 
 
@@ -97,38 +97,65 @@ def _pool_padded(x, s, mask):
     return z, a.transpose(1, 2)
 
 
+class _SegmentWeightedSum(torch.autograd.Function):
+    """z[b, k] = Σ_{n in bag b} a[n, k] x[n] for packed rows, one slice of POOL_ROWS rows at a
+    time: each slice's products [S, K, D] are summed per bag into a partial (bags in a slice are
+    consecutive, so their local ids start at 0), and the partials into z. No bag sums more than
+    POOL_ROWS terms in a row, and no temporary (forward or backward) or saved tensor is larger
+    than one slice: autograd keeps only a, x and the bag ids."""
+
+    @staticmethod
+    def forward(ctx, a, x, seg, B):
+        T, K = a.shape
+        z = a.new_zeros(B, K, x.shape[1])
+        for x_c, a_c, seg_c in zip(x.split(POOL_ROWS), a.split(POOL_ROWS), seg.split(POOL_ROWS),
+                                   strict=True):
+            prod = a_c[:, :, None] * x_c.to(a.dtype)[:, None, :]  # [S, K, D]
+            if T <= POOL_ROWS:
+                z.index_add_(0, seg_c, prod)
+                break
+            nb = min(POOL_ROWS, B)
+            local = seg_c - seg_c[0]  # [S], in [0, nb)
+            part = a.new_zeros(nb, K, x.shape[1]).index_add_(0, local, prod)  # [nb, K, D]
+            rows = (seg_c[0] + torch.arange(nb, device=x.device)).clamp_(max=B - 1)  # tail: +0
+            z.index_add_(0, rows, part)
+        ctx.save_for_backward(a, x, seg)
+        return z
+
+    @staticmethod
+    def backward(ctx, dz):
+        a, x, seg = ctx.saved_tensors
+        need_a, need_x = ctx.needs_input_grad[:2]
+        da, dx = [], []
+        for x_c, a_c, seg_c in zip(x.split(POOL_ROWS), a.split(POOL_ROWS), seg.split(POOL_ROWS),
+                                   strict=True):
+            dz_c = dz[seg_c]  # [S, K, D]
+            if need_a:
+                da.append((dz_c * x_c.to(dz.dtype)[:, None, :]).sum(-1))  # [S, K]
+            if need_x:
+                dx.append((a_c[:, :, None] * dz_c).sum(1).to(x.dtype))  # [S, D]
+        da = (torch.cat(da) if da else a.new_zeros(a.shape)) if need_a else None
+        dx = (torch.cat(dx) if dx else x.new_zeros(x.shape)) if need_x else None
+        return da, dx, None, None
+
+
 def _pool_packed(x, s, offsets):
     """x [T, D], s [T, K], offsets [B+1] -> z [B, K, D], a [T, K]."""
     T, K = s.shape
-    B, D = offsets.shape[0] - 1, x.shape[1]
-    seg = segment_ids(offsets, T)  # [T]
+    B = offsets.shape[0] - 1
+    seg = segment_ids(offsets[1:] - offsets[:-1], T)  # [T]
     m = s.new_full((B, K), float("-inf")).scatter_reduce(
         0, seg[:, None].expand(T, K), s.detach(), "amax")  # [B, K]
     e = torch.exp(s - m[seg])  # [T, K]; every row belongs to a non-empty bag, so m is finite
     # the normaliser summed in float64: exact to float32 rounding for bags of any length
     l = torch.zeros(B, K, dtype=torch.float64, device=s.device).index_add(0, seg, e.double())
     a = (e / l[seg]).to(s.dtype)  # [T, K]
-    # z = Σ a_n h_n per bag, one slice of rows at a time: each slice's products [S, K, D] are
-    # summed per bag into a partial (bags in a slice are consecutive: local ids from 0), and the
-    # partials into z, so no bag sums more than POOL_ROWS terms in a row.
-    z = a.new_zeros(B, K, D)
-    for x_c, a_c, seg_c in zip(x.split(POOL_ROWS), a.split(POOL_ROWS), seg.split(POOL_ROWS),
-                               strict=True):
-        prod = a_c[:, :, None] * x_c.to(a.dtype)[:, None, :]  # [S, K, D]
-        if T <= POOL_ROWS:
-            z = z.index_add(0, seg_c, prod)
-            break
-        nb = min(POOL_ROWS, B)
-        local = seg_c - seg_c[0]  # [S], in [0, nb)
-        part = a.new_zeros(nb, K, D).index_add_(0, local, prod)  # [nb, K, D]
-        rows = (seg_c[0] + torch.arange(nb, device=x.device)).clamp_(max=B - 1)  # tail rows: +0
-        z.index_add_(0, rows, part)
-    return z, a
+    return _SegmentWeightedSum.apply(a, x, seg, B), a
 
 
 def attention_pool_torch(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight,
-                         mask=None, offsets=None, *, activation="tanh", dropout_p=0.0,
-                         recompute=None, need_attention=True, need_scores=False):
+                         mask=None, offsets=None, *, score_bias=None, activation="tanh",
+                         dropout_p=0.0, recompute=None, need_attention=True, need_scores=False):
     """Pool padded ``x [B, N, D]`` (optional bool ``mask [B, N]``) or packed ``x [T, D]`` with
     ``offsets [B+1]``.
 
@@ -137,6 +164,8 @@ def attention_pool_torch(x, attn_weight, attn_bias, gate_weight, gate_bias, scor
     in the accumulation dtype, or None when not needed. ``recompute=True`` keeps only the inputs
     for backward and recomputes the scores there (activation checkpointing, same dropout
     masks); None or False lets autograd save the intermediate ``[.., L]`` tensors.
+    ``score_bias`` is left out of the math (the softmax ignores it) but linked to z with an
+    exactly zero gradient, so that it still gets a ``.grad`` (as DDP expects).
     """
     # The inputs arrive already cast to the autocast dtype (fastmil.functional); disable autocast
     # here so that it does not also downcast the float32 score product, softmax and pooling.
@@ -158,4 +187,7 @@ def attention_pool_torch(x, attn_weight, attn_bias, gate_weight, gate_bias, scor
             z, a = _pool_packed(x, s, offsets)
         if need_scores and mask is not None:
             s = s.masked_fill(~mask[..., None], float("-inf"))
-    return (z.to(x.dtype), a if need_attention else None, s if need_scores else None)
+    z = z.to(x.dtype)
+    if score_bias is not None and score_bias.requires_grad:
+        z = z + (score_bias.sum() * 0).to(z.dtype)  # exact zero, not rounding noise for Adam
+    return z, a if need_attention else None, s if need_scores else None

@@ -30,6 +30,17 @@ def _poison(monkeypatch):
     monkeypatch.setattr(kernels, "POISON", True)
 
 
+@pytest.fixture(params=["host-single", "general"])
+def chunk_mode(request, monkeypatch):
+    """The two launch paths: one program per bag without a merge (lengths on the host, every bag
+    within a chunk), and the general chunk map with merges, as built on the GPU, with chunks of
+    16 rows so that small bags span several programs."""
+    if request.param == "general":
+        monkeypatch.setattr(kernels, "SINGLE_CHUNK", False)
+        monkeypatch.setattr(kernels, "CHUNK_ALIGN", 16)
+    return request.param
+
+
 def _run(fn, x, weights, *, seed=1, **kwargs):
     """z, attention and the gradients of a random loss on both w.r.t. x and every weight."""
     x = x.detach().clone().requires_grad_(True)
@@ -76,7 +87,7 @@ CASES = [
 @pytest.mark.parametrize("K", [None, 3], ids=["K1", "K3"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_matches_reference(layout, lengths, K, gated, bias):
+def test_matches_reference(layout, lengths, K, gated, bias, chunk_mode):
     D, L = 40, 24  # neither a power of two
     x, kw = make_layout(layout, lengths, D, device=DEVICE)
     w = make_weights(D, L, K, gated, bias, device=DEVICE)
@@ -93,11 +104,47 @@ def test_dtypes(dtype, layout, lengths):
 
 def test_long_bag_is_split_across_programs():
     """One long bag is cut into several chunks whose (max, sum, acc) states get merged."""
-    lengths = [2900, 5, 1]
-    x, kw = make_layout("packed", lengths, 24, device=DEVICE)
-    chunk, chunk_bag, _, num_chunks = kernels._chunks(x, kw["offsets"].diff(), 32)
+    lengths = torch.tensor([2900, 5, 1])
+    x, kw = make_layout("packed", lengths.tolist(), 24, device=DEVICE)
+    R, B = x.shape[0], 3
+    chunk = kernels.chunk_size(R, x.device)
+    meta, single = kernels._chunk_map(kw["offsets"][:-1].cpu(), lengths, R, chunk, x.device)
+    assert not single and meta.shape[0] == kernels.meta_length(R, B, chunk)
+    num_chunks, chunk_bag = meta[3 * B:4 * B], meta[4 * B:]
     assert int(num_chunks[0]) > 1, "the long bag should span several programs"
+    assert chunk_bag.tolist() == sorted(chunk_bag.tolist()) and int(chunk_bag[-1]) == B
     _check(x, make_weights(24, 16, None, device=DEVICE), torch.float32, **kw)
+
+
+def test_small_bags_take_one_program_each_without_merge(monkeypatch):
+    lengths = torch.tensor([3, 0, 17])
+    R, B = 20, 3
+    meta, single = kernels._chunk_map(torch.tensor([0, 3, 3]), lengths, R,
+                                      kernels.chunk_size(R, torch.device(DEVICE)), DEVICE)
+    assert single and meta[4 * B:4 * B + B].tolist() == [0, 1, 2]
+    merges = []
+    real = kernels._merge_kernel
+    monkeypatch.setattr(kernels, "_merge_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: merges.append(grid) or real[grid]})())
+    x, kw = make_layout("packed", lengths.tolist(), 16, device=DEVICE)
+    _check(x, make_weights(16, 8, 2, device=DEVICE), torch.float32, **kw)
+    assert merges == []
+
+
+@pytest.mark.parametrize("kind,tiles", [(k, t) for k in ("fwd", "bwd")
+                                        for t in kernels.TILE_CANDIDATES[k]],
+                         ids=lambda v: v if isinstance(v, str) else "x".join(map(str, v)))
+def test_every_gpu_tile_candidate(kind, tiles, monkeypatch):
+    """Each tile configuration the GPU may pick, run in the interpreter on shapes that take
+    several D and L blocks (ragged ends) and several row tiles and chunks."""
+    if CUDA:
+        monkeypatch.setitem(kernels.TILE_OVERRIDE, kind, tiles)
+    else:
+        monkeypatch.setitem(kernels.INTERPRETER_TILES, kind, tiles)
+    monkeypatch.setattr(kernels, "SINGLE_CHUNK", False)
+    D, L = 2 * tiles[1] + 7, 2 * tiles[2] + 5
+    x, kw = make_layout("packed", [tiles[0] + 3, 0, 2], D, device=DEVICE)
+    _check(x, make_weights(D, L, 2, device=DEVICE), torch.float32, **kw)
 
 
 def test_wide_features_and_attention_take_several_blocks():

@@ -1,48 +1,66 @@
 r"""Fused Triton kernels for attention-MIL pooling, forward and backward.
 
 Math (per bag ``h_1..h_N``, K branches; ``V = attn_weight [L, D]``, ``U = gate_weight [L, D]``,
-``w = score_weight [K, L]``)::
+``w = score_weight [K, L]``, ``act`` = tanh, relu or gelu)::
 
-    p_n = V h_n + b_V,   q_n = U h_n + b_U,   t_n = tanh(p_n),   g_n = sigmoid(q_n)
-    s_nk = w_k · (t_n ⊙ g_n)                            (plain attention: g_n = 1)
+    p_n = V h_n + b_V,   q_n = U h_n + b_U,   t_n = act(p_n),   g_n = sigmoid(q_n)
+    e_n = t_n ⊙ m_n ⊙ g_n ⊙ m'_n                        (plain attention: g_n = m'_n = 1)
+    s_nk = w_k · e_n
     a_nk = exp(s_nk - lse_k),  lse_k = log Σ_n exp(s_nk)  over the bag's real instances
     z_k  = Σ_n a_nk h_n
 
-Backward, with ``dz_k`` the gradient of z_k, ``gs_nk`` a direct gradient on the scores and
-``glse_k`` one on lse (both non-zero only when the caller differentiates the returned attention)::
+``m_n``, ``m'_n`` are the attention-dropout masks, each element 0 or 1/(1-p) (all 1 without
+dropout), drawn by Philox from a seed pair and the element's index (row·L + column): the
+backward regenerates exactly the forward's masks, and no mask is ever stored.
 
-    Δ_k   = z_k · dz_k
-    ds_nk = a_nk (h_n · dz_k − Δ_k + glse_k) + gs_nk
-    dH_n  = Σ_k ds_nk w_k,   dp_n = dH_n ⊙ g_n ⊙ (1 − t_n²),   dq_n = dH_n ⊙ t_n ⊙ g_n (1 − g_n)
+Backward, with ``dz_k`` the gradient of z_k, ``gs_nk`` a direct gradient on the scores and
+``glse_k`` one on lse (both non-zero only when the caller differentiates the returned attention
+or scores)::
+
+    ds_nk = a_nk ((h_n − z_k) · dz_k + glse_k) + gs_nk
+    dE_n  = Σ_k ds_nk w_k
+    dp_n  = dE_n ⊙ act'(p_n) ⊙ m_n ⊙ g_n ⊙ m'_n,   dq_n = dE_n ⊙ t_n ⊙ m_n ⊙ g_n (1 − g_n) ⊙ m'_n
     dh_n  = Σ_k a_nk dz_k + Vᵀ dp_n + Uᵀ dq_n
     dV = Σ_n dp_n h_nᵀ,  dU = Σ_n dq_n h_nᵀ,  db_V = Σ_n dp_n,  db_U = Σ_n dq_n,
-    dw_k = Σ_n ds_nk (t_n ⊙ g_n)
+    dw_k = Σ_n ds_nk e_n
+
+``(h_n − z_k) · dz_k`` is the textbook ``h_n·dz_k − z_k·dz_k`` with the subtraction done first:
+where a bag's attention is one-hot (a one-instance bag, say) ``h_n = z_k`` exactly, so ds and
+every attention-weight gradient come out exactly zero, as in the eager formulation, instead of
+rounding noise that Adam would turn into full-size steps.
 
 The score bias b_w shifts every score of a branch by the same amount, which the softmax ignores:
-it changes neither a nor z, so the kernels leave it out (fastmil.functional gives it an exact
-zero gradient).
+it changes neither a nor z, so the kernels leave it out (its gradient through z is exactly 0).
 
 Layout. Every input is seen as rows ``x [R, D]`` (packed rows, or a padded ``[B, N, D]`` viewed
 as ``[B·N, D]``); bag b covers rows ``starts[b] .. starts[b] + lengths[b]``, and an optional
 ``row_mask [R]`` drops padded rows. Each bag is cut into chunks of ``CHUNK`` rows; one program
 handles one chunk (flash-decoding style), so a single bag of 10⁶ instances spreads over the whole
-GPU and a batch of tiny bags gets one program per bag. ``chunk_bag[c]`` names the bag of chunk c
-(B for unused programs), ``first_chunk[b]`` the first chunk of bag b.
+GPU and a batch of tiny bags gets one program per bag. The chunk map lives in one int64 tensor
+``meta = [starts (B) | lengths (B) | first_chunk (B) | num_chunks (B) | chunk_bag (C)]``
+(``chunk_bag[c]`` is the bag of chunk c, B for an idle program). It is built on the host when
+the bag lengths are there (CPU offsets, unmasked padding: free, one copy to the GPU) and on the
+device otherwise (no host sync). All row reads are clamped to ``[0, R)``, so offsets that do not
+describe x give wrong numbers, never an out-of-bounds access.
 
 Kernels:
 
 * ``_fwd_kernel``: per chunk, over tiles of BLOCK_N rows: projections p, q as ``tl.dot`` tiles
-  (L in BLOCK_L blocks, D in BLOCK_D blocks, fp32 accumulation), tanh ⊙ sigmoid and the scores in
-  registers, an online masked softmax (running max m, sum l), and the rescaled weighted sum
-  ``acc = Σ exp(s - m) h`` kept in an fp32 partial buffer. Writes the raw scores s [R, K] (−inf
-  at masked rows) and per-chunk (m, l, acc). No ``[R, L]`` tensor is ever written.
+  (L in BLOCK_L blocks, D in BLOCK_D blocks, fp32 accumulation), activation, dropout, gate and
+  the scores in registers, an online masked softmax (running max m, sum l), and the rescaled
+  weighted sum ``acc = Σ exp(s - m) h`` kept in an fp32 buffer. Writes the raw scores s [R, K]
+  (−inf at masked rows), optionally p and q (``SAVE_PQ``, for a backward without the projection
+  GEMM), and per-chunk (m, l, acc). With ``SINGLE`` (every bag fits one chunk, known on the host)
+  a program owns a whole bag and writes z and lse itself: no merge launch.
 * ``_merge_kernel``: per bag and D block, merges its chunks' states in chunk order
   (deterministic): ``z = Σ_c e^{m_c - M} acc_c / Σ_c e^{m_c - M} l_c``, ``lse = M + log l``.
   Empty bags give z = 0.
-* ``_bwd_kernel``: per chunk, recomputes p and q, forms ds, writes ``dh0 = Σ_k a_nk dz_k`` and
-  ``dpq = [dp, dq]`` rows, and per-chunk fp32 partials of dw. The launcher finishes with
-  two GEMMs, ``dx = dh0 + dpq @ [V; U]`` and ``d[V; U] = dpqᵀ @ x``, and ordered sums of the
-  partials: every reduction has a fixed order, so gradients are bit-identical run to run.
+* ``_bwd_kernel``: per chunk, forms ds; recomputes p and q (or reads them back), regenerates
+  the dropout masks and writes what autograd asks for: ``dh0 = Σ_k a_nk dz_k`` and
+  ``dpq = [dp, dq]`` rows (``NEED_DX`` / ``NEED_DPQ``) and per-chunk fp32 partials of dw and
+  d[b_V; b_U] (``NEED_DW`` / ``NEED_DB``). The launcher finishes with
+  ``dx = dh0 + dpq @ [V; U]``, ``d[V; U] = dpqᵀ @ x`` and one ordered sum of the partials:
+  every reduction has a fixed order, so gradients are bit-identical run to run.
 
 Triton's interpreter (``TRITON_INTERPRET=1``) runs these kernels on CPU tensors: tanh is written
 as ``2·sigmoid(2x) − 1`` because the interpreter has no libdevice.
@@ -54,31 +72,50 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention_pool_fwd", "attention_pool_bwd", "POISON"]
+__all__ = ["attention_pool_fwd", "attention_pool_bwd", "chunk_size", "meta_length",
+           "ACTIVATION_CODES", "POISON"]
 
 # Tests set this to True: every output buffer is then filled with NaN before a launch, so an
 # element a kernel forgets to write fails the comparison instead of passing by luck.
 POISON = False
 
+ACTIVATION_CODES = {"tanh": 0, "relu": 1, "gelu": 2}
+
 
 def _empty(shape, *, dtype, device):
     if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype,
+                          device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
 @triton.jit
-def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+def _activation(b_p, ACT: tl.constexpr):
+    """act(p) and act'(p), elementwise fp32: tanh (0), relu (1) or exact-erf gelu (2)."""
+    if ACT == 0:
+        b_t = 2.0 * tl.sigmoid(2.0 * b_p) - 1.0  # tanh without libdevice (interpreter)
+        b_dt = 1.0 - b_t * b_t
+    elif ACT == 1:
+        b_t = tl.maximum(b_p, 0.0)
+        b_dt = tl.where(b_p > 0.0, 1.0, 0.0)
+    else:
+        b_cdf = 0.5 + 0.5 * tl.erf(b_p * 0.7071067811865476)  # Φ(p)
+        b_t = b_p * b_cdf
+        b_dt = b_cdf + b_p * tl.exp(-0.5 * b_p * b_p) * 0.3989422804014327  # Φ(p) + p φ(p)
+    return b_t, b_dt
 
 
 @triton.jit
-def _hidden_block(x_ptr, v_ptr, u_ptr, bv_ptr, bu_ptr, o_row, m_row, l0, D, L, stride_x,
-                  GATED: tl.constexpr, HAS_BV: tl.constexpr, HAS_BU: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """t = tanh(p) and g = sigmoid(q) for rows o_row and attention columns l0 .. l0+BLOCK_L.
-    Returns (t, g), each [BLOCK_N, BLOCK_L] fp32 (g = 1 for plain attention)."""
+def _project(x_ptr, v_ptr, u_ptr, bv_ptr, bu_ptr, o_row, m_row, l0, D, L, stride_x,
+             GATED: tl.constexpr, HAS_BV: tl.constexpr, HAS_BU: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """p = V h + b_V and q = U h + b_U for rows o_row and attention columns l0 .. l0+BLOCK_L:
+    two [BLOCK_N, BLOCK_L] fp32 tiles (q = 0 for plain attention)."""
     o_l = l0 + tl.arange(0, BLOCK_L)  # [BLOCK_L]
     m_l = o_l < L
     b_p = tl.zeros([BLOCK_N, BLOCK_L], dtype=tl.float32)
@@ -97,14 +134,53 @@ def _hidden_block(x_ptr, v_ptr, u_ptr, bv_ptr, bu_ptr, o_row, m_row, l0, D, L, s
             b_q = tl.dot(b_x, b_u, b_q, input_precision=PRECISION)
     if HAS_BV:
         b_p += tl.load(bv_ptr + o_l, mask=m_l, other=0.0).to(tl.float32)[None, :]
-    b_t = _tanh(b_p)
+    if HAS_BU:
+        b_q += tl.load(bu_ptr + o_l, mask=m_l, other=0.0).to(tl.float32)[None, :]
+    return b_p, b_q
+
+
+@triton.jit
+def _keep(seed, o_row, o_l, L, p_drop):
+    """Dropout factor per element: 1/(1-p) with probability 1-p, else 0. [BLOCK_N, BLOCK_L]"""
+    b_r = tl.rand(seed, o_row[:, None] * L + o_l[None, :])  # o_row is int64: no overflow
+    return tl.where(b_r >= p_drop, 1.0 / (1.0 - p_drop), 0.0)
+
+
+@triton.jit
+def _hidden(b_p, b_q, seed_ptr, p_drop, o_row, l0, L,
+            ACT: tl.constexpr, GATED: tl.constexpr, DROPOUT: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    """e = act(p) ⊙ m ⊙ sigmoid(q) ⊙ m' and its partial derivatives de/dp, de/dq.
+    Returns three [BLOCK_N, BLOCK_L] fp32 tiles (the forward uses only e; the compiler drops
+    the rest)."""
+    b_t, b_dt = _activation(b_p, ACT)
     if GATED:
-        if HAS_BU:
-            b_q += tl.load(bu_ptr + o_l, mask=m_l, other=0.0).to(tl.float32)[None, :]
-        b_g = tl.sigmoid(b_q)
+        b_sig = tl.sigmoid(b_q)
+        b_g = b_sig
     else:
+        b_sig = tl.zeros([BLOCK_N, BLOCK_L], dtype=tl.float32)
         b_g = tl.full([BLOCK_N, BLOCK_L], 1.0, dtype=tl.float32)
-    return b_t, b_g
+    if DROPOUT:
+        o_l = l0 + tl.arange(0, BLOCK_L)
+        b_g = b_g * _keep(tl.load(seed_ptr), o_row, o_l, L, p_drop)
+        if GATED:
+            b_g = b_g * _keep(tl.load(seed_ptr + 1), o_row, o_l, L, p_drop)
+    # b_g now holds m ⊙ g ⊙ m' (the gate with both dropout factors folded in)
+    return b_t * b_g, b_dt * b_g, b_t * b_g * (1.0 - b_sig)
+
+
+@triton.jit
+def _load_pq(pq_ptr, o_row, m_row, l0, L, GATED: tl.constexpr, BLOCK_L: tl.constexpr):
+    """p and q saved by the forward (``SAVE_PQ``), as fp32 [BLOCK_N, BLOCK_L] tiles."""
+    GL = 2 * L if GATED else L
+    o_l = l0 + tl.arange(0, BLOCK_L)
+    m = m_row[:, None] & (o_l < L)[None, :]
+    p_pq = pq_ptr + o_row[:, None] * GL + o_l[None, :]
+    b_p = tl.load(p_pq, mask=m, other=0.0).to(tl.float32)
+    b_q = b_p * 0.0
+    if GATED:
+        b_q = tl.load(p_pq + L, mask=m, other=0.0).to(tl.float32)
+    return b_p, b_q
 
 
 @triton.jit
@@ -117,19 +193,20 @@ def _load_w_t(w_ptr, l0, K, L, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _chunk_rows(chunk_bag_ptr, first_chunk_ptr, starts_ptr, lengths_ptr, B, CHUNK):
-    """This program's chunk c, its bag b and its rows [row_lo, row_hi) (empty for unused
-    programs, whose chunk_bag is B)."""
+def _chunk_rows(meta_ptr, B, R, CHUNK):
+    """This program's chunk c, whether it is live (idle programs have chunk_bag = B), its bag b
+    and its rows [row_lo, row_hi), clamped to [0, R) (empty for idle programs)."""
     i_c = tl.program_id(0).to(tl.int64)
-    i_b = tl.load(chunk_bag_ptr + i_c).to(tl.int64)
-    live = i_b < B
-    i_b = tl.minimum(i_b, B - 1)
-    start = tl.load(starts_ptr + i_b).to(tl.int64)
-    length = tl.load(lengths_ptr + i_b).to(tl.int64)
-    row_lo = start + (i_c - tl.load(first_chunk_ptr + i_b).to(tl.int64)) * CHUNK
+    i_b = tl.load(meta_ptr + 4 * B + i_c)
+    live = (i_b >= 0) & (i_b < B)
+    i_b = tl.minimum(tl.maximum(i_b, 0), B - 1)
+    start = tl.load(meta_ptr + i_b)
+    length = tl.load(meta_ptr + B + i_b)
+    row_lo = start + (i_c - tl.load(meta_ptr + 2 * B + i_b)) * CHUNK
     row_hi = tl.minimum(start + length, row_lo + CHUNK)
-    row_hi = tl.where(live, row_hi, row_lo)
-    return i_c, i_b, row_lo, row_hi
+    row_lo = tl.maximum(row_lo, 0)
+    row_hi = tl.where(live, tl.minimum(row_hi, R), row_lo)
+    return i_c, live, i_b, row_lo, row_hi
 
 
 @triton.jit
@@ -144,35 +221,49 @@ def _tile_rows(row_mask_ptr, n0, row_hi, HAS_MASK: tl.constexpr, BLOCK_N: tl.con
     return o_row, m_row, m_real
 
 
-@triton.jit(do_not_specialize=["B", "CHUNK", "stride_x"])
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["B", "R", "CHUNK", "p_drop"])
 def _fwd_kernel(
-    x_ptr, row_mask_ptr, starts_ptr, lengths_ptr, chunk_bag_ptr, first_chunk_ptr,
-    v_ptr, u_ptr, bv_ptr, bu_ptr, w_ptr,
-    s_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    B, D, L, CHUNK, stride_x,
+    x_ptr, row_mask_ptr, meta_ptr, v_ptr, u_ptr, bv_ptr, bu_ptr, w_ptr, seed_ptr,
+    s_ptr, pq_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, lse_ptr,
+    B, R, D, L, CHUNK, stride_x, p_drop,
     K: tl.constexpr, HAS_MASK: tl.constexpr, GATED: tl.constexpr, HAS_BV: tl.constexpr,
-    HAS_BU: tl.constexpr,
+    HAS_BU: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, SAVE_PQ: tl.constexpr,
+    SINGLE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    i_c, i_b, row_lo, row_hi = _chunk_rows(chunk_bag_ptr, first_chunk_ptr, starts_ptr, lengths_ptr,
-                                           B, CHUNK)
+    i_c, live, i_b, row_lo, row_hi = _chunk_rows(meta_ptr, B, R, CHUNK)
+    GL = 2 * L if GATED else L  # row stride of pq
 
     o_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     m_k = o_k < K
     b_m = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)  # running max per branch
     b_l = tl.zeros([BLOCK_K], dtype=tl.float32)  # running sum of exp(s - m)
-    p_acc = part_acc_ptr + i_c * K * D
+    # SINGLE: this program owns bag i_b and accumulates straight into z (part_acc is z)
+    p_acc = part_acc_ptr + (i_b if SINGLE else i_c) * K * D
     for n0 in range(row_lo, row_hi, BLOCK_N):
         o_row, m_row, m_real = _tile_rows(row_mask_ptr, n0, row_hi, HAS_MASK, BLOCK_N)
         # scores [BLOCK_N, BLOCK_K], one attention block of BLOCK_L columns at a time
         b_s = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for l0 in range(0, L, BLOCK_L):
-            b_t, b_g = _hidden_block(x_ptr, v_ptr, u_ptr, bv_ptr, bu_ptr, o_row, m_real, l0, D, L,
-                                     stride_x, GATED, HAS_BV, HAS_BU, BLOCK_N, BLOCK_D, BLOCK_L,
-                                     PRECISION)
+            b_p, b_q = _project(x_ptr, v_ptr, u_ptr, bv_ptr, bu_ptr, o_row, m_real, l0, D, L,
+                                stride_x, GATED, HAS_BV, HAS_BU, BLOCK_N, BLOCK_D, BLOCK_L,
+                                PRECISION)
+            if SAVE_PQ:
+                o_l = l0 + tl.arange(0, BLOCK_L)
+                m_pq = m_row[:, None] & (o_l < L)[None, :]
+                p_pq = pq_ptr + o_row[:, None] * GL + o_l[None, :]
+                tl.store(p_pq, b_p.to(pq_ptr.dtype.element_ty), mask=m_pq)
+                if GATED:
+                    tl.store(p_pq + L, b_q.to(pq_ptr.dtype.element_ty), mask=m_pq)
+            b_e, _, _ = _hidden(b_p, b_q, seed_ptr, p_drop, o_row, l0, L, ACT, GATED, DROPOUT,
+                                BLOCK_N, BLOCK_L)
             b_wt = _load_w_t(w_ptr, l0, K, L, BLOCK_L, BLOCK_K)  # [BLOCK_L, BLOCK_K]
-            b_s = tl.dot(b_t * b_g, b_wt, b_s, input_precision="ieee")
+            b_s = tl.dot(b_e, b_wt, b_s, input_precision="ieee")
         b_s = tl.where(m_real[:, None], b_s, float("-inf"))
         tl.store(s_ptr + o_row[:, None] * K + o_k[None, :], b_s, mask=m_row[:, None] & m_k[None, :])
 
@@ -180,10 +271,10 @@ def _fwd_kernel(
         b_m_new = tl.maximum(b_m, tl.max(b_s, axis=0))  # [BLOCK_K]
         b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
         b_alpha = tl.exp(b_m - b_m_safe)  # [BLOCK_K]; 0 on the first tile
-        b_p = tl.exp(b_s - b_m_safe[None, :])  # [BLOCK_N, BLOCK_K]; 0 at masked rows
-        b_l = b_l * b_alpha + tl.sum(b_p, axis=0)
+        b_a = tl.exp(b_s - b_m_safe[None, :])  # [BLOCK_N, BLOCK_K]; 0 at masked rows
+        b_l = b_l * b_alpha + tl.sum(b_a, axis=0)
         b_m = b_m_new
-        b_pt = tl.trans(b_p)  # [BLOCK_K, BLOCK_N]
+        b_at = tl.trans(b_a)  # [BLOCK_K, BLOCK_N]
         first = n0 == row_lo
         for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
@@ -193,23 +284,37 @@ def _fwd_kernel(
             o_a = o_k[:, None] * D + o_d[None, :]  # [BLOCK_K, BLOCK_D]
             m_a = m_k[:, None] & m_d[None, :]
             b_acc = tl.where(first, 0.0, tl.load(p_acc + o_a, mask=m_a, other=0.0))
-            b_acc = tl.dot(b_pt.to(b_x.dtype), b_x, b_acc * b_alpha[:, None],
+            b_acc = tl.dot(b_at.to(b_x.dtype), b_x, b_acc * b_alpha[:, None],
                            input_precision=PRECISION)
             tl.store(p_acc + o_a, b_acc, mask=m_a)
-    tl.store(part_m_ptr + i_c * K + o_k, b_m, mask=m_k)
-    tl.store(part_l_ptr + i_c * K + o_k, b_l, mask=m_k)
+    if SINGLE:
+        # normalise in place: z = acc / l, lse = m + log l; an empty bag gets z = 0, lse = 0
+        b_has = b_l > 0
+        b_inv = tl.where(b_has, 1.0 / tl.where(b_has, b_l, 1.0), 0.0)  # [BLOCK_K]
+        m_kl = o_k < tl.where(live, K, 0)  # [BLOCK_K]: idle programs write nothing
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            o_a = o_k[:, None] * D + o_d[None, :]
+            m_a = m_kl[:, None] & (o_d < D)[None, :]
+            b_acc = tl.load(p_acc + o_a, mask=m_a & b_has[:, None], other=0.0)
+            tl.store(p_acc + o_a, b_acc * b_inv[:, None], mask=m_a)
+        b_lse = tl.where(b_has, b_m + tl.log(tl.where(b_has, b_l, 1.0)), 0.0)
+        tl.store(lse_ptr + i_b * K + o_k, b_lse, mask=m_kl)
+    else:
+        tl.store(part_m_ptr + i_c * K + o_k, b_m, mask=m_k)
+        tl.store(part_l_ptr + i_c * K + o_k, b_l, mask=m_k)
 
 
-@triton.jit(do_not_specialize=["B"])
+@triton.jit(do_not_specialize=["B", "C"])
 def _merge_kernel(
-    part_m_ptr, part_l_ptr, part_acc_ptr, first_chunk_ptr, num_chunks_ptr, z_ptr, lse_ptr,
-    B, D,
+    part_m_ptr, part_l_ptr, part_acc_ptr, meta_ptr, z_ptr, lse_ptr,
+    B, C, D,
     K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1)
-    c0 = tl.load(first_chunk_ptr + i_b).to(tl.int64)
-    c1 = c0 + tl.load(num_chunks_ptr + i_b).to(tl.int64)
+    c0 = tl.minimum(tl.maximum(tl.load(meta_ptr + 2 * B + i_b), 0), C)
+    c1 = tl.minimum(tl.maximum(c0 + tl.load(meta_ptr + 3 * B + i_b), c0), C)
     o_k = tl.arange(0, BLOCK_K)
     m_k = o_k < K
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -235,34 +340,43 @@ def _merge_kernel(
     tl.store(lse_ptr + i_b * K + o_k, b_lse, mask=o_k < k_lim)
 
 
-@triton.jit(do_not_specialize=["B", "CHUNK", "stride_x"])
+@triton.jit(do_not_specialize=["B", "R", "CHUNK", "p_drop"])
 def _bwd_kernel(
-    x_ptr, row_mask_ptr, starts_ptr, lengths_ptr, chunk_bag_ptr, first_chunk_ptr,
-    v_ptr, u_ptr, bv_ptr, bu_ptr, w_ptr,
-    s_ptr, lse_ptr, dz_ptr, delta_ptr, gs_ptr,
-    dh0_ptr, dpq_ptr, part_dw_ptr,
-    B, D, L, CHUNK, stride_x,
+    x_ptr, row_mask_ptr, meta_ptr, v_ptr, u_ptr, bv_ptr, bu_ptr, w_ptr, seed_ptr, pq_ptr,
+    s_ptr, lse_ptr, z_ptr, dz_ptr, glse_ptr, gs_ptr,
+    dh0_ptr, dpq_ptr, part_ptr,
+    B, R, D, L, CHUNK, stride_x, p_drop,
     K: tl.constexpr, HAS_MASK: tl.constexpr, GATED: tl.constexpr, HAS_BV: tl.constexpr,
-    HAS_BU: tl.constexpr, HAS_GS: tl.constexpr,
+    HAS_BU: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, SAVED_PQ: tl.constexpr,
+    HAS_GLSE: tl.constexpr, HAS_GS: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DPQ: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    i_c, i_b, row_lo, row_hi = _chunk_rows(chunk_bag_ptr, first_chunk_ptr, starts_ptr, lengths_ptr,
-                                           B, CHUNK)
+    i_c, live, i_b, row_lo, row_hi = _chunk_rows(meta_ptr, B, R, CHUNK)
+    GL = 2 * L if GATED else L  # row stride of dpq and pq
+    PW = K * L + GL  # partial row: [dw (K·L) | d[b_V; b_U] (GL)]
+    p_part = part_ptr + i_c * PW
+    if NEED_DW or NEED_DB:  # every program (idle ones too) starts its partial row at zero
+        for j0 in range(0, PW, BLOCK_L):
+            o_j = j0 + tl.arange(0, BLOCK_L)
+            tl.store(p_part + o_j, tl.zeros([BLOCK_L], dtype=tl.float32), mask=o_j < PW)
 
     o_k = tl.arange(0, BLOCK_K)
     m_k = o_k < K
     b_lse = tl.load(lse_ptr + i_b * K + o_k, mask=m_k, other=0.0)  # [BLOCK_K]
-    b_delta = tl.load(delta_ptr + i_b * K + o_k, mask=m_k, other=0.0)  # [BLOCK_K]
+    b_glse = tl.zeros([BLOCK_K], dtype=tl.float32)
+    if HAS_GLSE:
+        b_glse = tl.load(glse_ptr + i_b * K + o_k, mask=m_k, other=0.0)
     p_dz = dz_ptr + i_b * K * D
-    GL = 2 * L if GATED else L  # row stride of dpq
+    p_z = z_ptr + i_b * K * D
     for n0 in range(row_lo, row_hi, BLOCK_N):
         o_row, m_row, m_real = _tile_rows(row_mask_ptr, n0, row_hi, HAS_MASK, BLOCK_N)
         m_nk = m_real[:, None] & m_k[None, :]
         b_s = tl.load(s_ptr + o_row[:, None] * K + o_k[None, :], mask=m_nk, other=float("-inf"))
         b_a = tl.exp(b_s - b_lse[None, :])  # [BLOCK_N, BLOCK_K]; 0 at masked rows
 
-        # h_n · dz_k in fp32 on CUDA cores: this difference with Δ cancels, keep it exact
+        # (h_n − z_k) · dz_k in fp32 on CUDA cores, and dh0 = Σ_k a_nk dz_k
         b_hdz = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
@@ -272,38 +386,57 @@ def _bwd_kernel(
             b_dh0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             for k in tl.static_range(K):
                 b_dzk = tl.load(p_dz + k * D + o_d, mask=m_d, other=0.0)  # [BLOCK_D] fp32
-                b_col = tl.sum(b_x * b_dzk[None, :], axis=1)  # [BLOCK_N]
+                b_zk = tl.load(p_z + k * D + o_d, mask=m_d, other=0.0)  # [BLOCK_D] fp32
+                b_col = tl.sum((b_x - b_zk[None, :]) * b_dzk[None, :], axis=1)  # [BLOCK_N]
                 b_hdz += tl.where(o_k[None, :] == k, b_col[:, None], 0.0)
-                b_ak = tl.sum(tl.where(o_k[None, :] == k, b_a, 0.0), axis=1)  # [BLOCK_N]
-                b_dh0 += b_ak[:, None] * b_dzk[None, :]
-            p_dh0 = dh0_ptr + o_row[:, None] * D + o_d[None, :]
-            tl.store(p_dh0, b_dh0.to(dh0_ptr.dtype.element_ty), mask=m_row[:, None] & m_d[None, :])
-        b_ds = b_a * (b_hdz - b_delta[None, :])  # [BLOCK_N, BLOCK_K]
+                if NEED_DX:
+                    b_ak = tl.sum(tl.where(o_k[None, :] == k, b_a, 0.0), axis=1)  # [BLOCK_N]
+                    b_dh0 += b_ak[:, None] * b_dzk[None, :]
+            if NEED_DX:
+                p_dh0 = dh0_ptr + o_row[:, None] * D + o_d[None, :]
+                tl.store(p_dh0, b_dh0.to(dh0_ptr.dtype.element_ty),
+                         mask=m_row[:, None] & m_d[None, :])
+        b_ds = b_a * (b_hdz + b_glse[None, :])  # [BLOCK_N, BLOCK_K]
         if HAS_GS:
             b_ds += tl.load(gs_ptr + o_row[:, None] * K + o_k[None, :], mask=m_nk, other=0.0)
         b_ds = tl.where(m_nk, b_ds, 0.0)
 
-        for l0 in range(0, L, BLOCK_L):
-            b_t, b_g = _hidden_block(x_ptr, v_ptr, u_ptr, bv_ptr, bu_ptr, o_row, m_real, l0, D, L,
-                                     stride_x, GATED, HAS_BV, HAS_BU, BLOCK_N, BLOCK_D, BLOCK_L,
-                                     PRECISION)
-            b_wt = _load_w_t(w_ptr, l0, K, L, BLOCK_L, BLOCK_K)  # [BLOCK_L, BLOCK_K]
-            b_dh = tl.dot(b_ds, tl.trans(b_wt), input_precision="ieee")  # [BLOCK_N, BLOCK_L]
-            o_l = l0 + tl.arange(0, BLOCK_L)
-            m_l = o_l < L
-            # dw_k partial: Σ_n ds_nk (t ⊙ g)_n, accumulated in this chunk's fp32 slot
-            p_dw = part_dw_ptr + i_c * K * L + o_k[:, None] * L + o_l[None, :]
-            m_dw = m_k[:, None] & m_l[None, :]
-            b_dw = tl.where(n0 == row_lo, 0.0, tl.load(p_dw, mask=m_dw, other=0.0))
-            b_dw = tl.dot(tl.trans(b_ds), b_t * b_g, b_dw, input_precision="ieee")
-            tl.store(p_dw, b_dw, mask=m_dw)
-            b_dp = b_dh * b_g * (1.0 - b_t * b_t)
-            m_out = m_row[:, None] & m_l[None, :]
-            p_dpq = dpq_ptr + o_row[:, None] * GL + o_l[None, :]
-            tl.store(p_dpq, b_dp.to(dpq_ptr.dtype.element_ty), mask=m_out)
-            if GATED:
-                b_dq = b_dh * b_t * b_g * (1.0 - b_g)
-                tl.store(p_dpq + L, b_dq.to(dpq_ptr.dtype.element_ty), mask=m_out)
+        if NEED_DW or NEED_DPQ:
+            for l0 in range(0, L, BLOCK_L):
+                if SAVED_PQ:
+                    b_p, b_q = _load_pq(pq_ptr, o_row, m_real, l0, L, GATED, BLOCK_L)
+                else:
+                    b_p, b_q = _project(x_ptr, v_ptr, u_ptr, bv_ptr, bu_ptr, o_row, m_real, l0,
+                                        D, L, stride_x, GATED, HAS_BV, HAS_BU, BLOCK_N, BLOCK_D,
+                                        BLOCK_L, PRECISION)
+                b_e, b_dedp, b_dedq = _hidden(b_p, b_q, seed_ptr, p_drop, o_row, l0, L, ACT,
+                                              GATED, DROPOUT, BLOCK_N, BLOCK_L)
+                b_wt = _load_w_t(w_ptr, l0, K, L, BLOCK_L, BLOCK_K)  # [BLOCK_L, BLOCK_K]
+                o_l = l0 + tl.arange(0, BLOCK_L)
+                m_l = o_l < L
+                if NEED_DW:  # dw_k partial: Σ_n ds_nk e_n, accumulated in this chunk's row
+                    p_dw = p_part + o_k[:, None] * L + o_l[None, :]
+                    m_dw = m_k[:, None] & m_l[None, :]
+                    b_dw = tl.load(p_dw, mask=m_dw, other=0.0)
+                    b_dw = tl.dot(tl.trans(b_ds), b_e, b_dw, input_precision="ieee")
+                    tl.store(p_dw, b_dw, mask=m_dw)
+                if NEED_DPQ:
+                    b_de = tl.dot(b_ds, tl.trans(b_wt), input_precision="ieee")  # [BLOCK_N, BLOCK_L]
+                    b_dp = b_de * b_dedp
+                    m_out = m_row[:, None] & m_l[None, :]
+                    p_dpq = dpq_ptr + o_row[:, None] * GL + o_l[None, :]
+                    tl.store(p_dpq, b_dp.to(dpq_ptr.dtype.element_ty), mask=m_out)
+                    if NEED_DB:
+                        p_db = p_part + K * L + o_l
+                        tl.store(p_db, tl.load(p_db, mask=m_l, other=0.0) + tl.sum(b_dp, axis=0),
+                                 mask=m_l)
+                    if GATED:
+                        b_dq = b_de * b_dedq
+                        tl.store(p_dpq + L, b_dq.to(dpq_ptr.dtype.element_ty), mask=m_out)
+                        if NEED_DB:
+                            p_db = p_part + K * L + L + o_l
+                            tl.store(p_db, tl.load(p_db, mask=m_l, other=0.0)
+                                     + tl.sum(b_dq, axis=0), mask=m_l)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,18 +447,56 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
 
 
-# Tiles (BLOCK_N, BLOCK_D, BLOCK_L, num_warps) of the compiled GPU kernels: the largest that
-# spill no registers on sm_90 for every dtype, gating and K, as tests/test_kernel_compile.py checks
-# by compiling them ahead of time (no GPU needed). Not yet tuned by timing on a GPU. The
-# interpreter runs numpy, where fewer, larger blocks are faster.
-GPU_TILES = {"fwd": (64, 32, 64, 8), "bwd": (64, 32, 32, 8)}
-INTERPRETER_TILES = {"fwd": (32, 64, 128, 4), "bwd": (32, 64, 128, 4)}
+# Tiles (BLOCK_N, BLOCK_D, BLOCK_L, num_warps, num_stages) of the compiled GPU kernels, per
+# kernel and dtype class. The defaults are spill-free on sm_90 with software-pipelined
+# projection loops (asynchronous copies, wgmma kept in flight) for every dtype, gating, mask and
+# K, as tests/test_kernel_compile.py checks by compiling them ahead of time exactly as the JIT
+# does (no GPU needed); they are not yet chosen by timing on a GPU. MEASURED_TILES, filled from
+# a tile sweep on a GPU (benchmarks/), overrides them per class (kind, dtype class, gated, L, K);
+# TILE_OVERRIDE (kind -> tile) overrides everything, for the sweep itself. TILE_CANDIDATES are
+# the tiles a sweep may pick: tests run each in the interpreter and compile each for sm_90.
+GPU_TILES = {
+    ("fwd", "16-bit"): (64, 32, 64, 8, 3),
+    ("fwd", "fp32"): (64, 32, 32, 8, 3),
+    ("bwd", "16-bit"): (64, 32, 16, 8, 3),
+    ("bwd", "fp32"): (64, 32, 16, 8, 3),
+}
+TILE_CANDIDATES = {
+    "fwd": [(64, 32, 64, 8, 3), (64, 32, 32, 8, 3), (64, 64, 64, 8, 3), (128, 32, 64, 8, 3),
+            (64, 32, 128, 8, 3), (64, 16, 64, 8, 3)],
+    "bwd": [(64, 32, 16, 8, 3), (64, 32, 32, 4, 2), (32, 32, 64, 4, 3)],
+}
+MEASURED_TILES: dict = {}
+TILE_OVERRIDE: dict = {}
+INTERPRETER_TILES = {"fwd": (32, 64, 128, 4, 1), "bwd": (32, 64, 128, 4, 1)}
 
 
-def _config(x, D, L, K, kind):
-    """Tile sizes from D, L, K and the device only (never from bag lengths)."""
-    block_n, block_d, block_l, num_warps = (GPU_TILES if x.is_cuda else INTERPRETER_TILES)[kind]
-    return block_n, min(block_d, _pow2(D)), min(block_l, _pow2(L)), _pow2(K), num_warps
+def dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16-bit"
+
+
+def gpu_tiles(kind: str, dtype: torch.dtype, L: int, K: int, gated: bool) -> tuple:
+    """The GPU tile of a kernel ("fwd" or "bwd") for a class of calls (never for bag lengths)."""
+    if kind in TILE_OVERRIDE:
+        return TILE_OVERRIDE[kind]
+    cls = dtype_class(dtype)
+    return MEASURED_TILES.get((kind, cls, gated, L, K), GPU_TILES[(kind, cls)])
+
+
+# Chunks are a multiple of this many rows (every BLOCK_N divides it); tests lower it to cut
+# small bags into several chunks.
+CHUNK_ALIGN = 128
+# One program per bag, without a merge, when the lengths are on the host and every bag fits one
+# chunk; tests switch it off to run the general path on small inputs.
+SINGLE_CHUNK = True
+
+
+def _config(x, D, L, K, gated, kind):
+    """Tile sizes from the dtype, D, L, K, gating and the device only (never bag lengths)."""
+    tiles = gpu_tiles(kind, x.dtype, L, K, gated) if x.is_cuda else INTERPRETER_TILES[kind]
+    block_n, block_d, block_l, num_warps, num_stages = tiles
+    return (block_n, min(block_d, _pow2(D)), min(block_l, _pow2(L)), _pow2(K), num_warps,
+            num_stages)
 
 
 def _precision(x) -> str:
@@ -334,106 +505,152 @@ def _precision(x) -> str:
     return "ieee"
 
 
-def _chunks(x, lengths, block_n):
-    """Cut bags into chunks. Returns CHUNK, chunk_bag [C], first_chunk [B], num_chunks [B]."""
-    R = x.shape[0]
-    B = lengths.shape[0]
-    if x.is_cuda:
-        target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+def chunk_size(R: int, device: torch.device) -> int:
+    """Rows per chunk, from the row count and the device only: enough programs to fill the GPU
+    (4 per SM), a multiple of CHUNK_ALIGN, at most 64·CHUNK_ALIGN rows."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 8
-    # rows per program: enough programs to fill the GPU, whole tiles, at most 64 tiles each
-    chunk = max(1, min(64, triton.cdiv(triton.cdiv(max(R, 1), target), block_n))) * block_n
-    num_chunks = (lengths + (chunk - 1)) // chunk  # [B]
-    cum = torch.cumsum(num_chunks, 0)
-    first_chunk = cum - num_chunks
-    C = triton.cdiv(R, chunk) + B  # static upper bound: each bag adds at most one partial chunk
-    o_c = torch.arange(C, device=x.device, dtype=cum.dtype)
-    chunk_bag = torch.searchsorted(cum, o_c, right=True)  # [C]; B for unused programs
-    return chunk, chunk_bag, first_chunk, num_chunks
+    return max(1, min(64, triton.cdiv(triton.cdiv(max(R, 1), target), CHUNK_ALIGN))) * CHUNK_ALIGN
 
 
-def attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w):
-    """Forward launch. x [R, D] (rows, unit column stride), starts/lengths [B] int64,
-    row_mask [R] bool or None, v/u [L, D], bv/bu [L] or None, w [K, L].
-    Returns z32 [B, K, D] fp32, s [R, K] fp32 (−inf at masked rows), lse [B, K] fp32."""
+def meta_length(R: int, B: int, chunk: int) -> int:
+    """Length of the chunk map ``meta``: 4 per bag plus a static bound on the chunk count (each
+    bag adds at most one partial chunk)."""
+    return 4 * B + triton.cdiv(R, chunk) + B
+
+
+def _chunk_map(starts, lengths, R, chunk, device):
+    """The chunk map ``meta`` (see the module docstring) on ``device``, and whether every bag is
+    one chunk (``SINGLE``). Built where ``lengths`` live: on the host it costs the GPU one copy;
+    on the GPU it takes a few small launches and no sync."""
+    B = lengths.shape[0]
+    n_prog = meta_length(R, B, chunk) - 4 * B
+    host = lengths.device.type == "cpu"
+    o_b = torch.arange(B, device=lengths.device)
+    single = SINGLE_CHUNK and host and (B == 0 or int(lengths.max()) <= chunk)
+    if single:  # program b owns bag b (empty bags included: they write z = 0)
+        num_chunks = torch.ones_like(lengths)
+        first_chunk = o_b
+        chunk_bag = torch.cat([o_b, o_b.new_full((n_prog - B,), B)])
+    else:
+        num_chunks = (lengths.clamp(min=0) + (chunk - 1)) // chunk  # [B]
+        cum = torch.cumsum(num_chunks, 0)
+        first_chunk = cum - num_chunks
+        o_c = torch.arange(n_prog, device=lengths.device, dtype=cum.dtype)
+        chunk_bag = torch.searchsorted(cum, o_c, right=True)  # [C]; B for idle programs
+    meta = torch.cat([starts, lengths, first_chunk, num_chunks, chunk_bag]).to(torch.int64)
+    return meta.to(device, non_blocking=True), single
+
+
+def attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w, seed, p_drop, act,
+                       save_pq):
+    """Forward launch. x [R, D] (rows, unit column stride), starts/lengths [B] int64 (on the host
+    or on x's device), row_mask [R] bool or None, v/u [L, D], bv/bu [L] or None, w [K, L],
+    seed [2] int64 on x's device (or None: no dropout), p_drop the dropout probability, act a
+    code of ACTIVATION_CODES, save_pq whether to keep p and q for the backward.
+
+    Returns z32 [B, K, D] fp32, s [R, K] fp32 (−inf at masked rows), lse [B, K] fp32,
+    pq [R, GL] in x's dtype (empty unless save_pq) and the chunk map meta (int64)."""
     R, D = x.shape
     L, K, B = v.shape[0], w.shape[0], lengths.shape[0]
+    GL = 2 * L if u is not None else L
     dev = x.device
+    chunk = chunk_size(R, dev)
     z32 = _empty((B, K, D), dtype=torch.float32, device=dev)
     s = _empty((R, K), dtype=torch.float32, device=dev)
     lse = _empty((B, K), dtype=torch.float32, device=dev)
+    pq = _empty((R, GL) if save_pq else (0,), dtype=x.dtype, device=dev)
+    meta, single = _chunk_map(starts, lengths, R, chunk, dev)
     if B == 0:
-        return z32, s, lse
-    block_n, block_d, block_l, block_k, num_warps = _config(x, D, L, K, "fwd")
-    chunk, chunk_bag, first_chunk, num_chunks = _chunks(x, lengths, block_n)
-    C = chunk_bag.shape[0]
-    part_m = _empty((C, K), dtype=torch.float32, device=dev)
-    part_l = _empty((C, K), dtype=torch.float32, device=dev)
-    part_acc = _empty((C, K, D), dtype=torch.float32, device=dev)
+        return z32, s, lse, pq, meta
+    gated = u is not None
+    block_n, block_d, block_l, block_k, num_warps, num_stages = _config(x, D, L, K, gated, "fwd")
+    C = meta.shape[0] - 4 * B
+    if single:
+        part_m = part_l = part_acc = z32
+    else:
+        part_m = _empty((C, K), dtype=torch.float32, device=dev)
+        part_l = _empty((C, K), dtype=torch.float32, device=dev)
+        part_acc = _empty((C, K, D), dtype=torch.float32, device=dev)
     dummy = x  # stands in for absent optional pointers (never read)
     _fwd_kernel[(C,)](
-        x, dummy if row_mask is None else row_mask, starts, lengths, chunk_bag, first_chunk,
+        x, dummy if row_mask is None else row_mask, meta,
         v, dummy if u is None else u, dummy if bv is None else bv, dummy if bu is None else bu,
-        w,
-        s, part_m, part_l, part_acc,
-        B, D, L, chunk, x.stride(0),
+        w, meta if seed is None else seed,
+        s, pq, part_m, part_l, part_acc, lse,
+        B, R, D, L, chunk, x.stride(0), float(p_drop),
         K=K, HAS_MASK=row_mask is not None, GATED=u is not None, HAS_BV=bv is not None,
-        HAS_BU=bu is not None,
+        HAS_BU=bu is not None, ACT=act, DROPOUT=seed is not None, SAVE_PQ=save_pq,
+        SINGLE=single,
         BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=block_k,
-        PRECISION=_precision(x), num_warps=num_warps,
+        PRECISION=_precision(x), num_warps=num_warps, num_stages=num_stages,
     )
-    merge_d = min(_pow2(D), 256)
-    _merge_kernel[(B, triton.cdiv(D, merge_d))](
-        part_m, part_l, part_acc, first_chunk, num_chunks, z32, lse, B, D,
-        K=K, BLOCK_K=block_k, BLOCK_D=merge_d, num_warps=4,
-    )
-    return z32, s, lse
+    if not single:
+        merge_d = min(_pow2(D), 256)
+        _merge_kernel[(B, triton.cdiv(D, merge_d))](
+            part_m, part_l, part_acc, meta, z32, lse, B, C, D,
+            K=K, BLOCK_K=block_k, BLOCK_D=merge_d, num_warps=4,
+        )
+    return z32, s, lse, pq, meta
 
 
-def attention_pool_bwd(dz32, glse, gs, x, starts, lengths, row_mask, v, bv, u, bu, w,
-                       z32, s, lse):
-    """Backward launch: the gradients of (z32, lse, s) -> dx [R, D], d[V; U] [GL, D],
-    d[b_V; b_U] [GL], dw [K, L], all in x's dtype (GL = 2L gated, L plain).
-    dz32 [B, K, D] fp32, glse [B, K] fp32 or None, gs [R, K] fp32 or None."""
+def attention_pool_bwd(dz32, glse, gs, x, row_mask, meta, v, bv, u, bu, w, seed, p_drop, act,
+                       z32, s, lse, pq, need_dx, need_dvu, need_dw):
+    """Backward launch: from the gradients of (z32, lse, s) — dz32 [B, K, D] fp32, glse [B, K]
+    fp32 or None, gs [R, K] fp32 or None — forms only what is asked for:
+    dx [R, D] (``need_dx``), d[V; U] [GL, D] (``need_dvu``), d[b_V; b_U] [GL] (``need_dvu``
+    and a bias exists), dw [K, L] (``need_dw``), each in x's dtype or None (GL = 2L gated, L
+    plain)."""
     R, D = x.shape
-    L, K, B = v.shape[0], w.shape[0], lengths.shape[0]
+    L, K, B = v.shape[0], w.shape[0], lse.shape[0]
     dev, dt = x.device, x.dtype
     gated = u is not None
     GL = 2 * L if gated else L
+    need_db = need_dvu and (bv is not None or bu is not None)
+    need_dpq = need_dx or need_dvu
+    if B == 0 or R == 0:  # nothing to scan: every gradient is zero
+        zeros = lambda *shape: torch.zeros(shape, dtype=dt, device=dev)  # noqa: E731
+        return (zeros(R, D) if need_dx else None, zeros(GL, D) if need_dvu else None,
+                zeros(GL) if need_db else None, zeros(K, L) if need_dw else None)
+    if not (need_dpq or need_dw):
+        return None, None, None, None
     # rows the kernel skips (padding past a bag's last real row) must read as zero
     alloc = torch.zeros if row_mask is not None else _empty
-    dh0 = alloc((R, D), dtype=dt, device=dev)
-    dpq = alloc((R, GL), dtype=dt, device=dev)
-    block_n, block_d, block_l, block_k, num_warps = _config(x, D, L, K, "bwd")
-    chunk, chunk_bag, first_chunk, _ = _chunks(x, lengths, block_n)
-    C = chunk_bag.shape[0]
-    part_dw = _empty((C, K, L), dtype=torch.float32, device=dev)
-    delta = (z32 * dz32).sum(-1)  # [B, K]
-    if glse is not None:
-        delta = delta - glse
-    if B > 0:
-        dummy = x
-        _bwd_kernel[(C,)](
-            x, dummy if row_mask is None else row_mask, starts, lengths, chunk_bag, first_chunk,
-            v, dummy if u is None else u, dummy if bv is None else bv,
-            dummy if bu is None else bu, w,
-            s, lse, dz32.contiguous(), delta.contiguous(), dummy if gs is None else gs,
-            dh0, dpq, part_dw,
-            B, D, L, chunk, x.stride(0),
-            K=K, HAS_MASK=row_mask is not None, GATED=gated, HAS_BV=bv is not None,
-            HAS_BU=bu is not None, HAS_GS=gs is not None,
-            BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=block_k,
-            PRECISION=_precision(x), num_warps=num_warps,
-        )
-    # Chunks of the same bag never overlap and unused chunk slots are never written: zero them
-    # so the ordered sums below only see real partials.
-    live = (chunk_bag < B)[:, None]
-    dw = torch.where(live[:, :, None], part_dw, 0.0).sum(0).to(dt)  # [K, L]
-    weight = torch.cat([v, u]) if gated else v  # [GL, D]
-    dx = torch.addmm(dh0, dpq, weight)  # [R, D]
-    if row_mask is not None:  # padding may hold anything (NaN, inf): 0 · NaN must not leak in
-        x = x.masked_fill(~row_mask[:, None], 0)
-    dweight = dpq.t() @ x  # [GL, D]
-    dbias = dpq.sum(0, dtype=torch.float32).to(dt)  # [GL]
+    dh0 = alloc((R, D), dtype=dt, device=dev) if need_dx else None
+    dpq = alloc((R, GL), dtype=dt, device=dev) if need_dpq else None
+    block_n, block_d, block_l, block_k, num_warps, num_stages = _config(x, D, L, K, gated, "bwd")
+    C = meta.shape[0] - 4 * B
+    PW = K * L + GL
+    part = _empty((C, PW), dtype=torch.float32, device=dev) if (need_dw or need_db) else None
+    dummy = x
+    _bwd_kernel[(C,)](
+        x, dummy if row_mask is None else row_mask, meta,
+        v, dummy if u is None else u, dummy if bv is None else bv,
+        dummy if bu is None else bu, w, meta if seed is None else seed,
+        dummy if pq.numel() == 0 else pq,
+        s, lse, z32, dz32, dummy if glse is None else glse, dummy if gs is None else gs,
+        dummy if dh0 is None else dh0, dummy if dpq is None else dpq,
+        dummy if part is None else part,
+        B, R, D, L, chunk_size(R, dev), x.stride(0), float(p_drop),
+        K=K, HAS_MASK=row_mask is not None, GATED=gated, HAS_BV=bv is not None,
+        HAS_BU=bu is not None, ACT=act, DROPOUT=seed is not None, SAVED_PQ=pq.numel() > 0,
+        HAS_GLSE=glse is not None, HAS_GS=gs is not None,
+        NEED_DX=need_dx, NEED_DPQ=need_dpq, NEED_DW=need_dw, NEED_DB=need_db,
+        BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=block_k,
+        PRECISION=_precision(x), num_warps=num_warps, num_stages=num_stages,
+    )
+    dx = dweight = dbias = dw = None
+    if part is not None:  # one ordered sum of the per-chunk partials: [dw | d[b_V; b_U]]
+        sums = part.sum(0)
+        dw = sums[:K * L].view(K, L).to(dt) if need_dw else None
+        dbias = sums[K * L:].to(dt) if need_db else None
+    if need_dx:
+        weight = torch.cat([v, u]) if gated else v  # [GL, D]
+        dx = torch.addmm(dh0, dpq, weight)  # [R, D]
+    if need_dvu:
+        if row_mask is not None:  # padding may hold anything (NaN, inf): 0 · NaN must not leak
+            x = x.masked_fill(~row_mask[:, None], 0)
+        dweight = dpq.t() @ x  # [GL, D]
     return dx, dweight, dbias, dw
