@@ -265,10 +265,13 @@ def test_fp32_honours_tf32_setting(monkeypatch):
 
 @needs_cuda
 def test_no_recompilation_per_bag_count_or_length():
+    """Two forward variants in all (one program per bag, or chunks and a merge), never one per
+    bag count or length."""
     D, L = 64, 32
     w = make_weights(D, L, None, device=DEVICE)
-    x, kw = make_layout("packed", [5, 7], D, device=DEVICE)
-    call(fastmil.attention_pool, x, w, backend="triton", **kw)
+    for lengths in ([5, 7], [5000]):
+        x, kw = make_layout("packed", lengths, D, device=DEVICE)
+        call(fastmil.attention_pool, x, w, backend="triton", **kw)
     sizes = {k: len(k.device_caches[0][0]) if hasattr(k, "device_caches") else len(k.cache)
              for k in (kernels._fwd_kernel, kernels._merge_kernel)}
     for lengths in ([1], [100, 3, 17], [33] * 40, [2000]):
@@ -277,6 +280,56 @@ def test_no_recompilation_per_bag_count_or_length():
     after = {k: len(k.device_caches[0][0]) if hasattr(k, "device_caches") else len(k.cache)
              for k in sizes}
     assert after == sizes
+
+
+def _dropout_loss(x, weights, seed, upstream, **kwargs):
+    torch.manual_seed(seed)
+    z = call(fastmil.attention_pool, x, weights, backend="triton", dropout_p=0.3, **kwargs)
+    return (z.double() * upstream).sum()
+
+
+@pytest.mark.parametrize("name", ["x", "attn_weight", "gate_weight", "score_weight", "gate_bias"])
+def test_dropout_gradient_matches_finite_differences(name):
+    """Under a fixed seed the dropout masks are fixed, so the kernels' gradient is the derivative
+    of a smooth function: check it along a random direction by central differences."""
+    x, kw = make_layout("packed", [7, 1, 20], 12, device=DEVICE)
+    weights = make_weights(12, 8, 2, device=DEVICE)
+    up = torch.randn(3, 2, 12, dtype=torch.float64, device=DEVICE)
+    leaves = {"x": x.clone()} | {n: t.clone() for n, t in weights.items()}
+    target = leaves[name].requires_grad_()
+    loss = _dropout_loss(leaves["x"], {n: leaves[n] for n in weights}, 5, up, **kw)
+    (grad,) = torch.autograd.grad(loss, [target])
+    direction = torch.randn_like(target)
+    eps = 1e-3 * target.detach().abs().max().item()
+    with torch.no_grad():
+        values = []
+        for sign in (1, -1):
+            moved = dict(leaves) | {name: target + sign * eps * direction}
+            values.append(_dropout_loss(moved["x"], {n: moved[n] for n in weights}, 5, up, **kw))
+    numeric = (values[0] - values[1]).item() / (2 * eps)
+    analytic = (grad.double() * direction.double()).sum().item()
+    assert abs(numeric - analytic) <= 2e-3 * max(1.0, abs(analytic)), (numeric, analytic)
+
+
+def test_dropout_triton_and_torch_agree_in_distribution():
+    """Mean and variance of z over many dropout draws: the fused kernels (Philox masks) and the
+    torch backend (F.dropout) sample the same distribution, and it is not the no-dropout one."""
+    n = 400
+    x, kw = make_layout("packed", [6, 9], 8, device=DEVICE)
+    weights = make_weights(8, 6, None, device=DEVICE, scale=2.0)
+
+    def draws(backend):
+        torch.manual_seed(11)
+        return torch.stack([call(fastmil.attention_pool, x, weights, backend=backend,
+                                 dropout_p=0.5, **kw).double() for _ in range(n)]).flatten(1)
+
+    zt, zr = draws("triton"), draws("torch")
+    z0 = call(fastmil.attention_pool, x, weights, backend="torch", **kw).double().flatten()
+    se = (zt.var(0) / n + zr.var(0) / n).sqrt()
+    assert ((zt.mean(0) - zr.mean(0)).abs() / se).max() < 4.5  # Bonferroni over 16 numbers
+    log_ratio = (zt.var(0) / zr.var(0)).log()
+    assert log_ratio.abs().max() < 0.45  # sd of a log variance ratio at n = 400: ~0.1
+    assert ((zt.mean(0) - z0).abs() / (zt.var(0) / n).sqrt()).max() > 6  # dropout shows
 
 
 def test_nan_padding_is_never_read():
