@@ -1,10 +1,18 @@
-"""The benchmark shapes (one list, here), the cost model and the input builder.
+"""The benchmark shapes (the suites, here), the workloads, the cost model and the input builder.
 
 Every case is a batch of bags with fixed lengths. ``T`` counts real instances only: the FLOP and
 byte counts, and so the roofline floor, are those of the useful work; padded providers also pay
 for their padding, which is part of what they cost.
 
 All cases use gated attention with biases on V and U and no score bias (it changes nothing).
+
+Modes (what one timed call does), grouped by workload:
+
+* end-to-end (x requires grad, as when an encoder trains with the pooling): ``fwd`` (the training
+  forward, graph recorded), ``bwd`` (backward alone), ``fwd_bwd``;
+* frozen features (x does not require grad, the weights do: pre-extracted whole-slide features):
+  ``frozen`` = forward + backward;
+* inference: ``infer`` = forward under ``torch.no_grad()`` with ``return_attention=True``.
 
 Cost model, per instance (``D`` features, attention size ``L``, ``K`` branches)::
 
@@ -14,8 +22,9 @@ Cost model, per instance (``D`` features, attention size ``L``, ``K`` branches):
     forward  flops = P + S + A
     backward flops = 2·P (dh and dV/dU) + P (recompute of p and q, as the fused kernel does)
                      + 2·S + 2·A
-    forward  bytes = x once + weights + z
-    backward bytes = x once + dx once + weights + their gradients + dz
+    frozen backward flops = P (dV/dU) + P (recompute) + 2·S + A   (no dh)
+    forward  bytes = x once + weights + z           (inference: + the fp32 attention written)
+    backward bytes = x once + dx once + weights + their gradients + dz   (frozen: no dx)
 
 Elementwise work (tanh, sigmoid, exp) is not counted.
 """
@@ -27,10 +36,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-__all__ = ["Case", "FULL_CASES", "SMOKE_CASES", "MODES", "InputSet", "Weights", "all_cases",
-           "get_case", "make_inputs", "n_input_sets"]
+__all__ = ["Case", "FULL_CASES", "SMOKE_CASES", "MODES", "E2E_MODES", "SUITES", "SUITE_PROVIDERS",
+           "InputSet",
+           "Weights", "all_cases", "get_case", "make_inputs", "n_input_sets", "suite"]
 
-MODES = ("fwd", "bwd", "fwd_bwd")
+E2E_MODES = ("fwd", "bwd", "fwd_bwd")  # end-to-end: x requires grad
+MODES = E2E_MODES + ("frozen", "infer")  # + frozen features (fwd+bwd), inference (fwd)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -57,7 +68,10 @@ class Case:
     dtype: str  # "bf16" | "fp16" | "fp32"
     K: int = 1  # attention branches; K == 1 uses a 1-D score_weight [L]
     smoke: bool = False
-    compile_on_cpu: bool = False  # the one smoke case where torch.compile runs on CPU
+    compile_on_cpu: bool = False  # the smoke cases where torch.compile runs on CPU
+    # the shape a target of the report is defined on (report.TARGETS); a smoke stand-in carries
+    # the role of the shape it stands for
+    role: str | None = None
 
     @property
     def B(self) -> int:
@@ -91,13 +105,19 @@ class Case:
         A = 2 * D * K * T
         fwd = P + S + A
         bwd = 3 * P + 2 * S + 2 * A
-        return float({"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode])
+        frozen_bwd = 2 * P + 2 * S + A
+        return float({"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd, "frozen": fwd + frozen_bwd,
+                      "infer": fwd}[mode])
 
     def bytes(self, mode: str) -> float:
         e, W, Z = self.itemsize, self.n_weights, self.B * self.K * self.D
-        fwd = e * (self.T * self.D + W + Z)
-        bwd = e * (2 * self.T * self.D + 2 * W + Z)
-        return float({"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode])
+        x = self.T * self.D
+        fwd = e * (x + W + Z)
+        bwd = e * (2 * x + 2 * W + Z)
+        frozen_bwd = e * (x + 2 * W + Z)
+        attention = 4 * self.T * self.K  # float32, inference returns it
+        return float({"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd, "frozen": fwd + frozen_bwd,
+                      "infer": fwd + attention}[mode])
 
     def describe(self) -> str:
         if self.B == 1:
@@ -117,14 +137,18 @@ class Case:
 
 def _full_cases() -> list[Case]:
     cases = []
+    roles = {(100_000, 1024, "bf16"): "wsi-100k-d1024", (100_000, 1536, "bf16"): "wsi-100k-d1536"}
     for dtype in ("bf16", "fp32"):  # whole-slide images, one bag per step
         for D in (1024, 1536):
             for N in (10_000, 100_000, 1_000_000):
-                cases.append(Case(f"wsi-n{_count(N)}-d{D}-{dtype}", "wsi", (N,), D, 256, dtype))
+                cases.append(Case(f"wsi-n{_count(N)}-d{D}-{dtype}", "wsi", (N,), D, 256, dtype,
+                                  role=roles.get((N, D, dtype))))
     lengths = _draw_lengths(8, 2_000, 50_000, seed=0)  # batched slides, packed / padded
-    cases.append(Case("batched-8x2k-50k-d1024-bf16", "batched", lengths, 1024, 256, "bf16"))
+    cases.append(Case("batched-8x2k-50k-d1024-bf16", "batched", lengths, 1024, 256, "bf16",
+                      role="batched"))
     lengths = _draw_lengths(512, 5, 15, seed=0)  # MNIST-bags (Ilse et al. 2018)
-    cases.append(Case("mnist-512x5-15-d500-fp32", "mnist", lengths, 500, 128, "fp32"))
+    cases.append(Case("mnist-512x5-15-d500-fp32", "mnist", lengths, 500, 128, "fp32",
+                      role="mnist"))
     cases.append(Case("multibranch-k4-n100k-d1024-bf16", "multibranch", (100_000,), 1024, 256,
                       "bf16", K=4))  # CLAM_MB-style
     return cases
@@ -133,24 +157,84 @@ def _full_cases() -> list[Case]:
 def _smoke_cases() -> list[Case]:
     """Tiny stand-ins for each group, for CI on CPU (MNIST-bags is small enough to keep)."""
     cases = [Case(f"smoke-wsi-n{_count(N)}-d64-fp32", "wsi", (N,), 64, 32, "fp32", smoke=True,
-                  compile_on_cpu=(N == 2048))
+                  compile_on_cpu=(N == 2048), role="wsi-100k-d1024" if N == 512 else None)
              for N in (512, 2048, 8192)]
     cases.append(Case("smoke-wsi-n2048-d64-bf16", "wsi", (2048,), 64, 32, "bf16", smoke=True))
     cases.append(Case("smoke-batched-8x64-1k-d64-bf16", "batched",
-                      _draw_lengths(8, 64, 1024, seed=0), 64, 32, "bf16", smoke=True))
+                      _draw_lengths(8, 64, 1024, seed=0), 64, 32, "bf16", smoke=True,
+                      role="batched"))
     cases.append(Case("smoke-mnist-512x5-15-d500-fp32", "mnist",
-                      _draw_lengths(512, 5, 15, seed=0), 500, 128, "fp32", smoke=True))
+                      _draw_lengths(512, 5, 15, seed=0), 500, 128, "fp32", smoke=True,
+                      role="mnist"))
     cases.append(Case("smoke-multibranch-k4-n2048-d64-bf16", "multibranch", (2048,), 64, 32,
                       "bf16", K=4, smoke=True))
     return cases
 
 
+def _dry_run_cases() -> list[Case]:
+    """CPU stand-ins of the GPU check's shapes (benchmarks/gpu_check.sh --dry-run): small enough
+    for Triton's interpreter, which has no bfloat16 (fp16 stands in)."""
+    return [
+        Case("dry-wsi-n2048-d64-fp16", "wsi", (2048,), 64, 32, "fp16", smoke=True,
+             compile_on_cpu=True, role="wsi-100k-d1024"),
+        Case("dry-mnist-64x5-15-d64-fp32", "mnist", _draw_lengths(64, 5, 15, seed=0), 64, 32,
+             "fp32", smoke=True, compile_on_cpu=True, role="mnist"),
+        Case("dry-wsi-n2048-d96-fp16", "wsi", (2048,), 96, 32, "fp16", smoke=True,
+             compile_on_cpu=True, role="wsi-100k-d1536"),
+        Case("dry-batched-4x64-512-d64-fp16", "batched", _draw_lengths(4, 64, 512, seed=0), 64,
+             32, "fp16", smoke=True, compile_on_cpu=True, role="batched"),
+    ]
+
+
 FULL_CASES: list[Case] = _full_cases()
 SMOKE_CASES: list[Case] = _smoke_cases()
+DRY_RUN_CASES: list[Case] = _dry_run_cases()
+
+
+def _by_role(cases: list[Case], role: str) -> Case:
+    return next(c for c in cases if c.role == role)
+
+
+def _gpu_check(cases: list[Case]) -> list[tuple[Case, tuple[str, ...]]]:
+    """The GPU check's shapes, each in the workload its target is defined on (report.TARGETS),
+    most important first (a run that hits its time budget loses the last ones)."""
+    return [(_by_role(cases, "wsi-100k-d1024"), ("frozen",)),
+            (_by_role(cases, "mnist"), ("fwd_bwd",)),
+            (_by_role(cases, "wsi-100k-d1536"), ("infer",)),
+            (_by_role(cases, "batched"), ("frozen",))]
+
+
+def _smoke_suite() -> list[tuple[Case, tuple[str, ...]]]:
+    # frozen features and inference on two cases only (neither compiles on CPU), to keep CI's
+    # smoke run short
+    more = {"smoke-wsi-n512-d64-fp32": ("frozen", "infer"), "smoke-mnist-512x5-15-d500-fp32":
+            ("frozen", "infer")}
+    return [(c, E2E_MODES + more.get(c.name, ())) for c in SMOKE_CASES]
+
+
+# suite name -> [(case, modes)], in the order they run (case-major)
+SUITES: dict[str, list[tuple[Case, tuple[str, ...]]]] = {
+    "full": [(c, MODES) for c in FULL_CASES],
+    "smoke": _smoke_suite(),
+    "gpu-check": _gpu_check(FULL_CASES),
+    "dry-run": _gpu_check(DRY_RUN_CASES),
+}
+
+
+# the providers a suite runs (default: all); the GPU check compares fastmil with the baselines
+# of its targets only (no max-autotune compile: minutes per shape)
+SUITE_PROVIDERS = {p: ("fastmil_triton", "fastmil_triton_save", "fastmil_torch", "eager",
+                       "compile_default") for p in ("gpu-check", "dry-run")}
+
+
+def suite(name: str) -> list[tuple[Case, tuple[str, ...]]]:
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; one of {sorted(SUITES)}")
+    return SUITES[name]
 
 
 def all_cases() -> dict[str, Case]:
-    return {c.name: c for c in FULL_CASES + SMOKE_CASES}
+    return {c.name: c for c in FULL_CASES + SMOKE_CASES + DRY_RUN_CASES}
 
 
 def get_case(name: str) -> Case:
@@ -177,18 +261,24 @@ class Weights:
 @dataclass
 class InputSet:
     """One set of instances in every layout a provider may want. Layouts are converted here,
-    outside the timed region; every ``x`` is a leaf that requires grad."""
+    outside the timed region; ``x`` is a leaf that requires grad, except in the set that
+    :meth:`frozen` returns (the same storage, detached: frozen features)."""
     case: Case
     x: torch.Tensor  # packed [T, D]
     offsets: torch.Tensor  # [B+1] int64
     seg: torch.Tensor  # [T] int64 bag index of every row (PyG's `batch`)
     dz: torch.Tensor  # [B, K, D] upstream gradient
     _padded: tuple | None = None
+    _source: InputSet | None = None  # the set this frozen set detaches
+    _frozen: InputSet | None = None
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x [B, N, D]`` leaf and ``mask [B, N]`` (None for one bag: no padding)."""
         if self._padded is None:
-            if self.case.B == 1:  # a view of the packed storage, no copy
+            if self._source is not None:  # share the padded copy of the set this one detaches
+                xp, mask = self._source.padded()
+                xp = xp.detach()
+            elif self.case.B == 1:  # a view of the packed storage, no copy
                 xp, mask = self.x.detach()[None].requires_grad_(), None
             else:
                 from fastmil.bags import pad
@@ -197,6 +287,15 @@ class InputSet:
                 xp.requires_grad_()
             self._padded = (xp, mask)
         return self._padded
+
+    def frozen(self) -> InputSet:
+        """The same instances as frozen features: x (and its padded form) without grad."""
+        if self._source is not None:
+            return self
+        if self._frozen is None:
+            self._frozen = InputSet(self.case, self.x.detach(), self.offsets, self.seg, self.dz,
+                                    _source=self)
+        return self._frozen
 
     def leaves(self) -> list[torch.Tensor]:
         out = [self.x]

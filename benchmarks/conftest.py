@@ -1,8 +1,16 @@
 """pytest configuration of the benchmark suite (``pytest benchmarks/``).
 
 Options:
-  --smoke            tiny shapes (see cases.SMOKE_CASES); automatic when CUDA is absent, so
-                     ``pytest benchmarks/`` on a CPU machine is the CI smoke run.
+  --suite NAME       which shapes and workloads (cases.SUITES): ``full`` (the default on CUDA),
+                     ``smoke`` (tiny shapes, the default without CUDA, so ``pytest benchmarks/``
+                     on a CPU machine is the CI smoke run), ``gpu-check`` (the key shapes of the
+                     targets, each in its workload: benchmarks/gpu_check.sh) and ``dry-run``
+                     (their CPU stand-ins, fastmil triton in Triton's interpreter).
+  --smoke            same as --suite smoke.
+  --bench-budget-s S stop timing after S seconds: the remaining tests skip (and are listed as
+                     skipped in the JSON), so a time-boxed run still ends with its report.
+  --fastmil-json P   write the results to P after every test (same layout as below), so a run
+                     cut short keeps what it measured.
   --bench-rounds N   pytest-benchmark rounds per test (CPU timing; on CUDA only its wall-clock
                      table uses them), default 5.
   --bench-rep-ms MS  CUDA: milliseconds of timed calls per test (at least 10 calls), default 200.
@@ -22,15 +30,21 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import statistics
 import time
 
 import pytest
 import torch
 
-from .cases import FULL_CASES, MODES, SMOKE_CASES
-from .harness import Bench
-from .providers import PROVIDERS
+# Without a GPU, fastmil's Triton kernels can only run in Triton's interpreter (the dry-run
+# suite); the variable is read when the kernels are first imported, after this line.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .cases import SUITE_PROVIDERS, SUITES, suite  # noqa: E402
+from .harness import Bench  # noqa: E402
+from .providers import PROVIDERS  # noqa: E402
 
 try:
     import pytest_benchmark  # noqa: F401
@@ -45,8 +59,15 @@ _MINI_RECORDS = pytest.StashKey[list]()
 
 def pytest_addoption(parser):
     group = parser.getgroup("fastmil benchmarks")
+    group.addoption("--suite", default=None, choices=sorted(SUITES),
+                    help="shapes and workloads: full (default on CUDA), smoke (default "
+                         "without CUDA), gpu-check, dry-run")
     group.addoption("--smoke", action="store_true", default=False,
                     help="tiny CPU-sized shapes (the default when CUDA is absent)")
+    group.addoption("--bench-budget-s", type=float, default=None,
+                    help="skip the tests that would start after this many seconds")
+    group.addoption("--fastmil-json", default=None,
+                    help="write the results here after every test")
     group.addoption("--bench-rounds", type=int, default=5,
                     help="pytest-benchmark rounds per test (default 5)")
     group.addoption("--bench-rep-ms", type=float, default=200.0,
@@ -60,23 +81,31 @@ def pytest_addoption(parser):
                         help="(stand-in for pytest-benchmark) write the results as JSON here")
 
 
+def _suite(config) -> str:
+    if config.getoption("--suite"):
+        return config.getoption("--suite")
+    if config.getoption("--smoke") or not torch.cuda.is_available():
+        return "smoke"
+    return "full"
+
+
 def _smoke(config) -> bool:
-    return bool(config.getoption("--smoke")) or not torch.cuda.is_available()
+    return _suite(config) in ("smoke", "dry-run")
 
 
 def pytest_report_header(config):
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"
-    which = "smoke shapes" if _smoke(config) else "full shapes"
     plugin = "pytest-benchmark" if HAVE_PYTEST_BENCHMARK else "stand-in timer (no pytest-benchmark)"
-    return f"fastmil benchmarks: {device}, {which}, {plugin}"
+    return f"fastmil benchmarks: {device}, suite {_suite(config)!r}, {plugin}"
 
 
 def pytest_generate_tests(metafunc):
     if {"case_name", "provider", "mode"} <= set(metafunc.fixturenames):
-        cases = SMOKE_CASES if _smoke(metafunc.config) else FULL_CASES
         # case-major order: each case's inputs are built once and freed before the next
+        name = _suite(metafunc.config)
+        providers = [p for p in PROVIDERS if p in SUITE_PROVIDERS.get(name, PROVIDERS)]
         params = [pytest.param(c.name, p, m, id=f"{c.name}-{p}-{m}")
-                  for c in cases for p in PROVIDERS for m in MODES]
+                  for c, modes in suite(name) for p in providers for m in modes]
         metafunc.parametrize(("case_name", "provider", "mode"), params)
 
 
@@ -89,17 +118,19 @@ def bench(request) -> Bench:
         torch.set_num_threads(threads)
     if config.getoption("--tf32"):
         torch.set_float32_matmul_precision("high")
+    name = _suite(config)
     b = Bench(device, _smoke(config), config.getoption("--bench-rounds"),
-              config.getoption("--bench-rep-ms"))
+              config.getoption("--bench-rep-ms"), suite=name,
+              interpret=name == "dry-run" and device.type == "cpu",
+              budget_s=config.getoption("--bench-budget-s"),
+              json_path=config.getoption("--fastmil-json"))
     config.stash[_BENCH_KEY] = b
     return b
 
 
 def _fastmil_section(config) -> dict | None:
     b = config.stash.get(_BENCH_KEY, None)
-    if b is None:
-        return None
-    return {"env": b.env_if_measured, "cases": b.cases, "skipped": b.skipped}
+    return None if b is None else b.section()
 
 
 if HAVE_PYTEST_BENCHMARK:

@@ -1,12 +1,16 @@
 """The providers: one builder per way of computing attention-MIL pooling.
 
-A builder takes ``(case, weights, device)`` and returns a :class:`Provider` whose ``fn(inputs)``
-maps an :class:`~benchmarks.cases.InputSet` to ``z`` (any shape with ``B·K·D`` elements in
-``[B, K, D]`` order). It raises :class:`Unavailable` with a reason when the provider cannot run
-here (package missing, no GPU, unsupported case). Layout conversion happens in the InputSet,
-outside the timed region: fastmil gets its native layout (one bag ``[N, D]``, or packed
-``[T, D]`` + offsets), the padded formulations get ``[B, N, D]`` + mask, PyG gets packed rows +
-a bag index.
+A builder takes ``(case, weights, device, interpret)`` and returns a :class:`Provider` whose
+``fn(inputs, attention=False)`` maps an :class:`~benchmarks.cases.InputSet` to ``z`` (any shape
+with ``B·K·D`` elements in ``[B, K, D]`` order), or to ``(z, attention)`` when ``attention`` is
+True (the inference workload; ``Provider.infer`` is False where a provider cannot). It raises
+:class:`Unavailable` with a reason when the provider cannot run here (package missing, no GPU,
+unsupported case). Layout conversion happens in the InputSet, outside the timed region: fastmil
+gets its native layout (one bag ``[N, D]``, or packed ``[T, D]`` + offsets on x's device), the
+padded formulations get ``[B, N, D]`` + mask, PyG gets packed rows + a bag index.
+
+``interpret=True`` (the GPU check's CPU dry run) lets fastmil's Triton providers run in Triton's
+interpreter on CPU tensors (``TRITON_INTERPRET=1``); otherwise they are GPU-only.
 """
 
 from __future__ import annotations
@@ -30,37 +34,48 @@ class Unavailable(Exception):
 @dataclass
 class Provider:
     name: str
-    fn: Callable[[InputSet], torch.Tensor]
+    fn: Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
     params: list[torch.Tensor] = field(default_factory=list)  # own leaves (module parameters)
     uses_padded: bool = False
     info: dict = field(default_factory=dict)  # warm-up time, accuracy, memory (harness)
+    infer: str | None = None  # why fn cannot return the attention (None: it can)
 
 
 # ------------------------------------------------------------------------------------ fastmil
 
-def _fastmil(backend: str):
-    def build(case: Case, W: Weights, device: torch.device) -> Provider:
+# recompute=None is each backend's default; the triton columns name the mode they time
+_RECOMPUTE = {"fastmil_triton": True, "fastmil_triton_save": False, "fastmil_torch": None}
+
+
+def _fastmil(name: str):
+    backend = name.split("_")[1]
+    recompute = _RECOMPUTE[name]
+
+    def build(case: Case, W: Weights, device: torch.device, interpret: bool = False
+              ) -> Provider:
         import fastmil
         from fastmil import ops
 
         if backend == "triton":
-            if device.type != "cuda":
+            if device.type != "cuda" and not interpret:
                 raise Unavailable("fastmil triton is GPU-only (CUDA tensors); this column is "
                                   "measured on CUDA machines")
             probe = torch.empty(1, device=device, dtype=case.torch_dtype)
             try:
-                ok = ops.triton_available(probe)
+                reason = ops.triton_unavailable_reason(probe)
             except NotImplementedError as e:
                 raise Unavailable(f"fastmil backend='triton' not implemented: {e}") from e
-            if not ok:
-                raise Unavailable("fastmil.ops.triton_available() is False on this machine")
+            if reason is not None:
+                raise Unavailable(f"fastmil backend='triton' cannot run here: {reason}")
+        options = {} if recompute is None else {"recompute": recompute}
 
-        def fn(s: InputSet) -> torch.Tensor:
+        def fn(s: InputSet, attention: bool = False):
             offsets = None if case.B == 1 else s.offsets
             return fastmil.attention_pool(s.x, W.V, W.U, W.w, attn_bias=W.bV, gate_bias=W.bU,
-                                          offsets=offsets, backend=backend)
+                                          offsets=offsets, return_attention=attention,
+                                          backend=backend, **options)
 
-        return Provider(f"fastmil_{backend}", fn)
+        return Provider(name, fn)
 
     return build
 
@@ -68,14 +83,15 @@ def _fastmil(backend: str):
 # ------------------------------------------------------------------------- eager and compile
 
 def _eager_fn(pool, W: Weights):
-    def fn(s: InputSet) -> torch.Tensor:
+    def fn(s: InputSet, attention: bool = False):
         xp, mask = s.padded()
-        return pool(xp, W.V, W.U, W.w, attn_bias=W.bV, gate_bias=W.bU, mask=mask)
+        return pool(xp, W.V, W.U, W.w, attn_bias=W.bV, gate_bias=W.bU, mask=mask,
+                    return_attention=attention)
 
     return fn
 
 
-def _eager(case: Case, W: Weights, device: torch.device) -> Provider:
+def _eager(case: Case, W: Weights, device: torch.device, interpret: bool = False) -> Provider:
     from fastmil.reference import eager_attention_pool
 
     return Provider("eager", _eager_fn(eager_attention_pool, W), uses_padded=True)
@@ -93,7 +109,8 @@ def _raise_recompile_limits() -> None:
 
 
 def _compiled(mode: str | None, name: str):
-    def build(case: Case, W: Weights, device: torch.device) -> Provider:
+    def build(case: Case, W: Weights, device: torch.device, interpret: bool = False
+              ) -> Provider:
         from fastmil.reference import eager_attention_pool
 
         if device.type == "cpu":
@@ -101,7 +118,7 @@ def _compiled(mode: str | None, name: str):
                 raise Unavailable(f"torch.compile(mode={mode!r}) autotunes far too slowly on "
                                   "CPU for the smoke run; it runs on CUDA")
             if not case.compile_on_cpu:
-                raise Unavailable("torch.compile runs on one smoke case only on CPU (compile "
+                raise Unavailable("torch.compile runs on few smoke cases only on CPU (compile "
                                   "takes ~20 s per shape on 2 cores)")
         _raise_recompile_limits()
         # dynamic=False: each case is specialised to its shapes, as a user with fixed bag
@@ -114,7 +131,8 @@ def _compiled(mode: str | None, name: str):
 
 # -------------------------------------------------------------------------------- torchmil
 
-def _torchmil(case: Case, W: Weights, device: torch.device) -> Provider:
+def _torchmil(case: Case, W: Weights, device: torch.device, interpret: bool = False
+              ) -> Provider:
     try:
         from torchmil.nn.attention import AttentionPool
     except ImportError as e:
@@ -135,9 +153,9 @@ def _torchmil(case: Case, W: Weights, device: torch.device) -> Provider:
         linear(pool.fc_gated).bias.copy_(W.bU)
         pool.fc2.weight.copy_(W.w.reshape(1, -1))
 
-    def fn(s: InputSet) -> torch.Tensor:
+    def fn(s: InputSet, attention: bool = False):
         xp, mask = s.padded()
-        return pool(xp, mask=mask)
+        return pool(xp, mask=mask, return_att=attention)  # attention: its raw scores
 
     return Provider("torchmil", fn, params=list(pool.parameters()), uses_padded=True)
 
@@ -158,7 +176,7 @@ class _GatedScore(torch.nn.Module):
         return F.linear(hidden, W.w.reshape(-1, W.w.shape[-1]))
 
 
-def _pyg(case: Case, W: Weights, device: torch.device) -> Provider:
+def _pyg(case: Case, W: Weights, device: torch.device, interpret: bool = False) -> Provider:
     try:
         from torch_geometric.nn.aggr import AttentionalAggregation
         from torch_geometric.utils import scatter
@@ -170,22 +188,24 @@ def _pyg(case: Case, W: Weights, device: torch.device) -> Provider:
     if case.K == 1:  # the library's own module: softmax by `index`, then a scatter-sum
         aggr = AttentionalAggregation(gate_nn=score)
 
-        def fn(s: InputSet) -> torch.Tensor:
+        def fn(s: InputSet, attention: bool = False) -> torch.Tensor:
             return aggr(s.x, index=s.seg, dim_size=B)  # [B, D]
     else:  # AttentionalAggregation takes one gate column: the same recipe, K columns
-        def fn(s: InputSet) -> torch.Tensor:
+        def fn(s: InputSet, attention: bool = False) -> torch.Tensor:
             a = segment_softmax(score(s.x), s.seg, num_nodes=B, dim=0)  # [T, K]
             return scatter(a[:, :, None] * s.x[:, None, :], s.seg, dim=0, dim_size=B,
                            reduce="sum")  # [B, K, D]
 
-    return Provider("pyg", fn)
+    return Provider("pyg", fn, infer="PyG's AttentionalAggregation does not return the "
+                                   "attention weights")
 
 
 # ---------------------------------------------------------------------------------- registry
 
 _BUILDERS = {
-    "fastmil_triton": _fastmil("triton"),
-    "fastmil_torch": _fastmil("torch"),
+    "fastmil_triton": _fastmil("fastmil_triton"),
+    "fastmil_triton_save": _fastmil("fastmil_triton_save"),
+    "fastmil_torch": _fastmil("fastmil_torch"),
     "eager": _eager,
     "compile_default": _compiled(None, "compile_default"),
     "compile_max_autotune": _compiled("max-autotune-no-cudagraphs", "compile_max_autotune"),
@@ -196,5 +216,6 @@ _BUILDERS = {
 assert set(_BUILDERS) == set(PROVIDERS), "report.PROVIDERS and the builders disagree"
 
 
-def build_provider(name: str, case: Case, W: Weights, device: torch.device) -> Provider:
-    return _BUILDERS[name](case, W, device)
+def build_provider(name: str, case: Case, W: Weights, device: torch.device, *,
+                   interpret: bool = False) -> Provider:
+    return _BUILDERS[name](case, W, device, interpret)

@@ -2,6 +2,7 @@
 
     python -m benchmarks.report .benchmarks/smoke.json
     python -m benchmarks.report .benchmarks/gpu/*.json          # several runs are merged
+    python -m benchmarks.report out/gpu_check/bench.json --launches out/gpu_check/launches.json
 
 Reads pytest-benchmark's ``--benchmark-json`` output (or the suite's stand-in JSON): the numbers
 live in each benchmark's ``extra_info`` and in the top-level ``"fastmil"`` entry (environment,
@@ -19,10 +20,12 @@ import os
 import sys
 from collections import defaultdict
 
-PROVIDERS = ("fastmil_triton", "fastmil_torch", "eager", "compile_default",
+# also the order in which a case's providers run: the slow-to-compile ones last
+PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "fastmil_torch", "eager", "compile_default",
              "compile_max_autotune", "torchmil", "pyg")
 LABELS = {
-    "fastmil_triton": "fastmil triton",
+    "fastmil_triton": "fastmil triton (recompute=True)",
+    "fastmil_triton_save": "fastmil triton (recompute=False)",
     "fastmil_torch": "fastmil torch",
     "eager": "eager (fastmil.reference)",
     "compile_default": "torch.compile (default)",
@@ -31,12 +34,16 @@ LABELS = {
     "pyg": "PyG AttentionalAggregation",
 }
 SHORT = {
-    "fastmil_triton": "fastmil triton", "fastmil_torch": "fastmil torch", "eager": "eager",
+    "fastmil_triton": "triton recompute", "fastmil_triton_save": "triton save",
+    "fastmil_torch": "fastmil torch", "eager": "eager",
     "compile_default": "compile", "compile_max_autotune": "compile max-AT",
     "torchmil": "torchmil", "pyg": "PyG",
 }
-MODES = ("fwd", "bwd", "fwd_bwd")
-MODE_LABELS = {"fwd": "fwd", "bwd": "bwd", "fwd_bwd": "fwd+bwd"}
+MODES = ("fwd", "bwd", "fwd_bwd", "frozen", "infer")  # as benchmarks.cases.MODES
+MODE_LABELS = {"fwd": "fwd", "bwd": "bwd", "fwd_bwd": "fwd+bwd", "frozen": "frozen fwd+bwd",
+               "infer": "inference fwd"}
+WORKLOADS = {"fwd": "end-to-end", "bwd": "end-to-end", "fwd_bwd": "end-to-end",
+             "frozen": "frozen features", "infer": "inference"}
 GROUP_LABELS = {"wsi": "whole-slide image", "batched": "batched slides", "mnist": "MNIST-bags",
                 "multibranch": "multi-branch"}
 
@@ -95,7 +102,21 @@ class Results:
         skip = self.skipped.get((case, provider, mode))
         if skip is None:
             return "n/a"
-        return "OOM" if skip["status"] == "OOM" else "—"
+        return {"OOM": "OOM", "failed": "failed", "budget": "no time"}.get(skip["status"], "—")
+
+    def modes(self, case: str) -> list[str]:
+        """The modes this case was run (or skipped) in, in MODES order."""
+        seen = {k[2] for k in self.records if k[0] == case}
+        seen |= {k[2] for k in self.skipped if k[0] == case}
+        return [m for m in MODES if m in seen]
+
+    def find_role(self, role: str, mode: str) -> str | None:
+        """The case standing for ``role`` with records in ``mode``: a full-size one if the run
+        has one, else a smoke stand-in."""
+        names = [n for n in self.case_names() if self.cases[n].get("role") == role
+                 and mode in self.modes(n)]
+        names.sort(key=lambda n: bool(self.cases[n].get("smoke")))
+        return names[0] if names else None
 
     @property
     def smoke(self) -> bool:
@@ -159,145 +180,231 @@ def table(header: list[str], rows: list[list[str]], align: str | None = None) ->
 
 # ------------------------------------------------------------------------------------ targets
 
-def _speedup(res: Results, case: str, subject: str, others: list[str]) -> tuple | None:
-    """(speedup of subject over the best of others, which other) for fwd+bwd, or None."""
-    ts = res.time(case, subject)
+# The targets of issue 8, each on the shape (case role, see benchmarks.cases) and mode it is
+# defined on. "speed": (other provider, minimum speed-up of fastmil over it); "floor": minimum
+# fraction of the measured roofline floor; "memory": maximum ratio of the bytes saved for
+# backward to eager's. The subjects are fastmil's triton columns.
+TARGETS = [
+    {"workload": "frozen features, fwd+bwd", "role": "wsi-100k-d1024", "mode": "frozen",
+     "speed": [("eager", 2.0), ("compile_default", 1.3)]},
+    {"workload": "frozen features, fwd+bwd", "role": "batched", "mode": "frozen",
+     "speed": [("eager", 2.0)], "note": "eager on padded + mask"},
+    {"workload": "end-to-end, fwd+bwd", "role": "mnist", "mode": "fwd_bwd",
+     "speed": [("eager", 5.0)]},
+    {"workload": "inference, fwd", "role": "wsi-100k-d1536", "mode": "infer",
+     "speed": [("eager", 2.0)], "floor": 0.6},
+    {"workload": "memory kept for backward", "role": "wsi-100k-d1024", "mode": "frozen",
+     "memory": 0.1, "subjects": ["fastmil_triton"]},
+]
+TARGET_SUBJECTS = ("fastmil_triton", "fastmil_triton_save")
+
+
+def _target_text(t: dict) -> str:
+    parts = [f"≥ {x:g}× {SHORT[o]}" for o, x in t.get("speed", [])]
+    if "floor" in t:
+        parts.append(f"≥ {100 * t['floor']:.0f}% of the measured roofline floor")
+    if "memory" in t:
+        parts.append(f"saved for backward ≤ {100 * t['memory']:.0f}% of eager's "
+                     "(recompute=True)")
+    return "; ".join(parts) + (f" ({t['note']})" if t.get("note") else "")
+
+
+def _target_cell(res: Results, t: dict, case: str, subject: str) -> tuple[str, bool | None]:
+    """(what was measured, whether the target is met: None when it could not be judged)."""
+    mode = t["mode"]
+    if "memory" in t:
+        mine, eager = res.get(case, subject, mode), res.get(case, "eager", mode)
+        if not mine or not eager or mine.get("saved_bytes") is None or not eager.get(
+                "saved_bytes"):
+            return res.status(case, subject, mode) if not mine else "n/a", None
+        ratio = mine["saved_bytes"] / eager["saved_bytes"]
+        text = (f"{fmt_mib(mine['saved_bytes'])} MiB = {fmt_pct(ratio)} of eager's "
+                f"{fmt_mib(eager['saved_bytes'])} MiB")
+        if mine.get("kept_bytes") is not None and eager.get("kept_bytes"):
+            text += (f" (allocator: {fmt_mib(mine['kept_bytes'])} vs "
+                     f"{fmt_mib(eager['kept_bytes'])} MiB)")
+        return text, ratio <= t["memory"]
+    ts = res.time(case, subject, mode)
     if ts is None:
-        return None
-    times = [(res.time(case, o), o) for o in others]
-    ran = [(t, o) for t, o in times if t is not None]
-    if ran:
-        t, o = min(ran)
-        return t / ts, o
-    if any(res.status(case, o, "fwd_bwd") == "OOM" for o in others):
-        return math.inf, others[0]
-    return None
-
-
-def target_rows(res: Results, subject: str = "fastmil_triton") -> list[list[str]]:
-    full = [n for n in res.case_names() if not res.cases[n].get("smoke")]
-    by_group = defaultdict(list)
-    for n in full:
-        by_group[res.cases[n]["group"]].append(n)
-    no_data = ("no data: needs the full suite on a CUDA GPU with the fused kernel"
-               if not full else "no data")
-    rows = []
-
-    def speed_target(label, groups, others, threshold):
-        names = [n for g in groups for n in by_group.get(g, [])]
-        got = [(s, n) for n in names if (s := _speedup(res, n, subject, others)) is not None]
-        if not got:
-            rows.append([label, no_data, "—"])
-            return
-        (worst, other), case = min(got)
-        ok = all(s[0] >= threshold for s, _ in got)
-        rows.append([label, f"worst {fmt_x(worst)} vs {SHORT[other]} on `{case}` "
-                            f"({len(got)}/{len(names)} cases measured)",
-                     "met" if ok else "**not met**"])
-
-    compiles = ["compile_default", "compile_max_autotune"]
-    speed_target("fwd+bwd ≥ 2× faster than eager (whole-slide, batched)", ["wsi", "batched"],
-                 ["eager"], 2.0)
-    speed_target("fwd+bwd ≥ 1.3× faster than the best torch.compile mode (whole-slide, "
-                 "batched)", ["wsi", "batched"], compiles, 1.3)
-    speed_target("fwd+bwd ≥ 5× faster than eager (MNIST-bags)", ["mnist"], ["eager"], 5.0)
-
-    wsi100k = [n for n in by_group.get("wsi", []) if res.cases[n]["N"] == 100_000]
-    for mode in ("fwd", "bwd"):
-        label = f"≥ 60% of the measured roofline floor, {MODE_LABELS[mode]} (whole-slide 100k)"
-        fr = [(rec["floor_fraction"], n) for n in wsi100k
-              if (rec := res.get(n, subject, mode)) and rec.get("floor_fraction") is not None]
-        if not fr:
-            rows.append([label, no_data, "—"])
+        return res.status(case, subject, mode), None
+    parts, verdicts = [f"{fmt_ms(ts)} ms"], []
+    for other, need in t.get("speed", []):
+        to = res.time(case, other, mode)
+        if to is None:
+            status = res.status(case, other, mode)
+            parts.append(f"{SHORT[other]} {status}")
+            verdicts.append(True if status == "OOM" else None)  # it ran where the other did not
         else:
-            worst, case = min(fr)
-            rows.append([label, f"worst {fmt_pct(worst)} on `{case}` ({len(fr)}/{len(wsi100k)} "
-                                "cases)", "met" if worst >= 0.6 else "**not met**"])
+            parts.append(f"{fmt_x(to / ts)} {SHORT[other]}")
+            verdicts.append(to / ts >= need)
+    if "floor" in t:
+        frac = (res.get(case, subject, mode) or {}).get("floor_fraction")
+        parts.append("floor n/a" if frac is None else f"{fmt_pct(frac)} of the floor")
+        verdicts.append(None if frac is None else frac >= t["floor"])
+    if False in verdicts:
+        return ", ".join(parts), False
+    return ", ".join(parts), None if None in verdicts else True
 
-    label = "activation memory for backward ≤ 10% of eager's (whole-slide)"
-    ratios = []
-    for n in by_group.get("wsi", []):
-        mine, eager = res.get(n, subject, "fwd_bwd"), res.get(n, "eager", "fwd_bwd")
-        if mine and eager and mine.get("saved_bytes") is not None and eager.get("saved_bytes"):
-            ratios.append((mine["saved_bytes"] / eager["saved_bytes"], n))
-    if not ratios:
-        rows.append([label, no_data, "—"])
-    else:
-        worst, case = max(ratios)
-        rows.append([label, f"worst {fmt_pct(worst)} on `{case}` ({len(ratios)} cases)",
-                     "met" if worst <= 0.1 else "**not met**"])
+
+def target_rows(res: Results) -> list[list[str]]:
+    rows = []
+    for t in TARGETS:
+        case = res.find_role(t["role"], t["mode"])
+        subjects = t.get("subjects", TARGET_SUBJECTS)
+        if case is None:
+            rows.append([t["workload"], "no data", _target_text(t)]
+                        + ["n/a" for _ in TARGET_SUBJECTS] + ["—"])
+            continue
+        cells, verdicts = [], {}
+        for sub in TARGET_SUBJECTS:
+            if sub not in subjects:
+                cells.append("—")
+                continue
+            text, verdicts[sub] = _target_cell(res, t, case, sub)
+            cells.append(text)
+        met = [SHORT[s] for s, ok in verdicts.items() if ok]
+        if met:
+            status = "met by " + ", ".join(met)
+        elif False in verdicts.values():
+            status = "**not met**"
+        else:
+            status = "no data"
+        if res.cases[case].get("smoke") and status != "no data":
+            status += ", smoke shape"
+        shape = res.cases[case]["describe"]
+        rows.append([t["workload"], f"`{case}`: {shape}", _target_text(t)] + cells + [status])
     return rows
+
+
+def targets_table(res: Results) -> str:
+    header = ["workload", "shape", "target"] + [LABELS[s] for s in TARGET_SUBJECTS] + ["status"]
+    return table(header, target_rows(res), "l" * len(header))
 
 
 # ------------------------------------------------------------------------------------- tables
 
-def speedup_table(res: Results, subject: str) -> str | None:
-    names = [n for n in res.case_names() if res.time(n, subject) is not None]
+def speedup_table(res: Results, subject: str, mode: str) -> str | None:
+    names = [n for n in res.case_names() if res.time(n, subject, mode) is not None]
     if not names:
         return None
-    others = [p for p in PROVIDERS if p != subject]
+    others = [p for p in PROVIDERS if p != subject
+              and any(res.get(n, p, mode) or (n, p, mode) in res.skipped for n in names)]
     rows = []
     for n in names:
-        ts = res.time(n, subject)
+        ts = res.time(n, subject, mode)
         cells = []
         for o in others:
-            t = res.time(n, o)
-            cells.append(fmt_x(t / ts) if t is not None else res.status(n, o, "fwd_bwd"))
+            t = res.time(n, o, mode)
+            cells.append(fmt_x(t / ts) if t is not None else res.status(n, o, mode))
         rows.append([f"`{n}`", fmt_ms(ts)] + cells)
     return table(["case", f"{SHORT[subject]} ms"] + [SHORT[o] for o in others], rows)
 
 
+def _per_workload(recs: dict, key: str, fmt) -> str:
+    """One value per workload present (e2e from fwd_bwd, else any e2e mode), joined by ' / '."""
+    vals = []
+    for modes in (("fwd_bwd", "fwd", "bwd"), ("frozen",), ("infer",)):
+        rec = next((recs[m] for m in modes if recs.get(m)), None)
+        if any(m in recs for m in modes):
+            vals.append(fmt(rec.get(key)) if rec else "n/a")
+    return " / ".join(vals) or "n/a"
+
+
 def case_section(res: Results, name: str, subjects: list[str]) -> str:
     case = res.cases[name]
+    modes = res.modes(name)
     out = [f"### `{name}`", "",
-           f"{GROUP_LABELS.get(case['group'], case['group'])}: {case['describe']}."]
-    floors = {m: rec.get("floor_ms") for m in MODES if (rec := res.any_record(name, m))}
+           f"{GROUP_LABELS.get(case['group'], case['group'])}: {case['describe']}; "
+           f"workloads: {', '.join(MODE_LABELS[m] for m in modes)}."]
+    floors = {m: rec.get("floor_ms") for m in modes if (rec := res.any_record(name, m))}
     if any(v is not None for v in floors.values()):
         out.append("Roofline floor: " + ", ".join(
-            f"{MODE_LABELS[m]} {fmt_ms(floors[m])} ms" for m in MODES if floors.get(m)) + ".")
+            f"{MODE_LABELS[m]} {fmt_ms(floors[m])} ms" for m in modes if floors.get(m)) + ".")
     out.append("")
-    speed_subject = next((s for s in subjects if res.time(name, s) is not None), None)
-    header = (["provider"] + [f"{MODE_LABELS[m]} ms" for m in MODES]
-              + ([f"{SHORT[speed_subject]} speedup"] if speed_subject else [])
-              + ["fwd+bwd TFLOP/s", "fwd+bwd GB/s", "% floor fwd / bwd / fwd+bwd",
-                 "saved for bwd MiB", "peak MiB", "rel. err"])
+    workloads = " / ".join(w for w, ms in (("e2e", ("fwd", "bwd", "fwd_bwd")),
+                                          ("frozen", ("frozen",)), ("infer", ("infer",)))
+                           if any(m in modes for m in ms))
+    header = (["provider"] + [f"{MODE_LABELS[m]} ms" for m in modes]
+              + [f"% floor {' / '.join(MODE_LABELS[m] for m in modes)}",
+                 f"saved for bwd MiB ({workloads})", f"peak MiB ({workloads})", "rel. err"])
     rows, notes = [], {}
     for p in PROVIDERS:
-        recs = {m: res.get(name, p, m) for m in MODES}
+        recs = {m: res.get(name, p, m) for m in modes}
         if not any(recs.values()):
-            skips = [res.skipped.get((name, p, m)) for m in MODES]
+            skips = [res.skipped.get((name, p, m)) for m in modes]
             skip = next((s for s in skips if s), None)
             if skip is not None:
                 notes[p] = skip
             continue
         cells = [LABELS[p]]
-        for m in MODES:
+        for m in modes:
             cells.append(fmt_ms(recs[m]["median_ms"]) if recs[m] else res.status(name, p, m))
-        if speed_subject:
-            ts, t = res.time(name, speed_subject), res.time(name, p)
-            cells.append("—" if p == speed_subject else fmt_x(t / ts) if t else "n/a")
-        fb = recs["fwd_bwd"]
-        cells.append(fmt_num(fb["tflops"]) if fb else "n/a")
-        cells.append(fmt_num(fb["gbps"]) if fb else "n/a")
         cells.append(" / ".join(fmt_pct(recs[m].get("floor_fraction")) if recs[m] else "n/a"
-                                for m in MODES))
-        any_rec = next(r for r in recs.values() if r)
-        cells.append(fmt_mib(any_rec.get("saved_bytes")))
-        cells.append(fmt_mib(any_rec.get("peak_bytes")))
-        err = any_rec.get("rel_err")
-        flag = "" if any_rec.get("accurate", True) else " ⚠"
-        cells.append(("n/a" if err is None else f"{err:.1e}") + flag)
+                                for m in modes))
+        present = {m: r for m, r in recs.items() if r}
+        cells.append(_per_workload(present | {m: None for m in modes if m not in present},
+                                   "saved_bytes", fmt_mib))
+        cells.append(_per_workload(present | {m: None for m in modes if m not in present},
+                                   "peak_bytes", fmt_mib))
+        errs = [r.get("rel_err") for r in present.values() if r.get("rel_err") is not None]
+        flag = "" if all(r.get("accurate", True) for r in present.values()) else " ⚠"
+        cells.append((f"{max(errs):.1e}" if errs else "n/a") + flag)
         rows.append(cells)
-    if rows:
-        out.append(table(header, rows))
-    else:
-        out.append("No provider ran.")
+    out.append(table(header, rows) if rows else "No provider ran.")
     if notes:
         out.append("")
         out.append("Not run: " + "; ".join(
             f"{SHORT[p]} ({'OOM' if s['status'] == 'OOM' else s['reason']})"
             for p, s in notes.items()) + ".")
     return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- kernel launches
+
+def launches_section(paths: list[str]) -> str:
+    """Tables of ``python -m benchmarks.launch_count`` JSON files."""
+    out = []
+    for path in paths:
+        with open(path) as fh:
+            data = json.load(fh)
+        out += [launch_table(data), ""]
+    return "\n".join(out).rstrip()
+
+
+def launch_table(data: dict) -> str:
+    env = data.get("env", {})
+    cuda = data.get("method") == "cuda"
+    head = (f"{data.get('shape')}, {env.get('device')}, fastmil {env.get('fastmil_commit')}: "
+            + ("CUDA kernel launches of one call (torch.profiler CUDA kernel events; memcpy / "
+               "memset counted apart)" if cuda else
+               "**CPU proxy, not CUDA launches**: aten ops dispatched that would launch a kernel "
+               "(leaf ops in torch.profiler, views and allocations left out) + Triton kernel "
+               "launches (interpreter)"))
+    workloads = [w for w in ("frozen", "e2e", "infer")
+                 if any(r["workload"] == w for r in data["rows"])]
+    header = ["provider"] + [WORKLOAD_LABELS[w] for w in workloads]
+    by = {(r["provider"], r["workload"]): r for r in data["rows"]}
+    rows = []
+    for p in PROVIDERS:
+        if not any((p, w) in by for w in workloads):
+            continue
+        cells = [LABELS[p]]
+        for w in workloads:
+            r = by.get((p, w))
+            cells.append("n/a" if r is None else r.get("error") and "failed" or _launch_cell(r))
+        rows.append(cells)
+    return head + "\n\n" + table(header, rows)
+
+
+WORKLOAD_LABELS = {"frozen": "frozen features fwd+bwd", "e2e": "end-to-end fwd+bwd",
+                   "infer": "inference fwd"}
+
+
+def _launch_cell(r: dict) -> str:
+    if "cuda_kernels" in r:
+        extra = [f"{r[k]} {k}" for k in ("memcpy", "memset") if r.get(k)]
+        return str(r["cuda_kernels"]) + (f" (+ {', '.join(extra)})" if extra else "")
+    return f"{r['proxy']} ({r['aten_ops']} aten + {r['triton_launches']} triton)"
 
 
 # --------------------------------------------------------------------------------------- plot
@@ -371,26 +478,39 @@ pytest benchmarks/ --smoke -q
 pytest benchmarks/ -q --benchmark-json=.benchmarks/run.json   # add --cpu-threads 1 on a busy CPU
 python -m benchmarks.report .benchmarks/run.json                # writes RESULTS.md + the plot
 
+# the GPU check: CUDA kernel tests, the targets' shapes in their workloads, kernel launches
+benchmarks/gpu_check.sh                     # ~7 min on an H100; results under $OUT or out/gpu_check
+benchmarks/gpu_check.sh --dry-run           # the same on CPU: tiny shapes, Triton's interpreter
+python -m benchmarks.report OUT/bench.json --launches OUT/launches.json   # into this page
+
 # full suite on a CUDA machine (splits into chunks, merges them into this page)
 benchmarks/run_gpu.sh                       # or: benchmarks/run_gpu.sh wsi-bf16 batched ...
 ```
 
 Select with `-k` on the test ids `<case>-<provider>-<mode>`, e.g. `-k "wsi and bf16"`,
-`-k "not max_autotune"`. Options: `--smoke`, `--bench-rounds N` (pytest-benchmark rounds, default
-5), `--bench-rep-ms MS` (CUDA: time spent in timed calls per test, default 200),
-`--cpu-threads N`, `--tf32`."""
+`-k "not max_autotune"`, `-k frozen`. Options: `--suite full|smoke|gpu-check|dry-run`
+(`--smoke` = `--suite smoke`), `--bench-rounds N` (pytest-benchmark rounds, default 5),
+`--bench-rep-ms MS` (CUDA: time spent in timed calls per test, default 200), `--bench-budget-s S`
+(skip what would start after S seconds), `--fastmil-json PATH` (results written after every
+test), `--cpu-threads N`, `--tf32`."""
 
 METHOD = """\
-- **Providers.** fastmil `backend="triton"` (CUDA only) and `backend="torch"` on their native
-  layout (one bag `[N, D]`, or packed `[T, D]` + offsets); the eager padded formulation users
-  write today (`fastmil.reference.eager_attention_pool`, `[B, N, D]` + mask); `torch.compile` of
-  it (`dynamic=False`, default and `max-autotune-no-cudagraphs`); torchmil's `AttentionPool`
+- **Providers.** fastmil `backend="triton"` (CUDA; the GPU check's dry run uses Triton's
+  interpreter on CPU) with `recompute=True` (memory-lean: the backward recomputes the
+  projections) and `recompute=False` (the forward saves them), and `backend="torch"` (its
+  default), on their native layout (one bag `[N, D]`, or packed `[T, D]` + offsets on x's
+  device); the eager padded formulation users write today
+  (`fastmil.reference.eager_attention_pool`, `[B, N, D]` + mask); `torch.compile` of it
+  (`dynamic=False`, default and `max-autotune-no-cudagraphs`); torchmil's `AttentionPool`
   (padded + mask, one branch only); PyG's `AttentionalAggregation` (packed rows + `index`; for
   K > 1 the same `softmax` + `scatter` recipe on K columns). All use the same weights; gated
-  attention with biases on V and U; every x and weight requires grad. Layout conversions happen
-  outside the timed region.
-- **Modes.** `fwd`: the training forward (graph recorded); `bwd`: backward alone (the forward
-  runs untimed before each call); `fwd+bwd`: both. Gradients are dropped before each call.
+  attention with biases on V and U; the weights require grad. Layout conversions happen outside
+  the timed region.
+- **Workloads and modes.** End-to-end (x requires grad): `fwd` (the training forward, graph
+  recorded), `bwd` (backward alone; the forward runs untimed before each call), `fwd+bwd`.
+  Frozen features (x does not require grad, the weights do): `frozen fwd+bwd`. Inference:
+  `inference fwd` under `torch.no_grad()` with `return_attention=True` (torchmil returns its raw
+  scores; PyG cannot return the weights and is not run). Gradients are dropped before each call.
 - **Timing.** CUDA: CUDA events around each call after an untimed setup and a 256 MiB L2 flush,
   inputs rotated over up to 4 sets (while x is under 256 MiB), 3 warm-up calls, then calls for
   `--bench-rep-ms` (at least 10); the median is reported (p20/p80 in the JSON). CPU:
@@ -398,19 +518,23 @@ METHOD = """\
   time is recorded separately.
 - **Cost model** (per real instance; padding is not useful work): forward `4·L·D + 2·L·K +
   2·D·K` flops; backward `3 × 4·L·D` (dh, dV/dU and the recompute of the projections) `+
-  4·L·K + 4·D·K`; bytes: x read once forward, read once and dx written once backward, plus
-  weights (and their gradients) and z / dz.
+  4·L·K + 4·D·K`, frozen backward `2 × 4·L·D` (no dh) `+ 4·L·K + 2·D·K`; bytes: x read once
+  forward, read once and dx written once backward (frozen: no dx), plus weights (and their
+  gradients) and z / dz; inference also writes the fp32 attention.
 - **Roofline floor** `max(flops / peak, bytes / bandwidth)` with the peaks measured at the
   start of the same run: a bf16 matmul (16-bit cases), a tf32 matmul (fp32 cases on CUDA; strict
   fp32 on CPU) and a device-to-device copy counted as read + write. "% floor" = floor / time.
   The backward count includes the recompute of the projections, so a provider that stores them
-  instead (eager, compile, torchmil, PyG) does less work than counted and can pass 100%.
-- **Memory.** CUDA: `saved for bwd` = allocator growth across the forward minus z (what is held
-  for backward), `peak` = `max_memory_allocated` over forward + backward above the inputs
-  (gradients included). CPU: bytes of the distinct storages autograd saves
-  (`saved_tensors_hooks`, inputs and weights excluded); no peak.
-- **Accuracy.** z is compared with `fastmil.reference.attention_pool_reference` (relative RMS);
-  fastmil providers fail above 5e-3 (fp32) / 3e-2 (bf16); others are timed and flagged ⚠."""
+  instead (eager, compile, torchmil, PyG, fastmil with `recompute=False`) does less work than
+  counted and can pass 100%.
+- **Memory.** `saved for bwd` = bytes of the distinct storages autograd saves for backward,
+  seen through `torch.autograd.graph.saved_tensors_hooks` (inputs and weights left out), on
+  every device; the memory target compares these. On CUDA also `kept` = allocator growth across
+  the forward minus its outputs (in the JSON and the targets table) and `peak` =
+  `max_memory_allocated` over forward (+ backward) above the inputs (gradients included).
+- **Accuracy.** z (and for inference the attention) is compared with
+  `fastmil.reference.attention_pool_reference` (relative RMS); fastmil providers fail above
+  5e-3 (fp32) / 3e-2 (16-bit); others are timed and flagged ⚠."""
 
 
 def env_table(res: Results) -> str:
@@ -444,43 +568,77 @@ def env_table(res: Results) -> str:
     return table(["", ""], rows, "ll")
 
 
-def render(res: Results, plot_name: str | None, note: str | None = None) -> str:
+def _banner(res: Results) -> list[str]:
     env = res.env
+    if env.get("device_type") == "cuda" and not res.smoke:
+        return []
+    if env.get("suite") == "dry-run":
+        return ["> **CPU dry run of the GPU check: not a measurement.** Tiny stand-ins of the "
+                "targets' shapes, fastmil triton in Triton's interpreter: they show that "
+                "`benchmarks/gpu_check.sh` runs end to end, not how fast anything is.", ""]
+    return ["> **CPU smoke run: GPU numbers are still missing.** These are the tiny smoke "
+            "shapes on CPU, with the torch-backend providers only (the fastmil triton column is "
+            "GPU-only; torch.compile runs on one shape). They show that the suite runs, not how "
+            "fast fastmil is. Run `benchmarks/gpu_check.sh` (or `benchmarks/run_gpu.sh`) on a "
+            "CUDA machine and commit the RESULTS.md it writes.", ""]
+
+
+def render(res: Results, plot_name: str | None, notes: list[str] | None = None,
+           launches: list[str] | None = None) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    sources = ", ".join(f"`{os.path.relpath(p)}`" for p in res.paths)
+    sources = ", ".join(f"`{os.path.relpath(p)}`" for p in res.paths + (launches or []))
     out = ["# fastmil benchmarks: `attention_pool`", "",
            f"Generated by `python -m benchmarks.report` on {now} from {sources}.", ""]
-    if res.smoke or env.get("device_type") != "cuda":
-        out += ["> **CPU smoke run: GPU numbers are still missing.** These are the tiny smoke "
-                "shapes on CPU, with the torch-backend providers only (the fastmil triton "
-                "column is GPU-only; torch.compile runs on one shape). They show that the "
-                "suite runs, not how fast fastmil is. Run `benchmarks/run_gpu.sh` on a CUDA "
-                "machine and commit the RESULTS.md and plot it writes.", ""]
-    if note:
+    out += _banner(res)
+    for note in notes or []:
         out += [f"> {note}", ""]
-    out += ["## Running the suite", "", HOW_TO_RUN, "", "## Method", "", METHOD, "",
-            "## Environment", "", env_table(res), "",
-            "## Targets (fused kernel, forward+backward unless stated)", "",
-            table(["target", "measured", "status"], target_rows(res), "lll"), ""]
-
-    subjects = [s for s in ("fastmil_triton", "fastmil_torch")
-                if any(res.time(n, s) is not None for n in res.case_names())]
-    out += ["## Speedups (forward+backward)", ""]
+    out += [f"## Targets ({res.env.get('device')})", "",
+            "Each target on the shape and workload it is defined on, for both backward modes "
+            "of the fused kernel; speed-ups are the other provider's median time ÷ fastmil's.",
+            "", targets_table(res), "", "## Environment", "", env_table(res), ""]
+    subjects = [s for s in ("fastmil_triton", "fastmil_triton_save", "fastmil_torch")
+                if any(res.time(n, s, m) is not None for n in res.case_names() for m in MODES)]
+    out += ["## Speedups", ""]
     if not subjects:
         out += ["No fastmil timings in this run.", ""]
-    for s in subjects:
-        out += [f"Time of each provider ÷ time of **{LABELS[s]}** (> 1: {SHORT[s]} is faster; "
-                "— = not available here, OOM = out of memory).", "",
-                speedup_table(res, s), ""]
+    for mode in ("frozen", "fwd_bwd", "infer"):  # one table per workload, vs the fused kernel
+        tab, s = next(((t, s) for s in subjects if (t := speedup_table(res, s, mode))),
+                      (None, None))
+        if tab is None:
+            continue
+        out += [f"{MODE_LABELS[mode]} ({WORKLOADS[mode]}): time of each provider ÷ time of "
+                f"**{LABELS[s]}** (> 1: {SHORT[s]} is faster; — = not available here, OOM = out "
+                "of memory).", "", tab, ""]
+    if launches:
+        out += ["## Kernel launches (MNIST-bags shape)", "", launches_section(launches), ""]
     if plot_name:
         out += ["## Time vs bag size", "", f"![forward+backward time vs bag size]({plot_name})",
                 ""]
     out += ["## Results per case", "",
-            "Median times; TFLOP/s and GB/s from the cost model above; rel. err = relative RMS "
-            "error of z vs `fastmil.reference`.", ""]
+            "Median times; rel. err = relative RMS error of z (and the attention) vs "
+            "`fastmil.reference`, the largest over the workloads.", ""]
     for name in res.case_names():
         out += [case_section(res, name, subjects), ""]
+    out += ["## Running the suite", "", HOW_TO_RUN, "", "## Method", "", METHOD, ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def summary(res: Results, launches: list[str] | None = None) -> str:
+    """The short table the GPU check prints last."""
+    env = res.env
+    out = [f"device: {env.get('device')}; fastmil {env.get('fastmil_commit')}; torch "
+           f"{env.get('torch')}, triton {env.get('triton')}"]
+    peaks = [f"{k[5:-7]} {fmt_num(env[k])} TFLOP/s" for k in ("peak_bf16_tflops",
+                                                            "peak_tf32_tflops") if env.get(k)]
+    if env.get("peak_copy_gbps"):
+        peaks.append(f"copy {fmt_num(env['peak_copy_gbps'])} GB/s")
+    out += ["measured peaks: " + ", ".join(peaks), "", targets_table(res)]
+    if launches:
+        out += ["", launches_section(launches)]
+    failed = sorted({(k[0], k[1]) for k, v in res.skipped.items() if v["status"] == "failed"})
+    if failed:
+        out += ["", "failed: " + "; ".join(f"{p} on {c}" for c, p in failed)]
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -490,7 +648,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.path.join(here, "RESULTS.md"))
     ap.add_argument("--plot", default=None,
                     help="PNG path (default: time_vs_bag_size.png next to --out)")
-    ap.add_argument("--note", default=None, help="a remark to print under the title")
+    ap.add_argument("--no-plot", action="store_true", help="write no plot")
+    ap.add_argument("--note", action="append", default=[],
+                    help="a remark to print under the title (repeatable)")
+    ap.add_argument("--launches", action="append", default=[],
+                    help="JSON of python -m benchmarks.launch_count (repeatable)")
+    ap.add_argument("--summary", action="store_true",
+                    help="also print the targets (and launches) table to stdout")
     args = ap.parse_args(argv)
     res = Results(args.json)
     if not res.records:
@@ -498,12 +662,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     plot_path = args.plot or os.path.join(os.path.dirname(os.path.abspath(args.out)),
                                           "time_vs_bag_size.png")
-    plotted = plot(res, plot_path)
+    plotted = not args.no_plot and plot(res, plot_path)
     rel = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(args.out)))
-    text = render(res, rel if plotted else None, args.note)
+    text = render(res, rel if plotted else None, args.note, args.launches)
     with open(args.out, "w") as fh:
         fh.write(text)
     print(f"wrote {args.out}" + (f" and {plot_path}" if plotted else ""))
+    if args.summary:
+        print()
+        print(summary(res, args.launches))
     return 0
 
 

@@ -1,10 +1,11 @@
-"""Time forward, backward and forward+backward of attention-MIL pooling per provider and case.
+"""Time attention-MIL pooling per provider, case and mode (workload).
 
-Parametrised in conftest.py (case × provider × mode, case-major). Each test records in
-pytest-benchmark's ``extra_info``: the median time (CUDA events on GPU, perf_counter on CPU),
-achieved TFLOP/s and GB/s, the roofline floor from the peaks measured in this run and the
-fraction of it reached, memory (saved for backward, peak above the inputs), warm-up / compile
-time, and the relative error of z against ``fastmil.reference``.
+Parametrised in conftest.py (case × provider × mode, case-major, from the chosen suite). Each
+test records in pytest-benchmark's ``extra_info``: the median time (CUDA events on GPU,
+perf_counter on CPU), achieved TFLOP/s and GB/s, the roofline floor from the peaks measured in
+this run and the fraction of it reached, memory (saved for backward, and on CUDA kept after the
+forward and the peak), warm-up / compile time, and the relative error of z (and of the attention,
+for inference) against ``fastmil.reference``.
 """
 
 from __future__ import annotations
@@ -21,19 +22,23 @@ def test_attention_pool(case_name, provider, mode, bench, benchmark):
     case = get_case(case_name)
     env = bench.env  # measures the device peaks on first use
     bench.use_case(case)
-    prov = bench.provider(provider)
+    if bench.over_budget():
+        skip = Skip("the run's time budget (--bench-budget-s) was spent first", "budget")
+        bench.record_skip(provider, mode, skip)
+        pytest.skip(f"{provider}: {skip.reason}")
+    prov = bench.workload(provider, mode)
     if isinstance(prov, Skip):
         bench.record_skip(provider, mode, prov)
         pytest.skip(f"{provider}: {prov.reason}")
     if isinstance(prov, Broken):
+        bench.record_skip(provider, mode, Skip(prov.message, "failed"))
         raise AssertionError(prov.message) from prov.error
 
     benchmark.group = f"{case.name} {mode}"
     info = benchmark.extra_info
     info.update(case=case.name, case_group=case.group, provider=provider, mode=mode,
-                device=env["device"], smoke=case.smoke, n_input_sets=len(bench.sets),
-                **prov.info)
-    setup, step = make_runner(prov, bench.weights, bench.sets, mode)
+                device=env["device"], smoke=case.smoke, n_input_sets=len(bench.sets), **prov)
+    setup, step = make_runner(bench.provider(provider), bench.weights, bench.sets, mode)
 
     if bench.device.type == "cuda":
         try:
@@ -66,3 +71,4 @@ def test_attention_pool(case_name, provider, mode, bench, benchmark):
         info.update(summarize([t * 1e3 for t in benchmark.stats.stats.data]),
                     timer="perf_counter (pytest-benchmark), median")
     info.update(derived_metrics(case, mode, info["median_ms"], env))
+    bench.add_record(info)

@@ -130,23 +130,25 @@ def measure_peaks(device: torch.device) -> dict:
     return out
 
 
-def cuda_memory(run: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None]
-                ) -> dict:
-    """Memory of one forward + backward above what is allocated before it (inputs, weights):
-    ``saved_bytes`` is held between forward and backward (minus z itself), ``peak_bytes`` is
-    the high-water mark over both (gradients included)."""
+def cuda_memory(run: Callable[[], torch.Tensor | tuple],
+                backward: Callable[[torch.Tensor], None] | None) -> dict:
+    """Memory of one forward (+ backward) above what is allocated before it (inputs, weights):
+    ``kept_bytes`` is what the allocator still holds after the forward, minus z itself (what is
+    kept for backward), ``peak_bytes`` the high-water mark over both (gradients included)."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    z = run()
+    out = run()
     torch.cuda.synchronize()
-    z_bytes = z.untyped_storage().nbytes()
-    saved = torch.cuda.memory_allocated() - base - z_bytes
-    backward(z)
+    outs = out if isinstance(out, tuple) else (out,)
+    out_bytes = sum(t.untyped_storage().nbytes() for t in outs if t is not None)
+    kept = torch.cuda.memory_allocated() - base - out_bytes
+    if backward is not None:
+        backward(outs[0])
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    del z
-    return {"saved_bytes": int(saved), "peak_bytes": int(peak),
+    del out, outs
+    return {"kept_bytes": int(kept), "peak_bytes": int(peak),
             "memory_method": "torch.cuda allocator, above the inputs"}
 
 

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# The GPU check: one command, about 7 minutes on an H100, that prints a short table last.
+#
+#   benchmarks/gpu_check.sh              # on a CUDA machine
+#   benchmarks/gpu_check.sh --dry-run    # on CPU: tiny shapes, Triton's interpreter (tests this
+#                                        # script end to end; its numbers mean nothing)
+#
+# Stages, each time-boxed; one that fails or runs out of time does not stop the next:
+#   1. CUDA kernel tests: pytest tests/test_triton.py tests/test_cuda.py (+ tests/test_options.py)
+#      on the GPU, every dtype (bf16 included); pytest-xdist spreads the Triton compiles when
+#      it is installed.
+#   2. benchmarks: pytest benchmarks/ --suite gpu-check: the targets' shapes, each in its
+#      workload (frozen features, end-to-end, inference), fastmil triton (recompute=True and
+#      False) vs eager vs torch.compile (default) vs fastmil torch, one process, with memory.
+#   3. kernel launches of one call at the MNIST-bags shape, per workload (torch.profiler).
+#   4. report: OUT_DIR/RESULTS.md, then the targets and launch tables printed last.
+#
+# Files, in OUT_DIR ($OUT_DIR, else $OUT, the device tool's folder, else out/gpu_check):
+#   gpu_check.log (everything), bench.json, launches.json, RESULTS.md.
+# Back here, merge them into benchmarks/RESULTS.md (with any other run's JSON):
+#   python -m benchmarks.report OUT_DIR/bench.json --launches OUT_DIR/launches.json
+#
+# Environment: TESTS (pytest paths of stage 1), TEST_TIMEOUT (s, default 150), BENCH_BUDGET
+# (s after which no benchmark starts, 170), BENCH_TIMEOUT (hard limit, 230), LAUNCH_TIMEOUT (60),
+# XDIST (pytest-xdist workers, 8), PYTHON (python). Worst case with the defaults: ~7 min.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PYTHON=${PYTHON:-python}
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; fi
+OUT_DIR=${OUT_DIR:-${OUT:-out/gpu_check}}
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_check.log"
+: >"$LOG"
+# compile caches of this run (a fresh machine has none; a rerun on a warm one reuses them)
+CACHE=${GPU_CHECK_CACHE:-${TMPDIR:-/tmp}/fastmil-gpu-check}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$CACHE/triton}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$CACHE/inductor}
+T0=$(date +%s)
+
+mkdir -p "$CACHE"
+say() { echo "$*" | tee -a "$LOG"; }
+# stage NAME LIMIT CMD...: the output goes to $CACHE/NAME.log and then to the log (the device
+# tool returns the log), minus the profiler's start/stop chatter; at the time limit the command
+# gets SIGINT first, so that pytest still ends its session
+stage() {
+  local name=$1 limit=$2; shift 2
+  timeout -s INT -k 20 "$limit" "$@" >"$CACHE/$name.log" 2>&1
+  local rc=$?
+  grep -v '^USDT:' "$CACHE/$name.log" >>"$LOG"
+  return $rc
+}
+summary_line() {  # pytest's last summary line in a stage's log
+  grep -E '[0-9]+ (passed|failed|skipped|deselected|error)|no tests ran' "$CACHE/$1.log" \
+    | tail -n 1 | tr -d '=' | sed 's/^ *//; s/ *$//'
+}
+
+if [ "$DRY" = 1 ]; then
+  export TRITON_INTERPRET=1
+  SUITE=dry-run
+  LAUNCH_ARGS=(--device cpu --bags 64 --D 64 --L 32)
+else
+  SUITE=gpu-check
+  LAUNCH_ARGS=()
+  if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    say "gpu_check.sh: no CUDA device visible (on a CPU machine: benchmarks/gpu_check.sh --dry-run)"
+    exit 2
+  fi
+fi
+"$PYTHON" - <<'EOF' 2>&1 | tee -a "$LOG"
+import importlib.util, platform, torch
+dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)"
+tri = importlib.util.find_spec("triton")
+ver = __import__("triton").__version__ if tri else "not installed"
+print(f"gpu_check.sh: {dev}; torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"triton {ver}, python {platform.python_version()}")
+EOF
+if [ "$DRY" = 0 ] && command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
+    --format=csv,noheader >>"$LOG" 2>&1 || true
+fi
+
+# -- 1. kernel tests -------------------------------------------------------------------------
+if [ -z "${TESTS:-}" ]; then
+  TESTS="tests/test_triton.py tests/test_cuda.py"
+  [ -f tests/test_options.py ] && TESTS="$TESTS tests/test_options.py"
+fi
+XDIST_ARGS=()
+if [ "$DRY" = 0 ] && "$PYTHON" -c "import xdist" 2>/dev/null; then
+  XDIST_ARGS=(-n "${XDIST:-8}")
+fi
+say "== 1/4 kernel tests: pytest $TESTS ${XDIST_ARGS[*]} (limit ${TEST_TIMEOUT:-150} s)"
+start=$(date +%s)
+# shellcheck disable=SC2086  # TESTS is a word list
+stage tests "${TEST_TIMEOUT:-150}" "$PYTHON" -m pytest $TESTS -q -p no:cacheprovider -rfE \
+  "${XDIST_ARGS[@]}"
+test_rc=$?
+test_line="$(summary_line tests) ($(( $(date +%s) - start )) s, exit status $test_rc)"
+if [ "$test_rc" = 124 ]; then test_line="$test_line: TIME LIMIT"; fi
+say "kernel tests: $test_line"
+grep -E '^(FAILED|ERROR) ' "$CACHE/tests.log" | head -n 20
+
+# -- 2. benchmarks ---------------------------------------------------------------------------
+say "== 2/4 benchmarks: pytest benchmarks/ --suite $SUITE (budget ${BENCH_BUDGET:-170} s)"
+start=$(date +%s)
+rm -f "$OUT_DIR/bench.json"
+stage bench "${BENCH_TIMEOUT:-230}" "$PYTHON" -m pytest benchmarks/test_attention_pool.py -q \
+  -p no:cacheprovider -rfE --suite "$SUITE" --fastmil-json "$OUT_DIR/bench.json" \
+  --bench-budget-s "${BENCH_BUDGET:-170}" --bench-rep-ms 100 --bench-rounds 2
+bench_rc=$?
+say "benchmarks: $(summary_line bench) ($(( $(date +%s) - start )) s, exit status $bench_rc)"
+grep -E '^(FAILED|ERROR) ' "$CACHE/bench.log" | head -n 20
+
+# -- 3. kernel launches ----------------------------------------------------------------------
+say "== 3/4 kernel launches at the MNIST-bags shape"
+start=$(date +%s)
+stage launches "${LAUNCH_TIMEOUT:-60}" "$PYTHON" -m benchmarks.launch_count "${LAUNCH_ARGS[@]}" \
+  --json "$OUT_DIR/launches.json"
+launch_rc=$?
+say "launches: exit status $launch_rc ($(( $(date +%s) - start )) s)"
+
+# -- 4. report -------------------------------------------------------------------------------
+say "== 4/4 report ($(( $(date +%s) - T0 )) s so far)"
+REPORT_ARGS=(--out "$OUT_DIR/RESULTS.md" --no-plot --summary
+             --note "GPU check (\`benchmarks/gpu_check.sh$([ "$DRY" = 1 ] && echo ' --dry-run')\`), kernel tests (\`pytest $TESTS\`): $test_line")
+if [ -s "$OUT_DIR/launches.json" ]; then REPORT_ARGS+=(--launches "$OUT_DIR/launches.json"); fi
+report_rc=1
+if [ -s "$OUT_DIR/bench.json" ]; then
+  "$PYTHON" -m benchmarks.report "$OUT_DIR/bench.json" "${REPORT_ARGS[@]}" 2>&1 | tee -a "$LOG"
+  report_rc=${PIPESTATUS[0]}
+else
+  say "no benchmark results (see $LOG)"
+fi
+say ""
+say "kernel tests: $test_line"
+say "gpu_check.sh: $(( $(date +%s) - T0 )) s in all; files in $OUT_DIR"
+for rc in "$test_rc" "$bench_rc" "$launch_rc" "$report_rc"; do
+  if [ "$rc" != 0 ]; then exit 1; fi
+done
+exit 0

@@ -1,0 +1,350 @@
+"""Count the kernels one call of attention-MIL pooling launches, per provider and workload.
+
+    python -m benchmarks.launch_count                       # MNIST-bags shape, this machine
+    python -m benchmarks.launch_count --json out/launches.json --md benchmarks/LAUNCHES.md
+    python -m benchmarks.launch_count --fastmil-root /tmp/before ...   # another checkout's fastmil
+
+The shape is MNIST-bags (512 bags of 5–15 instances, D=500, L=128, fp32; ``--bags``, ``--D``
+... change it), where every kernel is tiny and the launch count decides the time. Workloads:
+``frozen`` (x without grad, forward + backward), ``e2e`` (x requires grad, forward + backward)
+and ``infer`` (``torch.no_grad()``, forward with ``return_attention=True``). Packed offsets are
+on the host, as ``fastmil.collate`` makes them; eager gets padded ``[B, N, D]`` + mask.
+
+* **CUDA**: the kernels of one call as torch.profiler records them on the device (CUDA
+  activities: kernels; memcpy and memset counted apart), after a warm-up call.
+* **CPU proxy** (always recorded, the only count on a CPU machine): the aten ops that would launch
+  a kernel on a GPU (the leaves of torch.profiler's op tree, without views, allocations and
+  metadata ops) plus the Triton kernel launches (``kernel[grid](...)`` calls, counted by
+  wrapping Triton's launcher; on CPU the kernels run in Triton's interpreter). It tracks the
+  CUDA count of a change ("before" vs "after") but is not a CUDA launch count: a fused aten op
+  may launch several kernels, a copy may be a memcpy, and cuBLAS may add its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import inspect
+import json
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+
+# aten ops that launch no kernel: views, allocations, metadata, host-side scalars
+NO_KERNEL = frozenset(f"aten::{n}" for n in """
+    empty empty_strided empty_like new_empty new_empty_strided view _unsafe_view reshape
+    _reshape_alias as_strided expand expand_as t transpose permute unsqueeze squeeze select slice
+    narrow split split_with_sizes unbind chunk diagonal view_as detach alias lift_fresh
+    resolve_conj resolve_neg set_ result_type size stride sym_size sym_stride is_same_size
+    _has_compatible_shallow_copy_type scalar_tensor record_stream is_nonzero numel dim
+    _local_scalar_dense item to _to_copy contiguous resize_
+    """.split())  # (to / contiguous are leaves only when they return their input)
+# reads of a tensor's value on the host: a device-to-host sync when the tensor is on a GPU
+HOST_READS = frozenset({"aten::_local_scalar_dense"})
+WORKLOADS = ("frozen", "e2e", "infer")
+PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "fastmil_torch", "eager")
+
+
+def _use_fastmil_root(root: str | None) -> None:
+    """Import fastmil from ``root`` (another checkout, e.g. a ``git worktree`` of an older
+    commit) instead of this one."""
+    if root is None:
+        return
+    root = os.path.abspath(root)
+    sys.path.insert(0, root)
+    import fastmil
+
+    where = os.path.dirname(os.path.dirname(os.path.abspath(fastmil.__file__)))
+    if where != root:
+        raise SystemExit(f"--fastmil-root {root}: fastmil was imported from {where}")
+
+
+def _commit(root: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "fastmil"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + (" (fastmil/ modified)" if dirty.stdout.strip() else "")
+
+
+@contextlib.contextmanager
+def count_triton_launches():
+    """Counter of ``kernel[grid](...)`` launches by kernel name, while the block runs."""
+    import torch
+
+    counts: Counter = Counter()
+    try:
+        from triton.runtime.jit import KernelInterface
+    except ImportError:
+        yield counts
+        return
+    original = KernelInterface.__getitem__
+
+    def getitem(self, grid):
+        launch = original(self, grid)
+        name = getattr(getattr(self, "fn", None), "__name__", None) or type(self).__name__
+
+        def counted(*args, **kwargs):
+            counts[name] += 1
+            # a marker for profile_once: the interpreter's own copies inside are not the op's
+            with torch.profiler.record_function(f"{_LAUNCH}{name}"):
+                return launch(*args, **kwargs)
+
+        return counted
+
+    KernelInterface.__getitem__ = getitem
+    try:
+        yield counts
+    finally:
+        KernelInterface.__getitem__ = original
+
+
+_LAUNCH = "triton_launch::"
+
+
+def _inside_launch(e) -> bool:
+    while e is not None:
+        if e.name.startswith(_LAUNCH):
+            return True
+        e = e.cpu_parent
+    return False
+
+
+def _is_device_kernel(e, DeviceType) -> bool:
+    return getattr(e, "device_type", None) == DeviceType.CUDA
+
+
+def profile_once(run, cuda: bool) -> dict:
+    """Counts of one ``run()`` (already warmed up)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with count_triton_launches() as triton_counts, profile(activities=activities) as prof:
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+    events = list(prof.events())
+    aten = Counter()
+    host_reads = 0
+    for e in events:
+        if _is_device_kernel(e, DeviceType) or not e.name.startswith("aten::"):
+            continue
+        if any(c.name.startswith("aten::") for c in e.cpu_children):
+            continue  # composite: its children are counted
+        if _inside_launch(e):
+            continue  # Triton's interpreter moving arguments: counted as the one launch
+        if e.name in HOST_READS:
+            host_reads += 1
+        if e.name not in NO_KERNEL:
+            aten[e.name] += 1
+    out = {"aten_ops": sum(aten.values()), "triton_launches": sum(triton_counts.values()),
+           "host_reads": host_reads, "aten_by_op": dict(aten.most_common()),
+           "triton_by_kernel": dict(triton_counts)}
+    out["proxy"] = out["aten_ops"] + out["triton_launches"]
+    if cuda:
+        device = [e.name for e in events if _is_device_kernel(e, DeviceType)]
+        if not device:  # older profilers attach the kernels to their CPU op only
+            device = [k.name for e in events for k in getattr(e, "kernels", [])]
+        memcpy = sum(1 for n in device if n.startswith("Memcpy"))
+        memset = sum(1 for n in device if n.startswith("Memset"))
+        kernels = Counter(n for n in device if not n.startswith(("Memcpy", "Memset")))
+        out.update(cuda_kernels=sum(kernels.values()), memcpy=memcpy, memset=memset,
+                   cuda_by_kernel=dict(kernels.most_common()))
+    return out
+
+
+def _draw_lengths(n: int, lo: int, hi: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)  # as benchmarks.cases draws the MNIST-bags case
+    return [rng.randint(lo, hi) for _ in range(n)]
+
+
+def measure(args) -> dict:
+    import torch
+
+    import fastmil
+    from fastmil.reference import eager_attention_pool
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    lengths = _draw_lengths(args.bags, args.min_len, args.max_len)
+    D, L = args.D, args.L
+    x = torch.randn(sum(lengths), D, device=device).to(dtype)
+    offsets = torch.tensor([0] + lengths).cumsum(0)  # on the host, as fastmil.collate gives
+    xp, mask = fastmil.pad(x, offsets.to(device))
+    weights = [(torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
+               for shape, scale in (((L, D), D ** -0.5), ((L, D), D ** -0.5), ((L,), L ** -0.5),
+                                    ((L,), 0.1), ((L,), 0.1))]
+    V, U, w, bV, bU = weights
+    dz = torch.randn(len(lengths), D, device=device).to(dtype)
+    has_recompute = "recompute" in inspect.signature(fastmil.attention_pool).parameters
+
+    def pool(provider, inp, attention):
+        if provider == "eager":
+            return eager_attention_pool(inp, V, U, w, attn_bias=bV, gate_bias=bU, mask=mask,
+                                        return_attention=attention)
+        backend = provider.split("_")[1]
+        extra = {}
+        if provider != "fastmil_torch":
+            if not has_recompute:
+                if provider == "fastmil_triton_save":
+                    raise NotImplementedError("attention_pool has no recompute keyword at this "
+                                              "commit")
+            else:
+                extra["recompute"] = provider == "fastmil_triton"
+        return fastmil.attention_pool(inp, V, U, w, attn_bias=bV, gate_bias=bU, offsets=offsets,
+                                      return_attention=attention, backend=backend, **extra)
+
+    def make_run(provider, workload):
+        base = xp if provider == "eager" else x
+
+        def run():
+            for t in weights:
+                t.grad = None
+            if workload == "infer":
+                with torch.no_grad():
+                    pool(provider, base, True)
+                return
+            inp = base.detach().requires_grad_(workload == "e2e")
+            z = pool(provider, inp, False)
+            z.backward(dz.reshape(z.shape))
+
+        return run
+
+    rows = []
+    for provider in args.providers:
+        for workload in args.workloads:
+            row = {"provider": provider, "workload": workload}
+            try:
+                run = make_run(provider, workload)
+                run()  # warm-up: JIT compiles, cuBLAS handles, caches
+                run()
+                row.update(profile_once(run, cuda))
+            except Exception as e:  # one provider failing must not lose the others
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            rows.append(row)
+            print(_line(row), flush=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastmil.__file__)))
+    env = {"device": torch.cuda.get_device_name(device) if cuda else "CPU",
+           "torch": torch.__version__, "fastmil_root": root, "fastmil_commit": _commit(root),
+           "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+           "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime(
+               "%Y-%m-%d %H:%M UTC")}
+    shape = (f"{args.bags} bags of {args.min_len}–{args.max_len} instances (T={sum(lengths)}), "
+             f"D={D}, L={L}, {args.dtype}")
+    return {"method": "cuda" if cuda else "cpu-proxy", "shape": shape, "env": env, "rows": rows,
+            "offsets": "host (as fastmil.collate gives them)"}
+
+
+def _line(row: dict) -> str:
+    head = f"{row['provider']:<22} {row['workload']:<7}"
+    if "error" in row:
+        return f"{head} failed: {row['error']}"
+    cuda = f"CUDA kernels {row['cuda_kernels']} (+{row['memcpy']} memcpy, {row['memset']} " \
+           f"memset); " if "cuda_kernels" in row else ""
+    return (f"{head} {cuda}CPU proxy {row['proxy']} = {row['aten_ops']} aten ops + "
+            f"{row['triton_launches']} triton launches; host reads {row['host_reads']}")
+
+
+def markdown(before: dict | None, after: dict) -> str:
+    """A before/after table of the CPU proxy (or of the CUDA counts, when both have them)."""
+    cuda = after["method"] == "cuda" and (before is None or before["method"] == "cuda")
+    key = "cuda_kernels" if cuda else "proxy"
+    what = ("CUDA kernel launches (torch.profiler)" if cuda else
+            "CPU proxy of the launch count: aten ops that would launch a kernel + Triton "
+            "launches — **not CUDA launches**")
+    runs = [("before", before), ("after", after)] if before else [("now", after)]
+    out = [f"{what}, one call, {after['shape']}, packed offsets on the host, eager on padded + "
+           "mask.", ""]
+    for label, run in runs:
+        out.append(f"- {label}: fastmil {run['env']['fastmil_commit']} "
+                   f"({run['env']['device']}, torch {run['env']['torch']}, "
+                   f"{run['env']['date_utc']})")
+    out.append("")
+    header = ["provider", "workload"] + [label for label, _ in runs]
+    if before:
+        header.append("change")
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * 2 + " ---: |" * (len(header) - 2)]
+
+    def cell(run, p, w):
+        r = next((r for r in run["rows"] if r["provider"] == p and r["workload"] == w), None)
+        if r is None:
+            return None, "n/a"
+        if "error" in r:
+            return None, "— (" + r["error"][:60] + ")"
+        detail = (f" ({r['aten_ops']} aten + {r['triton_launches']} triton)" if key == "proxy"
+                  else "")
+        return r[key], f"{r[key]}{detail}"
+
+    for p in PROVIDERS:
+        for w in WORKLOADS:
+            vals = [cell(run, p, w) for _, run in runs]
+            if all(v is None and t == "n/a" for v, t in vals):
+                continue
+            row = [p, w] + [t for _, t in vals]
+            if before:
+                a, b = vals[0][0], vals[-1][0]
+                row.append(f"{b - a:+d}" if a is not None and b is not None else "")
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(out + lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--bags", type=int, default=512)
+    ap.add_argument("--min-len", type=int, default=5)
+    ap.add_argument("--max-len", type=int, default=15)
+    ap.add_argument("--D", type=int, default=500)
+    ap.add_argument("--L", type=int, default=128)
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    ap.add_argument("--providers", default=",".join(PROVIDERS),
+                    help=f"comma-separated, of {', '.join(PROVIDERS)}")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--fastmil-root", default=None,
+                    help="import fastmil from this checkout (e.g. a git worktree of an older "
+                         "commit)")
+    ap.add_argument("--json", default=None, help="write the counts here")
+    ap.add_argument("--before", default=None,
+                    help="JSON of an earlier run: --md then writes a before/after table")
+    ap.add_argument("--md", default=None, help="write a markdown table here")
+    args = ap.parse_args(argv)
+    args.providers = [p for p in args.providers.split(",") if p]
+    args.workloads = [w for w in args.workloads.split(",") if w]
+
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cpu":  # fastmil triton in Triton's interpreter; set before it is imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    _use_fastmil_root(args.fastmil_root)
+    result = measure(args)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    if args.md:
+        before = None
+        if args.before:
+            with open(args.before) as fh:
+                before = json.load(fh)
+        with open(args.md, "w") as fh:
+            fh.write(markdown(before, result))
+        print(f"wrote {args.md}")
+    return 1 if all("error" in r for r in result["rows"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
