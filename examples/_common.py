@@ -255,14 +255,46 @@ def fit(model, opt, loader, train_loss, evaluate=None, *, epochs, patience, ctx:
 # Command line
 # ------------------------------------------------------------------------------------------------
 
-def run_cli(prog: str, body, ctx: Dist):
-    """Run ``body()``; a DataError or OSError (unwritable output folder, ...) ends the program with
-    ``prog: error: message`` instead of a traceback. The process group is closed and PyTorch's
-    thread count restored either way."""
+def add_run_flags(group, threads_help: str):
+    """--seed, --device, --backend (fastmil's) and --threads, which both examples take."""
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    group.add_argument("--backend", choices=fastmil.functional.BACKENDS, default="auto",
+                       help="fastmil backend")
+    group.add_argument("--threads", type=int, default=None, help=threads_help)
+
+
+def check_flags(parser, args, at_least_one: dict, batch_flag: str):
+    """The checks both examples make: every value of ``at_least_one`` (flag -> value, None =
+    not given) is at least 1, the global batch ``batch_flag`` splits evenly over the torchrun
+    processes, and ``--device cuda`` has a GPU. A failure is a usage error (exit code 2)."""
+    for flag, value in at_least_one.items():
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batch = getattr(args, batch_flag[2:].replace("-", "_"))
+    if batch % world:
+        parser.error(f"{batch_flag} {batch} must be divisible by the number of processes "
+                     f"({world}): each takes an equal share of the global batch")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA GPU is available; use --device cpu")
+
+
+def run_cli(prog: str, args, body, *, small_steps: bool):
+    """Start the process (or join torchrun's group), choose the CPU threads (``args.threads``,
+    see set_threads) and return ``body(ctx, log)``, where ``log`` prints on rank 0 only. A
+    DataError or OSError (unwritable output folder, ...) ends the program with ``prog: error:
+    message`` instead of a traceback. The process group is closed and PyTorch's thread count
+    restored either way."""
+    ctx = init_distributed(args.device)
+    log = print if ctx.main else (lambda *a, **k: None)
     threads = torch.get_num_threads()
     try:
         try:
-            return body()
+            if ctx.device.type == "cpu":
+                log(set_threads(args.threads, small_steps=small_steps,
+                                local_world=ctx.local_world))
+            return body(ctx, log)
         except (DataError, OSError) as e:
             message = str(e).strip()
             if "Original Traceback" in message:  # raised in a DataLoader worker: its last line

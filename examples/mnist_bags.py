@@ -32,7 +32,6 @@ import copy
 import functools
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -45,12 +44,12 @@ import torch.nn.functional as F
 from _common import (
     DataError,
     Dist,
+    add_run_flags,
+    check_flags,
     class_weights,
     fit,
-    init_distributed,
     make_loader,
     run_cli,
-    set_threads,
 )
 from torch import nn
 from torch.utils.data import Dataset
@@ -654,12 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patience", type=int, default=10,
                    help="early stopping: epochs without a better validation loss")
     g.add_argument("--ensemble", type=int, default=1, help="models trained and averaged")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--backend", choices=fastmil.functional.BACKENDS, default="auto",
-                   help="fastmil backend")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default 1: the steps are small)")
+    add_run_flags(g, threads_help="CPU threads (default 1: the steps are small)")
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", default="runs/mnist_bags")
     g.add_argument("--plot-bags", type=int, default=3, help="bags plotted per class")
@@ -680,19 +674,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.positive_class is None:
         args.positive_class = 9 if (args.variable_size or args.paper) else 1
-    positive = {"--train-bags": args.train_bags, "--val-bags": args.val_bags,
-                "--bag-size": args.bag_size, "--attn-dim": args.attn_dim,
-                "--batch-size": args.batch_size, "--epochs": args.epochs,
-                "--ensemble": args.ensemble, "--paper-seeds": args.paper_seeds,
-                "--paper-epochs": args.paper_epochs, "--test-bags": args.test_bags,
-                "--patience": args.patience}
-    for flag, value in positive.items():
-        if value < 1:
-            parser.error(f"{flag} must be at least 1, got {value}")
+    check_flags(parser, args, {
+        "--train-bags": args.train_bags, "--val-bags": args.val_bags,
+        "--bag-size": args.bag_size, "--attn-dim": args.attn_dim, "--batch-size": args.batch_size,
+        "--epochs": args.epochs, "--ensemble": args.ensemble, "--paper-seeds": args.paper_seeds,
+        "--paper-epochs": args.paper_epochs, "--test-bags": args.test_bags,
+        "--patience": args.patience, "--threads": args.threads}, "--batch-size")
     if not 0 <= args.positive_class <= 9:
         parser.error(f"--positive-class must be a digit 0..9, got {args.positive_class}")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.plot_bags < 0:
         parser.error(f"--plot-bags must be 0 or more, got {args.plot_bags}")
     if not args.lr > 0:
@@ -704,25 +693,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                      f"{args.bag_size_mean} and {args.bag_size_std}")
     if any(n < 1 for n in args.paper_bags):
         parser.error(f"--paper-bags must all be at least 1, got {args.paper_bags}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.batch_size % world:
-        parser.error(f"--batch-size {args.batch_size} must be divisible by the number of "
-                     f"processes ({world}): each takes an equal share of the global batch")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but no CUDA GPU is available; use --device cpu")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    ctx = init_distributed(args.device)
-    log = print if ctx.main else (lambda *a, **k: None)
 
-    def body():
+    def body(ctx, log):
         data, how = load_data(args.dataset, args.data_dir, not args.no_download)
         log(how)
-        if ctx.device.type == "cpu":
-            log(set_threads(args.threads, small_steps=True, local_world=ctx.local_world))
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         if ctx.world > 1:
             log(f"distributed: {ctx.world} processes ({dist.get_backend()}), "
@@ -730,7 +709,7 @@ def main(argv=None) -> dict:
         run = run_paper if args.paper else run_default
         return run(args, data, ctx, log)
 
-    return run_cli("mnist_bags.py", body, ctx)
+    return run_cli("mnist_bags.py", args, body, small_steps=True)
 
 
 if __name__ == "__main__":

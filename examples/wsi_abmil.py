@@ -35,7 +35,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import pickle
 import re
 import time
@@ -51,12 +50,12 @@ import torch.nn.functional as F
 from _common import (
     DataError,
     Dist,
+    add_run_flags,
+    check_flags,
     class_weights,
     fit,
-    init_distributed,
     make_loader,
     run_cli,
-    set_threads,
 )
 from torch import nn
 from torch.utils.data import Dataset, Subset
@@ -858,12 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="early stopping: epochs without a better validation loss")
     g.add_argument("--resume", action="store_true",
                    help="go on from --out-dir/last.pt (same flags and data)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--backend", choices=fastmil.functional.BACKENDS, default="auto",
-                   help="fastmil backend")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: the CPUs idle at start)")
+    add_run_flags(g, threads_help="CPU threads (default: the CPUs idle at start)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", default="runs/wsi_abmil")
@@ -875,16 +869,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    positive = {"--batch-slides": args.batch_slides, "--epochs": args.epochs,
-                "--patience": args.patience, "--synthetic-slides": args.synthetic_slides,
-                "--synthetic-dim": args.synthetic_dim}
-    for flag in ("--hidden", "--attn-dim", "--threads"):
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            positive[flag] = value
-    for flag, value in positive.items():
-        if value < 1:
-            parser.error(f"{flag} must be at least 1, got {value}")
+    check_flags(parser, args, {
+        "--batch-slides": args.batch_slides, "--epochs": args.epochs, "--patience": args.patience,
+        "--synthetic-slides": args.synthetic_slides, "--synthetic-dim": args.synthetic_dim,
+        "--hidden": args.hidden, "--attn-dim": args.attn_dim, "--threads": args.threads},
+        "--batch-slides")
     if args.synthetic_classes < 2:
         parser.error(f"--synthetic-classes must be at least 2, got {args.synthetic_classes}")
     if args.synthetic_slides < 2 * args.synthetic_classes:
@@ -904,26 +893,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--features and --labels go together (without both: the synthetic cohort)")
     if args.classes is not None and len(set(args.classes)) != len(args.classes):
         parser.error(f"--classes lists a label twice: {' '.join(args.classes)}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.batch_slides % world:
-        parser.error(f"--batch-slides {args.batch_slides} must be divisible by the number of "
-                     f"processes ({world}): each takes an equal share of the global batch")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but no CUDA GPU is available; use --device cpu")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    ctx = init_distributed(args.device)
-    log = print if ctx.main else (lambda *a, **k: None)
-
-    def body():
-        if ctx.device.type == "cpu":
-            log(set_threads(args.threads, small_steps=False, local_world=ctx.local_world))
-        return run(args, ctx, log)
-
-    return run_cli(PROG, body, ctx)
+    return run_cli(PROG, args, lambda ctx, log: run(args, ctx, log), small_steps=False)
 
 
 if __name__ == "__main__":
