@@ -165,7 +165,7 @@ def _set_rng_state(state):
 
 
 def fit(model, opt, loader, train_loss, evaluate=None, *, epochs, patience, ctx: Dist,
-        checkpoint=None, extra=None, state_path=None, resume=False, progress=True,
+        min_epochs=0, checkpoint=None, extra=None, state_path=None, resume=False, progress=True,
         desc="train"):
     """Train ``model`` for up to ``epochs`` epochs and return it with a summary dict.
 
@@ -173,8 +173,9 @@ def fit(model, opt, loader, train_loss, evaluate=None, *, epochs, patience, ctx:
     of bags (``net`` is ``model``, or its DistributedDataParallel wrapper under torchrun).
     ``evaluate(model) -> dict`` with at least ``"loss"`` (the validation loss, the same on every
     rank): with it, early stopping after ``patience`` epochs without a better validation loss
-    restores the best weights and saves them to ``checkpoint`` as ``{"model", "epoch",
-    "val_loss", **extra}``; without it the last weights are kept (and saved). ``state_path``
+    (never before epoch ``min_epochs``: a warm-up, as CLAM's) restores the best weights and
+    saves them to ``checkpoint`` as ``{"model", "epoch", "val_loss", **extra}``; without it the
+    last weights are kept (and saved). ``state_path``
     (rank 0 writes it after every epoch) holds everything needed to go on: with ``resume`` and
     an existing ``state_path``, training continues from there exactly as if never stopped.
     Every epoch's row in ``summary["history"]`` has the mean training loss, ``train_seconds`` and
@@ -196,8 +197,11 @@ def fit(model, opt, loader, train_loss, evaluate=None, *, epochs, patience, ctx:
         _set_rng_state(saved["rng"])
     bar = tqdm(range(start, epochs + 1), desc=desc, leave=False, dynamic_ncols=True,
                disable=not (progress and ctx.main), file=sys.stderr)
-    stop = evaluate is not None and history and bad_epochs >= patience
-    for epoch in [] if stop else bar:
+    def stop():
+        return evaluate is not None and bad_epochs >= patience and len(history) >= min_epochs
+
+    done = bool(history) and stop()
+    for epoch in [] if done else bar:
         net.train()
         loader.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
@@ -239,7 +243,7 @@ def fit(model, opt, loader, train_loss, evaluate=None, *, epochs, patience, ctx:
                         "bad_epochs": bad_epochs, "rng": _rng_state(), **extra}, state_path)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items()
                          if k in ("train_loss", "val_loss", "val_auc")})
-        if evaluate is not None and bad_epochs >= patience:
+        if stop():
             break
     bar.close()
     if evaluate is not None:

@@ -702,7 +702,8 @@ def train(args, cohort: Cohort, ctx: Dist, log):
                             f"{model.config} for {cohort.classes}")
         log(f"resuming from {state} after epoch {saved['epoch']}")
     model, info = fit(model, opt, loader, train_loss, evaluate, epochs=args.epochs,
-                      patience=args.patience, ctx=ctx, checkpoint=out / "model.pt", extra=extra,
+                      patience=args.patience, ctx=ctx, min_epochs=args.min_epochs,
+                      checkpoint=out / "model.pt", extra=extra,
                       state_path=state, resume=args.resume, progress=not args.no_progress,
                       desc="train")
     return model, info
@@ -852,9 +853,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slides per optimizer step over all processes, packed")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    g.add_argument("--epochs", type=int, default=40, help="maximum epochs")
-    g.add_argument("--patience", type=int, default=8,
+    g.add_argument("--epochs", type=int, default=50, help="maximum epochs")
+    g.add_argument("--patience", type=int, default=10,
                    help="early stopping: epochs without a better validation loss")
+    g.add_argument("--min-epochs", type=int, default=20,
+                   help="no early stopping before this epoch (a warm-up, as CLAM's stop_epoch)")
     g.add_argument("--resume", action="store_true",
                    help="go on from --out-dir/last.pt (same flags and data)")
     add_run_flags(g, threads_help="CPU threads (default: the CPUs idle at start)")
@@ -886,9 +889,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.lr > 0 or args.weight_decay < 0:
         parser.error(f"--lr must be positive and --weight-decay 0 or more, got {args.lr} and "
                      f"{args.weight_decay}")
-    if args.heatmaps < 0 or args.workers < 0:
-        parser.error(f"--heatmaps and --workers must be 0 or more, got {args.heatmaps} and "
-                     f"{args.workers}")
+    for flag in ("--heatmaps", "--workers", "--min-epochs"):
+        if getattr(args, flag[2:].replace("-", "_")) < 0:
+            parser.error(f"{flag} must be 0 or more, got "
+                         f"{getattr(args, flag[2:].replace('-', '_'))}")
     if (args.features is None) != (args.labels is None) and not args.make_synthetic:
         parser.error("--features and --labels go together (without both: the synthetic cohort)")
     if args.classes is not None and len(set(args.classes)) != len(args.classes):

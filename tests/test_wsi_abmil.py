@@ -486,6 +486,23 @@ def test_heatmap_files_and_pixels(trained, h5_cohort):
     np.testing.assert_array_equal(img, expected)
 
 
+def test_early_stopping_waits_for_min_epochs():
+    model = torch.nn.Linear(2, 1)
+    loader = common.make_loader([(torch.ones(3, 2), torch.tensor(0.0))] * 4, 2, shuffle=True)
+
+    def train_loss(net, batch):
+        x, _, y = batch
+        return net(x).mean(), len(y)
+
+    for min_epochs, expected in ((0, 2), (5, 5)):
+        val_losses = iter([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])  # never better than epoch 1
+        _, info = common.fit(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
+                             train_loss, lambda m, it=val_losses: {"loss": next(it)}, epochs=7,
+                             patience=1, ctx=common.Dist(), min_epochs=min_epochs,
+                             progress=False)
+        assert info["epochs_run"] == expected and info["best_epoch"] == 1
+
+
 def test_resume_goes_on_exactly_as_an_uninterrupted_run(h5_cohort, tmp_path):
     flags = ("--batch-slides", "4", "--lr", "5e-3", "--heatmaps", "0", "--patience", "9")
     straight = wsi.main(cohort_args(h5_cohort, tmp_path / "a", "--epochs", "4", *flags))
@@ -565,6 +582,7 @@ def test_help_lists_the_real_data_flags(capsys):
     (["--hidden", "0"], "--hidden must be at least 1"),
     (["--threads", "-1"], "--threads must be at least 1"),
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--min-epochs", "-1"], "--min-epochs must be 0 or more"),
     (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
     (["--features", "x"], "--features and --labels go together"),
     (["--classes", "a", "a"], "--classes lists a label twice"),
