@@ -212,11 +212,11 @@ def fit(model, opt, loader, train_loss, evaluate=None, *, epochs, patience, ctx:
             loss.backward()
             opt.step()
             total, count = total + loss.detach().float() * bags, count + bags
-        seconds = time.perf_counter() - t0
         sums = torch.stack([total, torch.tensor(float(count), device=ctx.device)])
         if ctx.world > 1:  # the loss and number of bags of all ranks together
             dist.all_reduce(sums)
-        total, count = sums.tolist()  # one sync per epoch
+        total, count = sums.tolist()  # one sync per epoch: the GPU has finished the epoch
+        seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "train_seconds": seconds,
                "bags_per_s": count / seconds}
         if evaluate is not None:
