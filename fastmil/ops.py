@@ -26,6 +26,10 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _capturing(x: Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _kernels():
     from .kernels import attention_pool as kernels  # imports triton
 
@@ -180,8 +184,10 @@ def attention_pool_triton(x, attn_weight, attn_bias, gate_weight, gate_bias, sco
         B, N = x.shape[:2]
         rows = x.reshape(B * N, D)
         if mask is None:  # lengths known on the host: the chunk map costs the GPU one copy
-            starts = torch.arange(B, dtype=torch.int64) * N
-            lengths = torch.full((B,), N, dtype=torch.int64)
+            # (inside a CUDA graph capture, which cannot copy from host memory, on the device)
+            where = x.device if _capturing(x) else "cpu"
+            starts = torch.arange(B, dtype=torch.int64, device=where) * N
+            lengths = torch.full((B,), N, dtype=torch.int64, device=where)
             row_mask = None
         else:
             # scan each bag only up to its last real instance: trailing padding costs nothing
@@ -191,6 +197,10 @@ def attention_pool_triton(x, attn_weight, attn_bias, gate_weight, gate_bias, sco
             starts = torch.arange(B, device=mask.device, dtype=torch.int64) * N
             row_mask = mask.reshape(B * N).contiguous()
     else:
+        if offsets.device != x.device and _capturing(x):
+            raise ValueError("offsets are on the CPU but x is on the GPU inside a CUDA graph "
+                             "capture, which cannot copy from host memory: pass offsets on x's "
+                             "device for capture")
         rows = x
         offsets = offsets.to(torch.int64)
         starts, lengths = offsets[:-1], offsets[1:] - offsets[:-1]
