@@ -165,7 +165,8 @@ def test_training_trajectory_matches_clam(backend, cls, gate):
             losses[name].append(loss.detach())
     clam_losses, twin_losses = torch.stack(losses["clam"]), torch.stack(losses["twin"])
     assert_close(twin_losses, clam_losses, what="loss trajectory")
-    assert (clam_losses[:10].mean() - clam_losses[-10:].mean()).abs() > 1e-3  # it trains
+    # the steps move the weights: the loss changes over the 30 steps
+    assert (clam_losses[:10].mean() - clam_losses[-10:].mean()).abs() > 1e-3
 
 
 # ---------------------------------------------------------------- training, dropout on
