@@ -29,7 +29,6 @@ import inspect
 import json
 import os
 import random
-import subprocess
 import sys
 from collections import Counter
 
@@ -60,19 +59,6 @@ def _use_fastmil_root(root: str | None) -> None:
     where = os.path.dirname(os.path.dirname(os.path.abspath(fastmil.__file__)))
     if where != root:
         raise SystemExit(f"--fastmil-root {root}: fastmil was imported from {where}")
-
-
-def _commit(root: str) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "fastmil"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() + (" (fastmil/ modified)" if dirty.stdout.strip() else "")
 
 
 @contextlib.contextmanager
@@ -174,6 +160,8 @@ def measure(args) -> dict:
     import fastmil
     from fastmil.reference import eager_attention_pool
 
+    from .timing import git_commit
+
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -237,7 +225,8 @@ def measure(args) -> dict:
             print(_line(row), flush=True)
     root = os.path.dirname(os.path.dirname(os.path.abspath(fastmil.__file__)))
     env = {"device": torch.cuda.get_device_name(device) if cuda else "CPU",
-           "torch": torch.__version__, "fastmil_root": root, "fastmil_commit": _commit(root),
+           "torch": torch.__version__, "fastmil_root": root,
+           "fastmil_commit": git_commit(root),
            "triton_interpret": os.environ.get("TRITON_INTERPRET"),
            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime(
                "%Y-%m-%d %H:%M UTC")}

@@ -15,7 +15,9 @@ not compile or launch (shared memory, registers) or gives wrong numbers is liste
 chosen.
 
 Writes ``tile_sweep.json`` (every number) and ``tile_sweep.md``: a table per class and a
-``TILE_TABLE`` dict to paste into the kernel module. ``--budget-s`` bounds the run: classes
+``MEASURED_TILES`` dict to paste into the kernel module, keyed as the module keys it
+(``(kind, dtype class, gated, L, K)``); classes that share a key (e.g. D=1024 and D=1536) get the
+tile with the smallest summed slowdown over them. ``--budget-s`` bounds the run: classes
 still left when it is spent are listed as not run, and the files are rewritten after every class,
 so a run cut short keeps what it measured. On CPU (``--dry-run``) the launchers ignore
 ``TILE_OVERRIDE`` (the interpreter has its own tiles): the dry run checks the plumbing only.
@@ -48,8 +50,11 @@ class TileClass:
     lengths: tuple[int, ...]  # the shape timed for this class
     grad_x: bool  # bwd workload: end-to-end (True) or frozen features (False)
 
-    def key(self, kind: str) -> tuple:
-        return (self.D, self.L, self.K, self.dtype, self.gated, kind)
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype]
 
 
 def _mnist_lengths(n: int) -> tuple[int, ...]:
@@ -57,12 +62,12 @@ def _mnist_lengths(n: int) -> tuple[int, ...]:
     return tuple(rng.randint(5, 15) for _ in range(n))
 
 
-CLASSES = [
+CLASSES = [  # most important first: a run that spends its budget loses the last ones
     TileClass("wsi-d1024-l256-bf16", 1024, 256, 1, "bf16", True, (100_000,), False),
-    TileClass("wsi-d1536-l256-bf16", 1536, 256, 1, "bf16", True, (100_000,), False),
     TileClass("mnist-d500-l128-fp32", 500, 128, 1, "fp32", True, _mnist_lengths(512), True),
     TileClass("clam-mb-d1024-l256-k4-bf16", 1024, 256, 4, "bf16", True, (100_000,), False),
     TileClass("plain-d1024-l256-bf16", 1024, 256, 1, "bf16", False, (100_000,), False),
+    TileClass("wsi-d1536-l256-bf16", 1536, 256, 1, "bf16", True, (100_000,), False),
 ]
 DRY_RUN_CLASSES = [
     TileClass("dry-d64-l32-fp32", 64, 32, 1, "fp32", True, (600,), False),
@@ -73,7 +78,7 @@ DRY_RUN_CLASSES = [
 def _inputs(c: TileClass, device):
     import torch
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[c.dtype]
+    dtype = c.torch_dtype
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rnd(*shape, scale=1.0):
@@ -154,12 +159,28 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def default_tile(kernels, c: TileClass, kind: str) -> tuple:
+    """The tile the launchers pick for this class without an override."""
+    if hasattr(kernels, "gpu_tiles"):
+        return tuple(kernels.gpu_tiles(kind, c.torch_dtype, c.L, c.K, c.gated))
+    return tuple(kernels.GPU_TILES[kind])
+
+
+def table_key(kernels, c: TileClass, kind: str) -> tuple:
+    """The key of the kernel module's MEASURED_TILES for this class."""
+    if hasattr(kernels, "dtype_class"):
+        return (kind, kernels.dtype_class(c.torch_dtype), c.gated, c.L, c.K)
+    return (kind, c.dtype, c.gated, c.D, c.L, c.K)
+
+
 def sweep_class(c: TileClass, kernels, device, rep_ms: float, log) -> dict:
     import torch
 
     cuda = device.type == "cuda"
     x, offsets, w, dz = _inputs(c, device)
     out = {"class": asdict(c), "kinds": {}}
+    for kind in KINDS:
+        kernels.TILE_OVERRIDE.pop(kind, None)
     for kind in KINDS:
         ref = _run(c, x, offsets, w, dz, "torch", kind, upcast=True)[1]()
         rows = []
@@ -188,11 +209,12 @@ def sweep_class(c: TileClass, kernels, device, rep_ms: float, log) -> dict:
                 f"{row['ms']:.4g} ms, rel err {row['rel_err']:.1e}"
                 + ("" if row["ok"] else f" > {TOLERANCE[c.dtype]:g} ({row['worst']})")
                 if "ms" in row else f"failed: {row.get('error')}"))
-        default = tuple(kernels.GPU_TILES[kind])
+        default = default_tile(kernels, c, kind)
         good = [r for r in rows if r["ok"] and "ms" in r]
         best = min(good, key=lambda r: r["ms"]) if good else None
         base = next((r for r in rows if tuple(r["tile"]) == default and "ms" in r), None)
         out["kinds"][kind] = {"rows": rows, "default": list(default),
+                              "key": list(table_key(kernels, c, kind)),
                               "best": None if best is None else best["tile"],
                               "speedup_over_default": (base["ms"] / best["ms"])
                               if best and base else None}
@@ -210,9 +232,6 @@ def markdown(result: dict) -> str:
            "median of CUDA-event-timed calls (fwd: the training forward, recompute=True; bwd: "
            "backward() alone); rel. err is the worst of z / the gradients vs fastmil's torch "
            "backend in float32. ✗ = wrong numbers or failed to compile / launch.", ""]
-    table = ["TILE_TABLE = {",
-             "    # (D, L, K, dtype, gated, kind): (BLOCK_N, BLOCK_D, BLOCK_L, num_warps, "
-             "num_stages)"]
     for entry in result["classes"]:
         c = entry["class"]
         shape = (f"B=1, N={c['lengths'][0]:,}" if len(c["lengths"]) == 1 else
@@ -238,17 +257,48 @@ def markdown(result: dict) -> str:
                 out.append(f"| `{tuple(r['tile'])}` | {r['ms']:.4g} | {r['rel_err']:.1e}{ok} | "
                            f"{r['compile_s']:.1f} | {mark.strip()} |")
             out.append("")
-            if k["best"]:
-                speed = (f"  # {k['speedup_over_default']:.2f}x the default"
-                         if k["speedup_over_default"] else "")
-                key = tuple(c[f] for f in ("D", "L", "K", "dtype", "gated")) + (kind,)
-                table.append(f"    {key!r}: {tuple(k['best'])!r},{speed}")
-    table.append("}")
     if result.get("not_run"):
         out += ["Not run (time budget spent): " + ", ".join(result["not_run"]) + ".", ""]
     out += ["## To paste into `fastmil/kernels/attention_pool.py`", "", "```python",
-            *table, "```", ""]
+            *measured_tiles(result), "```", ""]
     return "\n".join(out)
+
+
+def measured_tiles(result: dict) -> list[str]:
+    """``MEASURED_TILES = {...}`` lines: per key the tile with the smallest summed slowdown
+    (time ÷ that class's best time) over the classes that share the key, among the tiles that
+    ran correctly in all of them."""
+    groups: dict[tuple, list[dict]] = {}
+    for entry in result["classes"]:
+        for k in entry["kinds"].values():
+            if k["best"]:
+                groups.setdefault(tuple(k["key"]), []).append((entry["class"]["name"], k))
+    lines = ["MEASURED_TILES = {",
+             "    # (kind, dtype class, gated, L, K): (BLOCK_N, BLOCK_D, BLOCK_L, num_warps, "
+             "num_stages)"]
+    for key, members in groups.items():
+        scores = {}
+        for _, k in members:
+            best_ms = min(r["ms"] for r in k["rows"] if r["ok"] and "ms" in r)
+            for r in k["rows"]:
+                if r["ok"] and "ms" in r:
+                    scores.setdefault(tuple(r["tile"]), []).append(r["ms"] / best_ms)
+        scores = {t: sum(v) / len(v) for t, v in scores.items() if len(v) == len(members)}
+        if not scores:
+            continue
+        tile = min(scores, key=scores.get)
+        defaults = {tuple(k["default"]) for _, k in members}
+        gains = []
+        for name, k in members:
+            by_tile = {tuple(r["tile"]): r["ms"] for r in k["rows"] if "ms" in r}
+            base = by_tile.get(tuple(k["default"]))
+            gains.append(f"{name} {base / by_tile[tile]:.2f}x" if base else name)
+        note = "vs the default: " + ", ".join(gains)
+        if len(defaults) > 1:
+            note += " (defaults differ)"
+        lines.append(f"    {key!r}: {tile!r},  # {note}")
+    lines.append("}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from .timing import _git_commit, _version
+    from .timing import _version, git_commit
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -277,8 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from fastmil.kernels import attention_pool as kernels
 
-    missing = [n for n in ("TILE_CANDIDATES", "TILE_OVERRIDE", "GPU_TILES")
-               if not hasattr(kernels, n)]
+    missing = [n for n in ("TILE_CANDIDATES", "TILE_OVERRIDE") if not hasattr(kernels, n)]
     if missing:
         print(f"tile_sweep: fastmil.kernels.attention_pool has no {', '.join(missing)}: the "
               "kernel module predates the tile interface", file=sys.stderr)
@@ -290,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
            "torch": torch.__version__, "triton": _version("triton"),
-           "fastmil_commit": _git_commit(), "dry_run": args.dry_run,
+           "fastmil_commit": git_commit(), "dry_run": args.dry_run,
            "candidates": {k: [list(t) for t in v] for k, v in kernels.TILE_CANDIDATES.items()},
            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime(
                "%Y-%m-%d %H:%M UTC")}

@@ -20,7 +20,7 @@ from importlib import metadata
 import torch
 
 __all__ = ["cuda_bench", "summarize", "measure_peaks", "cuda_memory", "saved_tensor_bytes",
-           "env_info"]
+           "env_info", "git_commit"]
 
 _FLUSH_BYTES = 256 << 20
 
@@ -179,8 +179,10 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def git_commit(root: str | None = None) -> str | None:
+    """Short commit of the checkout at ``root`` (default: this one), marked when its fastmil/
+    has uncommitted changes."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=10)
@@ -219,7 +221,7 @@ def env_info(device: torch.device, smoke: bool) -> dict:
         "cuda": torch.version.cuda,
         "triton": _version("triton"),
         "fastmil": fastmil.__version__,
-        "fastmil_commit": _git_commit(),
+        "fastmil_commit": git_commit(),
         "torchmil": _version("torchmil"),
         "torch_geometric": _version("torch_geometric") or _version("torch-geometric"),
         "pytest_benchmark": _version("pytest-benchmark"),
