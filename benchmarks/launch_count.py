@@ -3,6 +3,7 @@
     python -m benchmarks.launch_count                       # MNIST-bags shape, this machine
     python -m benchmarks.launch_count --json out/launches.json --md benchmarks/LAUNCHES.md
     python -m benchmarks.launch_count --fastmil-root /tmp/before ...   # another checkout's fastmil
+    python -m benchmarks.launch_count --before B.json --after A.json --md LAUNCHES.md  # a table
 
 The shape is MNIST-bags (512 bags of 5–15 instances, D=500, L=128, fp32; ``--bags``, ``--D``
 ... change it), where every kernel is tiny and the launch count decides the time. Workloads:
@@ -12,12 +13,14 @@ on the host, as ``fastmil.collate`` makes them; eager gets padded ``[B, N, D]`` 
 
 * **CUDA**: the kernels of one call as torch.profiler records them on the device (CUDA
   activities: kernels; memcpy and memset counted apart), after a warm-up call.
-* **CPU proxy** (always recorded, the only count on a CPU machine): the aten ops that would launch
-  a kernel on a GPU (the leaves of torch.profiler's op tree, without views, allocations and
-  metadata ops) plus the Triton kernel launches (``kernel[grid](...)`` calls, counted by
-  wrapping Triton's launcher; on CPU the kernels run in Triton's interpreter). It tracks the
-  CUDA count of a change ("before" vs "after") but is not a CUDA launch count: a fused aten op
-  may launch several kernels, a copy may be a memcpy, and cuBLAS may add its own.
+* **CPU proxy** (always recorded, the only count on a CPU machine): the aten ops called from
+  Python, from an autograd node or from a custom op (not from inside another aten op) that do
+  work — views, allocations, metadata and no-op conversions left out — plus the Triton kernel
+  launches (``kernel[grid](...)`` calls, counted by wrapping Triton's launcher; on CPU the
+  kernels run in Triton's interpreter, whose own tensor copies are left out). It tracks the
+  CUDA count of a change ("before" vs "after") but is not a CUDA launch count: an aten op may
+  launch several kernels or none (work on host tensors, such as checking offsets that live on
+  the CPU, launches nothing on a GPU), a copy may be a memcpy, and cuBLAS may add its own.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ NO_KERNEL = frozenset(f"aten::{n}" for n in """
     narrow split split_with_sizes unbind chunk diagonal view_as detach alias lift_fresh
     resolve_conj resolve_neg set_ result_type size stride sym_size sym_stride is_same_size
     _has_compatible_shallow_copy_type scalar_tensor record_stream is_nonzero numel dim
-    _local_scalar_dense item to _to_copy contiguous resize_
-    """.split())  # (to / contiguous are leaves only when they return their input)
+    _local_scalar_dense item to _to_copy contiguous resize_ flatten ravel unflatten movedim
+    promote_types is_floating_point is_complex
+    """.split())
 # reads of a tensor's value on the host: a device-to-host sync when the tensor is on a GPU
 HOST_READS = frozenset({"aten::_local_scalar_dense"})
 WORKLOADS = ("frozen", "e2e", "infer")
@@ -104,6 +108,27 @@ def _inside_launch(e) -> bool:
     return False
 
 
+def _is_aten(e) -> bool:
+    return e is not None and e.name.startswith("aten::")
+
+
+def _does_work(e) -> bool:
+    """An aten op that computes something: one outside NO_KERNEL, or one that calls such (a
+    conversion ``to`` calls ``copy_``; a ``to`` that returns its input calls nothing)."""
+    return e.name not in NO_KERNEL or any(_does_work(c) for c in e.cpu_children if _is_aten(c))
+
+
+_FLOATS = ("float", "double", "Half", "BFloat16")
+
+
+def _integer_only(e) -> bool:
+    """An op on integer / bool tensors only (offsets, lengths, masks): on a GPU run such ops on
+    host offsets launch nothing; on device offsets or masks they are kernels like any other."""
+    dtypes = [d for d in (getattr(e, "input_dtypes", None) or []) if d and d not in
+              ("Scalar", "ScalarList", "TensorList", "GenericList")]
+    return bool(dtypes) and not any(f in d for d in dtypes for f in _FLOATS)
+
+
 def _is_device_kernel(e, DeviceType) -> bool:
     return getattr(e, "device_type", None) == DeviceType.CUDA
 
@@ -115,26 +140,26 @@ def profile_once(run, cuda: bool) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with count_triton_launches() as triton_counts, profile(activities=activities) as prof:
+    with count_triton_launches() as triton_counts, \
+            profile(activities=activities, record_shapes=True) as prof:
         run()
         if cuda:
             torch.cuda.synchronize()
     events = list(prof.events())
     aten = Counter()
-    host_reads = 0
+    host_reads = int_only = 0
     for e in events:
-        if _is_device_kernel(e, DeviceType) or not e.name.startswith("aten::"):
+        if _is_device_kernel(e, DeviceType) or not _is_aten(e):
             continue
-        if any(c.name.startswith("aten::") for c in e.cpu_children):
-            continue  # composite: its children are counted
-        if _inside_launch(e):
-            continue  # Triton's interpreter moving arguments: counted as the one launch
         if e.name in HOST_READS:
             host_reads += 1
-        if e.name not in NO_KERNEL:
+        if _is_aten(e.cpu_parent) or _inside_launch(e):
+            continue  # counted with the op that called it / Triton's interpreter at work
+        if _does_work(e):
             aten[e.name] += 1
+            int_only += _integer_only(e)
     out = {"aten_ops": sum(aten.values()), "triton_launches": sum(triton_counts.values()),
-           "host_reads": host_reads, "aten_by_op": dict(aten.most_common()),
+           "int_ops": int_only, "host_reads": host_reads, "aten_by_op": dict(aten.most_common()),
            "triton_by_kernel": dict(triton_counts)}
     out["proxy"] = out["aten_ops"] + out["triton_launches"]
     if cuda:
@@ -242,8 +267,9 @@ def _line(row: dict) -> str:
         return f"{head} failed: {row['error']}"
     cuda = f"CUDA kernels {row['cuda_kernels']} (+{row['memcpy']} memcpy, {row['memset']} " \
            f"memset); " if "cuda_kernels" in row else ""
-    return (f"{head} {cuda}CPU proxy {row['proxy']} = {row['aten_ops']} aten ops + "
-            f"{row['triton_launches']} triton launches; host reads {row['host_reads']}")
+    return (f"{head} {cuda}CPU proxy {row['proxy']} = {row['aten_ops']} aten ops (of which "
+            f"{row['int_ops']} on integer/bool tensors only) + {row['triton_launches']} triton "
+            f"launches; host reads {row['host_reads']}")
 
 
 def markdown(before: dict | None, after: dict) -> str:
@@ -251,15 +277,28 @@ def markdown(before: dict | None, after: dict) -> str:
     cuda = after["method"] == "cuda" and (before is None or before["method"] == "cuda")
     key = "cuda_kernels" if cuda else "proxy"
     what = ("CUDA kernel launches (torch.profiler)" if cuda else
-            "CPU proxy of the launch count: aten ops that would launch a kernel + Triton "
-            "launches — **not CUDA launches**")
+            "**CPU proxy of the launch count, not CUDA launches**: the aten ops that do work "
+            "(views, allocations and no-op conversions left out) + Triton kernel launches (in "
+            "the interpreter); \"int-only\" ops work on offsets / lengths / masks only and "
+            "launch nothing on a GPU when those live on the host")
     runs = [("before", before), ("after", after)] if before else [("now", after)]
-    out = [f"{what}, one call, {after['shape']}, packed offsets on the host, eager on padded + "
-           "mask.", ""]
+    out = ["# Kernel launches of one call, MNIST-bags shape", "",
+           f"{what}, one call, {after['shape']}, packed offsets on the host, eager on padded + "
+           "mask. Written by `python -m benchmarks.launch_count` (its docstring says what is "
+           "counted); on a GPU, `benchmarks/gpu_check.sh` counts the CUDA kernels "
+           "(torch.profiler) and puts them into RESULTS.md.", ""]
     for label, run in runs:
         out.append(f"- {label}: fastmil {run['env']['fastmil_commit']} "
                    f"({run['env']['device']}, torch {run['env']['torch']}, "
                    f"{run['env']['date_utc']})")
+    if before:
+        commit = (before["env"]["fastmil_commit"] or "REV").split()[0]
+        out += ["", "Reproduce:", "", "```bash",
+                f"git worktree add /tmp/before {commit}",
+                "python -m benchmarks.launch_count --fastmil-root /tmp/before --json before.json",
+                "python -m benchmarks.launch_count --json after.json",
+                "python -m benchmarks.launch_count --before before.json --after after.json "
+                "--md benchmarks/LAUNCHES.md", "```"]
     out.append("")
     header = ["provider", "workload"] + [label for label, _ in runs]
     if before:
@@ -272,8 +311,8 @@ def markdown(before: dict | None, after: dict) -> str:
             return None, "n/a"
         if "error" in r:
             return None, "— (" + r["error"][:60] + ")"
-        detail = (f" ({r['aten_ops']} aten + {r['triton_launches']} triton)" if key == "proxy"
-                  else "")
+        detail = (f" ({r['aten_ops']} aten, {r.get('int_ops', '?')} of them int-only, + "
+                  f"{r['triton_launches']} triton)" if key == "proxy" else "")
         return r[key], f"{r[key]}{detail}"
 
     for p in PROVIDERS:
@@ -307,10 +346,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the counts here")
     ap.add_argument("--before", default=None,
                     help="JSON of an earlier run: --md then writes a before/after table")
+    ap.add_argument("--after", default=None,
+                    help="JSON of a later run: with --before and --md, only write the table")
     ap.add_argument("--md", default=None, help="write a markdown table here")
     args = ap.parse_args(argv)
     args.providers = [p for p in args.providers.split(",") if p]
     args.workloads = [w for w in args.workloads.split(",") if w]
+
+    if args.after:  # render two earlier runs, measure nothing
+        with open(args.after) as fh:
+            after = json.load(fh)
+        before = None
+        if args.before:
+            with open(args.before) as fh:
+                before = json.load(fh)
+        with open(args.md, "w") as fh:
+            fh.write(markdown(before, after))
+        print(f"wrote {args.md}")
+        return 0
 
     import torch
 

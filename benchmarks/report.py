@@ -377,9 +377,11 @@ def launch_table(data: dict) -> str:
     head = (f"{data.get('shape')}, {env.get('device')}, fastmil {env.get('fastmil_commit')}: "
             + ("CUDA kernel launches of one call (torch.profiler CUDA kernel events; memcpy / "
                "memset counted apart)" if cuda else
-               "**CPU proxy, not CUDA launches**: aten ops dispatched that would launch a kernel "
-               "(leaf ops in torch.profiler, views and allocations left out) + Triton kernel "
-               "launches (interpreter)"))
+               "**CPU proxy, not CUDA launches**: the aten ops that do work, called from Python, "
+               "autograd or a custom op (views, allocations, no-op conversions left out; "
+               "\"int-only\" ops work on offsets / lengths / masks, which on a GPU run launch "
+               "nothing when those live on the host) + Triton kernel launches (interpreter); see "
+               "benchmarks/launch_count.py"))
     workloads = [w for w in ("frozen", "e2e", "infer")
                  if any(r["workload"] == w for r in data["rows"])]
     header = ["provider"] + [WORKLOAD_LABELS[w] for w in workloads]
@@ -404,7 +406,8 @@ def _launch_cell(r: dict) -> str:
     if "cuda_kernels" in r:
         extra = [f"{r[k]} {k}" for k in ("memcpy", "memset") if r.get(k)]
         return str(r["cuda_kernels"]) + (f" (+ {', '.join(extra)})" if extra else "")
-    return f"{r['proxy']} ({r['aten_ops']} aten + {r['triton_launches']} triton)"
+    return (f"{r['proxy']} ({r['aten_ops']} aten, {r.get('int_ops', '?')} of them int-only, "
+            f"+ {r['triton_launches']} triton)")
 
 
 # --------------------------------------------------------------------------------------- plot
