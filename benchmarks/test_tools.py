@@ -79,7 +79,7 @@ def test_targets_table_from_a_gpu_like_run(tmp_path):
 
 def test_launch_count_cpu_proxy(tmp_path):
     args = types.SimpleNamespace(device="cpu", dtype="fp32", bags=5, min_len=1, max_len=4, D=16,
-                                 L=16, providers=["fastmil_triton", "fastmil_torch", "eager"],
+                                 L=16, providers=["fastmil_triton", "eager"],
                                  workloads=list(launch_count.WORKLOADS))
     if not os.environ.get("TRITON_INTERPRET"):
         args.providers.remove("fastmil_triton")
