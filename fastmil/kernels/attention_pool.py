@@ -288,7 +288,10 @@ def _fwd_kernel(
                            input_precision=PRECISION)
             tl.store(p_acc + o_a, b_acc, mask=m_a)
     if SINGLE:
-        # normalise in place: z = acc / l, lse = m + log l; an empty bag gets z = 0, lse = 0
+        # normalise in place: z = acc / l, lse = m + log l; an empty bag gets z = 0, lse = 0.
+        # The barrier makes every thread's last acc stores visible to the threads that read
+        # them back here (a different layout may map an element to another thread).
+        tl.debug_barrier()
         b_has = b_l > 0
         b_inv = tl.where(b_has, 1.0 / tl.where(b_has, b_l, 1.0), 0.0)  # [BLOCK_K]
         m_kl = o_k < tl.where(live, K, 0)  # [BLOCK_K]: idle programs write nothing
@@ -361,6 +364,7 @@ def _bwd_kernel(
         for j0 in range(0, PW, BLOCK_L):
             o_j = j0 + tl.arange(0, BLOCK_L)
             tl.store(p_part + o_j, tl.zeros([BLOCK_L], dtype=tl.float32), mask=o_j < PW)
+        tl.debug_barrier()  # the zeros are read back below by threads of other layouts
 
     o_k = tl.arange(0, BLOCK_K)
     m_k = o_k < K
