@@ -325,7 +325,13 @@ def markdown(before: dict | None, after: dict) -> str:
                 a, b = vals[0][0], vals[-1][0]
                 row.append(f"{b - a:+d}" if a is not None and b is not None else "")
             lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(out + lines) + "\n"
+    details = ["", f"What fastmil triton calls ({runs[-1][0]}):", ""]
+    for r in runs[-1][1]["rows"]:
+        if r["provider"] == "fastmil_triton" and "error" not in r:
+            ops = ", ".join(f"{n.removeprefix('aten::')} {c}" for n, c in r["aten_by_op"].items())
+            kernels = ", ".join(f"{n} {c}" for n, c in r["triton_by_kernel"].items())
+            details.append(f"- {r['workload']}: {ops}; Triton: {kernels}")
+    return "\n".join(out + lines + details) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
