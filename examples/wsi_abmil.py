@@ -783,10 +783,13 @@ def run(args, ctx: Dist, log) -> dict:
     slides_per_s = float(np.median(rates)) if rates else float("nan")
     log(f"training: best epoch {info['best_epoch']} of {info['epochs_run']}, val loss "
         f"{info['best_val_loss']:.4f} (saved {out / 'model.pt'})")
-    log(f"throughput: {slides_per_s:.1f} slides/s of training ({args.batch_slides} slides per "
-        f"step, packed; median over {len(rates)} epochs; {ctx.device.type}, "
-        f"{torch.get_num_threads()} threads{f', {ctx.world} processes' if ctx.world > 1 else ''}"
-        f")")
+    per_step = (f"{args.batch_slides} slides per step, packed" if args.batch_slides > 1
+                else "1 slide per step")
+    n = torch.get_num_threads()
+    threads = f", {n} thread{'s' if n > 1 else ''}" if ctx.device.type == "cpu" else ""
+    log(f"throughput: {slides_per_s:.1f} slides/s of training ({per_step}; median over "
+        f"{len(rates)} epochs; {ctx.device.type}{threads}"
+        f"{f', {ctx.world} processes' if ctx.world > 1 else ''})")
     result = evaluate_and_write(args, model, cohort, ctx, log)
     result.update(slides_per_s=slides_per_s, batch_slides=args.batch_slides,
                   best_epoch=info["best_epoch"], epochs_run=info["epochs_run"],
