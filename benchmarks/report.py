@@ -185,16 +185,18 @@ def table(header: list[str], rows: list[list[str]], align: str | None = None) ->
 # fraction of the measured roofline floor; "memory": maximum ratio of the bytes saved for
 # backward to eager's. The subjects are fastmil's triton columns.
 TARGETS = [
-    {"workload": "frozen features, fwd+bwd", "role": "wsi-100k-d1024", "mode": "frozen",
+    {"workload": "frozen features, fwd+bwd", "shape": "B=1, N=100k, D=1024, L=256, bf16",
+     "role": "wsi-100k-d1024", "mode": "frozen",
      "speed": [("eager", 2.0), ("compile_default", 1.3)]},
-    {"workload": "frozen features, fwd+bwd", "role": "batched", "mode": "frozen",
-     "speed": [("eager", 2.0)], "note": "eager on padded + mask"},
-    {"workload": "end-to-end, fwd+bwd", "role": "mnist", "mode": "fwd_bwd",
-     "speed": [("eager", 5.0)]},
-    {"workload": "inference, fwd", "role": "wsi-100k-d1536", "mode": "infer",
-     "speed": [("eager", 2.0)], "floor": 0.6},
-    {"workload": "memory kept for backward", "role": "wsi-100k-d1024", "mode": "frozen",
-     "memory": 0.1, "subjects": ["fastmil_triton"]},
+    {"workload": "frozen features, fwd+bwd",
+     "shape": "8–16 slides packed, 1k–50k each, D=1024, L=256, bf16", "role": "batched",
+     "mode": "frozen", "speed": [("eager", 2.0)], "note": "eager on padded + mask"},
+    {"workload": "end-to-end, fwd+bwd", "shape": "512 bags of 5–15, D=500, L=128, fp32",
+     "role": "mnist", "mode": "fwd_bwd", "speed": [("eager", 5.0)]},
+    {"workload": "inference, fwd", "shape": "B=1, N=100k, D=1536, L=256, bf16",
+     "role": "wsi-100k-d1536", "mode": "infer", "speed": [("eager", 2.0)], "floor": 0.6},
+    {"workload": "memory kept for backward", "shape": "N=100k, D=1024, L=256 (frozen features)",
+     "role": "wsi-100k-d1024", "mode": "frozen", "memory": 0.1, "subjects": ["fastmil_triton"]},
 ]
 TARGET_SUBJECTS = ("fastmil_triton", "fastmil_triton_save")
 
@@ -252,8 +254,8 @@ def target_rows(res: Results) -> list[list[str]]:
         case = res.find_role(t["role"], t["mode"])
         subjects = t.get("subjects", TARGET_SUBJECTS)
         if case is None:
-            rows.append([t["workload"], "no data", _target_text(t)]
-                        + ["n/a" for _ in TARGET_SUBJECTS] + ["—"])
+            rows.append([t["workload"], t["shape"], _target_text(t), "not in this run"]
+                        + ["n/a" for _ in TARGET_SUBJECTS] + ["no data"])
             continue
         cells, verdicts = [], {}
         for sub in TARGET_SUBJECTS:
@@ -270,14 +272,15 @@ def target_rows(res: Results) -> list[list[str]]:
         else:
             status = "no data"
         if res.cases[case].get("smoke") and status != "no data":
-            status += ", smoke shape"
-        shape = res.cases[case]["describe"]
-        rows.append([t["workload"], f"`{case}`: {shape}", _target_text(t)] + cells + [status])
+            status += " (on a smoke stand-in)"
+        rows.append([t["workload"], t["shape"], _target_text(t), f"`{case}`"] + cells
+                    + [status])
     return rows
 
 
 def targets_table(res: Results) -> str:
-    header = ["workload", "shape", "target"] + [LABELS[s] for s in TARGET_SUBJECTS] + ["status"]
+    header = (["workload", "shape", "target", "measured on"] + [LABELS[s] for s in TARGET_SUBJECTS]
+              + ["status"])
     return table(header, target_rows(res), "l" * len(header))
 
 
@@ -435,7 +438,7 @@ def plot(res: Results, path: str) -> bool:
     for ax in axes.flat[len(keys):]:
         ax.set_visible(False)
     colors = dict(zip(PROVIDERS, plt.get_cmap("tab10").colors, strict=False))
-    markers = dict(zip(PROVIDERS, "o^sDv<>", strict=True))
+    markers = dict(zip(PROVIDERS, "oPs^Dv<>", strict=True))
     for ax, key in zip(axes.flat, keys, strict=False):
         names = sorted(panels[key], key=lambda n: res.cases[n]["N"])
         for p in PROVIDERS:

@@ -43,6 +43,7 @@ def _gpu_like_run(tmp_path) -> str:
         _record(infer, "fastmil_triton", "infer", 0.5, floor_fraction=0.7),
         _record(infer, "eager", "infer", 1.1),
         _record(batched, "fastmil_triton", "frozen", 3.0),
+        _record(wsi, "fastmil_triton", "fwd_bwd", 1.5),  # for the plot
     ]
     data = {"benchmarks": recs, "fastmil": {
         "env": {"device": "NVIDIA H100 80GB HBM3", "device_type": "cuda", "suite": "gpu-check",
@@ -59,19 +60,20 @@ def _gpu_like_run(tmp_path) -> str:
 
 def test_targets_table_from_a_gpu_like_run(tmp_path):
     res = report.Results([_gpu_like_run(tmp_path)])
-    rows = {(r[0], r[1].split("`")[1]): r for r in report.target_rows(res)}
+    rows = {(r[0], r[3].strip("`")): r for r in report.target_rows(res)}
     wsi, mnist, infer, batched = (c.name for c, _ in SUITES["gpu-check"])
     frozen = rows[("frozen features, fwd+bwd", wsi)]
     # recompute: 2.5× eager but only 1.2× compile; save: 3.1× eager, 1.5× compile
-    assert "2.50× eager" in frozen[3] and "1.20× compile" in frozen[3]
+    assert "2.50× eager" in frozen[4] and "1.20× compile" in frozen[4]
     assert frozen[-1] == "met by triton save"
     assert rows[("frozen features, fwd+bwd", batched)][-1] == "met by triton recompute"  # OOM
     assert rows[("end-to-end, fwd+bwd", mnist)][-1] == "**not met**"  # 4×
-    assert "failed" in rows[("end-to-end, fwd+bwd", mnist)][4]
-    assert "70% of the floor" in rows[("inference, fwd", infer)][3]
+    assert "failed" in rows[("end-to-end, fwd+bwd", mnist)][5]
+    assert "70% of the floor" in rows[("inference, fwd", infer)][4]
     assert rows[("inference, fwd", infer)][-1] == "met by triton recompute"
     memory = rows[("memory kept for backward", wsi)]
-    assert "0.7% of eager's" in memory[3] and memory[-1] == "met by triton recompute"
+    assert "0.7% of eager's" in memory[4] and memory[-1] == "met by triton recompute"
+    assert report.plot(res, str(tmp_path / "plot.png"))
     text = report.render(res, None, ["a note"], None)
     assert "## Targets (NVIDIA H100 80GB HBM3)" in text and "CPU smoke run" not in text
     assert "device: NVIDIA H100 80GB HBM3" in report.summary(res)
