@@ -207,20 +207,22 @@ def read_features(path: Path) -> torch.Tensor:
     return t
 
 
-def read_coords(path: Path, n: int, data: bool = True) -> np.ndarray | None:
+def read_coords(path: Path, n: int, data: bool = True, required: bool = True):
     """``coords [N, 2]`` of an .h5 file (x, y of each patch's top-left corner in level-0
-    pixels, row-aligned with the features); ``data=False`` only checks that they are there and
-    have that shape."""
+    pixels, row-aligned with the features). ``data=False`` only checks them (True when they are
+    there); ``required=False`` returns None (False) where the file has none."""
     try:
         with h5py.File(path, "r") as f:
             if "coords" not in f:
+                if not required:
+                    return None if data else False
                 raise DataError(f"{path}: no 'coords' dataset (it holds "
                                 f"{', '.join(f.keys()) or 'nothing'})")
             shape = f["coords"].shape
             if shape != (n, 2):
                 raise DataError(f"{path}: coords have shape {shape}, expected [{n}, 2] (one x, "
                                 f"y per patch of the features)")
-            return f["coords"][()] if data else None
+            return f["coords"][()] if data else True
     except OSError as e:
         raise _h5_error(path, e) from None
 
@@ -323,11 +325,12 @@ def load_cohort(features, labels_csv, split_csv=None, *, classes=None, coords=No
             (d0, p0), = list(dims.items())[:1]
             raise DataError(f"feature size differs between slides: {p0} has D = {d0} but {path} "
                             f"has D = {d}")
-        coords_path = path if path.suffix == ".h5" else None
+        coords_path = None  # --coords first (a file there must hold them), else the .h5 itself
         if coords is not None and (Path(coords) / f"{sid}.h5").is_file():
             coords_path = Path(coords) / f"{sid}.h5"
-        if coords_path is not None:
             read_coords(coords_path, n, data=False)
+        elif path.suffix == ".h5" and read_coords(path, n, data=False, required=False):
+            coords_path = path
         mask_path = Path(masks) / f"{sid}.npy" if masks is not None else None
         slides[name].append(Slide(sid, index[labels[sid]], path, n, coords_path,
                                   mask_path if mask_path is not None and mask_path.is_file()
@@ -339,6 +342,10 @@ def load_cohort(features, labels_csv, split_csv=None, *, classes=None, coords=No
                            f"{', ...' if len(missing) > 4 else ''})" if len(missing) > 1 else ""))
     if not slides["train"]:
         raise DataError("no training slides: the split puts every slide in val or test")
+    no_coords = sum(s.coords_path is None for group in slides.values() for s in group)
+    if no_coords:
+        notes.append(f"{no_coords} slides have no coords (.pt without --coords, or .h5 without "
+                     f"a coords dataset): no heatmap, and no x, y in their attention files")
     return Cohort(list(classes), next(iter(dims)), slides, notes)
 
 
@@ -481,9 +488,9 @@ def localisation(slides: list[Slide], attention, probs=None) -> tuple[float, lis
     """ROC AUC of each slide's attention against its tumour mask (slides with a mask holding
     both tumour and normal patches), and their mean (NaN when there are none). With branches,
     the true class's branch is scored."""
-    aucs = []
     from sklearn.metrics import roc_auc_score
 
+    aucs = []
     for s, a in zip(slides, attention, strict=True):
         if s.mask_path is None:
             continue

@@ -136,6 +136,7 @@ def test_pt_and_h5_cohorts_hold_the_same_slides(h5_cohort, pt_cohort):
     # a .pt slide without --coords: no coords (attention CSV without x, y; no heatmap)
     c = wsi.load_cohort(pt_cohort / "pt_files", pt_cohort / "labels.csv", pt_cohort / "splits.csv")
     assert all(s.coords_path is None for s in c.slides["val"])
+    assert "12 slides have no coords" in c.notes[0]
 
 
 def test_cohort_description(h5_cohort):
@@ -235,6 +236,12 @@ def make_bad_cohort(tmp_path, damage):
         with h5py.File(target, "a") as f:
             del f["coords"]
             f["coords"] = np.zeros((29, 2), np.int32)
+    elif damage == "coords_dir":  # a --coords file must hold coords
+        (tmp_path / "coords").mkdir()
+        target = tmp_path / "coords" / "s1.h5"
+        with h5py.File(target, "w") as f:
+            f["features"] = np.zeros((30, 8), np.float32)
+        kw["coords"] = tmp_path / "coords"
     elif damage in ("pt_dict", "pt_garbage", "pt_empty"):
         target.unlink()
         target = folder / "s1.pt"
@@ -292,6 +299,7 @@ BAD_INPUTS = [
     ("no_features", r"s1.h5: no 'features' dataset \(it holds feats\)"),
     ("not_h5", r"s1.h5: cannot be read as HDF5"),
     ("coords", r"s1.h5: coords have shape \(29, 2\), expected \[30, 2\]"),
+    ("coords_dir", r"coords/s1.h5: no 'coords' dataset \(it holds features\)"),
     ("pt_dict", r"s1.pt: holds a dict, expected a \[N, D\] tensor"),
     ("pt_garbage", r"s1.pt: cannot be read by torch.load\(weights_only=True\)"),
     ("pt_empty", r"s1.pt: features are empty"),
@@ -312,6 +320,16 @@ def test_bad_input_errors_name_the_file_and_the_problem(tmp_path, damage, messag
     args, kw, _ = make_bad_cohort(tmp_path, damage)
     with pytest.raises(common.DataError, match=message):
         wsi.load_cohort(*args, **kw)
+
+
+def test_h5_features_without_coords_load(tmp_path):
+    args, _, _ = make_bad_cohort(tmp_path, None)
+    with h5py.File(args[0] / "s0.h5", "a") as f:
+        del f["coords"]
+    c = wsi.load_cohort(*args)
+    assert [s.coords_path is None for s in c.slides["train"]] == [True, False]
+    assert c.notes == ["1 slides have no coords (.pt without --coords, or .h5 without a coords "
+                       "dataset): no heatmap, and no x, y in their attention files"]
 
 
 def test_bad_input_through_the_command_line_has_no_traceback(tmp_path, capsys):
