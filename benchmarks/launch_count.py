@@ -361,14 +361,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.after:  # render two earlier runs, measure nothing
         with open(args.after) as fh:
-            after = json.load(fh)
-        before = None
-        if args.before:
-            with open(args.before) as fh:
-                before = json.load(fh)
-        with open(args.md, "w") as fh:
-            fh.write(markdown(before, after))
-        print(f"wrote {args.md}")
+            _write_markdown(args, json.load(fh))
         return 0
 
     import torch
@@ -384,14 +377,18 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
     if args.md:
-        before = None
-        if args.before:
-            with open(args.before) as fh:
-                before = json.load(fh)
-        with open(args.md, "w") as fh:
-            fh.write(markdown(before, result))
-        print(f"wrote {args.md}")
+        _write_markdown(args, result)
     return 1 if all("error" in r for r in result["rows"]) else 0
+
+
+def _write_markdown(args, after: dict) -> None:
+    before = None
+    if args.before:
+        with open(args.before) as fh:
+            before = json.load(fh)
+    with open(args.md, "w") as fh:
+        fh.write(markdown(before, after))
+    print(f"wrote {args.md}")
 
 
 if __name__ == "__main__":
