@@ -20,9 +20,10 @@
 # Back here, merge them into benchmarks/RESULTS.md (with any other run's JSON):
 #   python -m benchmarks.report OUT_DIR/bench.json --launches OUT_DIR/launches.json
 #
-# Environment: TESTS (pytest paths of stage 1), TEST_TIMEOUT (s, default 150), BENCH_BUDGET
-# (s after which no benchmark starts, 170), BENCH_TIMEOUT (hard limit, 230), LAUNCH_TIMEOUT (60),
-# XDIST (pytest-xdist workers, 8), PYTHON (python). Worst case with the defaults: ~7 min.
+# Environment: TESTS (pytest paths of stage 1), TEST_TIMEOUT (s, default 140), BENCH_BUDGET
+# (s after which no benchmark starts, 160), BENCH_TIMEOUT (hard limit, 210), LAUNCH_TIMEOUT (45),
+# XDIST (pytest-xdist workers, 8), PYTHON (python). With the defaults every stage ends within its
+# limit: at most 140 + 210 + 45 s plus ~15 s of start-up and report, under 7 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -46,7 +47,7 @@ say() { echo "$*" | tee -a "$LOG"; }
 # gets SIGINT first, so that pytest still ends its session
 stage() {
   local name=$1 limit=$2; shift 2
-  timeout -s INT -k 20 "$limit" "$@" >"$CACHE/$name.log" 2>&1
+  timeout -s INT -k 10 "$limit" "$@" >"$CACHE/$name.log" 2>&1
   local rc=$?
   grep -v '^USDT:' "$CACHE/$name.log" >>"$LOG"
   return $rc
@@ -90,10 +91,10 @@ XDIST_ARGS=()
 if [ "$DRY" = 0 ] && "$PYTHON" -c "import xdist" 2>/dev/null; then
   XDIST_ARGS=(-n "${XDIST:-8}")
 fi
-say "== 1/4 kernel tests: pytest $TESTS ${XDIST_ARGS[*]} (limit ${TEST_TIMEOUT:-150} s)"
+say "== 1/4 kernel tests: pytest $TESTS ${XDIST_ARGS[*]} (limit ${TEST_TIMEOUT:-140} s)"
 start=$(date +%s)
 # shellcheck disable=SC2086  # TESTS is a word list
-stage tests "${TEST_TIMEOUT:-150}" "$PYTHON" -m pytest $TESTS -q -p no:cacheprovider -rfE \
+stage tests "${TEST_TIMEOUT:-140}" "$PYTHON" -m pytest $TESTS -q -p no:cacheprovider -rfE \
   "${XDIST_ARGS[@]}"
 test_rc=$?
 test_line="$(summary_line tests) ($(( $(date +%s) - start )) s, exit status $test_rc)"
@@ -102,12 +103,12 @@ say "kernel tests: $test_line"
 grep -E '^(FAILED|ERROR) ' "$CACHE/tests.log" | head -n 20
 
 # -- 2. benchmarks ---------------------------------------------------------------------------
-say "== 2/4 benchmarks: pytest benchmarks/ --suite $SUITE (budget ${BENCH_BUDGET:-170} s)"
+say "== 2/4 benchmarks: pytest benchmarks/ --suite $SUITE (budget ${BENCH_BUDGET:-160} s)"
 start=$(date +%s)
 rm -f "$OUT_DIR/bench.json"
-stage bench "${BENCH_TIMEOUT:-230}" "$PYTHON" -m pytest benchmarks/test_attention_pool.py -q \
+stage bench "${BENCH_TIMEOUT:-210}" "$PYTHON" -m pytest benchmarks/test_attention_pool.py -q \
   -p no:cacheprovider -rfE --suite "$SUITE" --fastmil-json "$OUT_DIR/bench.json" \
-  --bench-budget-s "${BENCH_BUDGET:-170}" --bench-rep-ms 100 --bench-rounds 2
+  --bench-budget-s "${BENCH_BUDGET:-160}" --bench-rep-ms 100 --bench-rounds 2
 bench_rc=$?
 say "benchmarks: $(summary_line bench) ($(( $(date +%s) - start )) s, exit status $bench_rc)"
 grep -E '^(FAILED|ERROR) ' "$CACHE/bench.log" | head -n 20
@@ -115,7 +116,7 @@ grep -E '^(FAILED|ERROR) ' "$CACHE/bench.log" | head -n 20
 # -- 3. kernel launches ----------------------------------------------------------------------
 say "== 3/4 kernel launches at the MNIST-bags shape"
 start=$(date +%s)
-stage launches "${LAUNCH_TIMEOUT:-60}" "$PYTHON" -m benchmarks.launch_count "${LAUNCH_ARGS[@]}" \
+stage launches "${LAUNCH_TIMEOUT:-45}" "$PYTHON" -m benchmarks.launch_count "${LAUNCH_ARGS[@]}" \
   --json "$OUT_DIR/launches.json"
 launch_rc=$?
 say "launches: exit status $launch_rc ($(( $(date +%s) - start )) s)"
