@@ -32,7 +32,7 @@ __all__ = ["attention_pool_torch", "attention_scores", "segment_ids", "POOL_ROWS
 
 # Rows per slice of the packed weighted sum: bounds its temporary memory to
 # POOL_ROWS·K·D values and its sequential (index_add) summation to POOL_ROWS terms per slice.
-POOL_ROWS = 4096
+POOL_ROWS = 8192
 
 
 def segment_ids(lengths: torch.Tensor, total: int) -> torch.Tensor:
@@ -99,10 +99,10 @@ def _pool_padded(x, s, mask):
 
 class _SegmentWeightedSum(torch.autograd.Function):
     """z[b, k] = Σ_{n in bag b} a[n, k] x[n] for packed rows, one slice of POOL_ROWS rows at a
-    time: each slice's products [S, K, D] are summed per bag into a partial (bags in a slice are
-    consecutive, so their local ids start at 0), and the partials into z. No bag sums more than
+    time: each slice's products [S, K, D] are summed per bag into a partial (the bags present in
+    a slice get local ids 0, 1, … in row order), and the partials into z. No bag sums more than
     POOL_ROWS terms in a row, and no temporary (forward or backward) or saved tensor is larger
-    than one slice: autograd keeps only a, x and the bag ids."""
+    than one slice: autograd keeps only a, x and the bag ids. No host sync."""
 
     @staticmethod
     def forward(ctx, a, x, seg, B):
@@ -114,11 +114,13 @@ class _SegmentWeightedSum(torch.autograd.Function):
             if T <= POOL_ROWS:
                 z.index_add_(0, seg_c, prod)
                 break
-            nb = min(POOL_ROWS, B)
-            local = seg_c - seg_c[0]  # [S], in [0, nb)
+            starts = torch.ones_like(seg_c)
+            starts[1:] = seg_c[1:] != seg_c[:-1]
+            local = torch.cumsum(starts, 0) - 1  # [S]: rank of the row's bag in this slice
+            nb = min(seg_c.shape[0], B)
             part = a.new_zeros(nb, K, x.shape[1]).index_add_(0, local, prod)  # [nb, K, D]
-            rows = (seg_c[0] + torch.arange(nb, device=x.device)).clamp_(max=B - 1)  # tail: +0
-            z.index_add_(0, rows, part)
+            bag = seg_c.new_zeros(nb).scatter_(0, local, seg_c)  # local id -> bag (unused: +0)
+            z.index_add_(0, bag, part)
         ctx.save_for_backward(a, x, seg)
         return z
 

@@ -362,6 +362,17 @@ def test_gradients_only_where_asked(backend, frozen, monkeypatch):
         assert none[0] is not x_grad  # no dx (and no [T, D] buffer) when x is frozen
 
 
+@pytest.mark.parametrize("lengths", [[3, 0, 7, 1, 12, 0, 0, 0, 0, 0, 0, 2, 9], [40], [2] * 9])
+def test_torch_packed_weighted_sum_in_slices(monkeypatch, lengths):
+    """The torch backend's packed weighted sum runs slice by slice: with slices of 5 rows, bags
+    cross slice borders, and the bag ids within one slice span more than its rows (empty bags
+    between)."""
+    import fastmil.torch_backend as tb
+
+    monkeypatch.setattr(tb, "POOL_ROWS", 5)
+    _assert_matches_reference("torch", "packed", lengths, 6, 4, 2, return_attention=True)
+
+
 # ---------------------------------------------------------------- precision on long bags
 
 
