@@ -3,8 +3,9 @@
 Each slide is a tissue-shaped set of patches on a grid (coords in level-0 pixels, 256 px
 patches), its features drawn around a few "tissue type" clusters that form spatially coherent
 regions, with a per-slide stain shift. A tumour slide holds one contiguous tumour region (1-5% of
-its patches) whose features are moved a little along a "tumour" direction (one direction per
-tumour class): a weak signal, hidden among thousands of normal patches, as in CAMELYON16.
+its patches) whose features are moved along a "tumour" direction (one per tumour class) by a few
+noise standard deviations: a weak signal per patch in D dimensions, hidden among thousands of
+normal patches, as in CAMELYON16.
 
 Layout under ``root`` (``make_cohort``)::
 
@@ -45,7 +46,7 @@ class CohortConfig:
     val_fraction: float = 0.3
     fmt: str = "h5"  # "h5" or "pt"
     seed: int = 0
-    median_patches: int = 3000  # patches per slide ~ lognormal, clipped to 1,000..30,000
+    median_patches: int = 3000  # patches per slide ~ lognormal; 1,000..30,000 patches a slide
     signal: float = 3.5  # tumour feature shift along one direction, in per-feature noise stds
     stain: float = 0.1  # per-slide feature shift (scanner, stain), per feature
     region: tuple[float, float] = (0.01, 0.05)  # tumour region size, share of the patches
@@ -137,6 +138,7 @@ def make_cohort(root, cfg: CohortConfig = CohortConfig(), progress=True) -> Path
     labels = np.zeros(cfg.slides, dtype=np.int64)
     labels[:n_tumor] = 1 + np.arange(n_tumor) % (cfg.classes - 1)
     labels = rng.permutation(labels)
+    # target sizes kept inside 1,100..28,000: a tissue shape lands within a few % of its target
     sizes = np.clip(np.rint(cfg.median_patches * np.exp(rng.normal(0, 0.7, cfg.slides))),
                     1100, 28000).astype(int)
     ids = [f"slide_{i:04d}" for i in range(cfg.slides)]
