@@ -68,9 +68,9 @@ def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_we
             zeros = attn_weight.new_zeros(L)
             bias = torch.cat([zeros if attn_bias is None else attn_bias,
                               zeros if gate_bias is None else gate_bias])  # [2L]
-        pq = F.linear(x, weight, bias)  # [..., 2L]
-        hidden = (_dropout(act(pq[..., :L]), dropout_p)
-                  * _dropout(torch.sigmoid(pq[..., L:]), dropout_p))  # [..., L]
+        p, q = F.linear(x, weight, bias).split(L, dim=-1)  # [..., L] each (split: its
+        # backward is one cat, where slicing would zero-fill and copy [.., 2L] twice)
+        hidden = _dropout(act(p), dropout_p) * _dropout(torch.sigmoid(q), dropout_p)  # [..., L]
     if hidden.dtype == acc or score_weight.shape[0] > 1:
         return F.linear(hidden.to(acc), score_weight.to(acc))  # [..., K]
     # one branch of 16-bit input: products in x's dtype, summed in float32 (about twice as fast
@@ -128,16 +128,16 @@ class _SegmentWeightedSum(torch.autograd.Function):
     def backward(ctx, dz):
         a, x, seg = ctx.saved_tensors
         need_a, need_x = ctx.needs_input_grad[:2]
-        da, dx = [], []
-        for x_c, a_c, seg_c in zip(x.split(POOL_ROWS), a.split(POOL_ROWS), seg.split(POOL_ROWS),
-                                   strict=True):
+        da = torch.empty_like(a) if need_a else None  # [T, K]
+        dx = torch.empty_like(x) if need_x else None  # [T, D], filled slice by slice
+        for i, (x_c, a_c, seg_c) in enumerate(zip(x.split(POOL_ROWS), a.split(POOL_ROWS),
+                                                  seg.split(POOL_ROWS), strict=True)):
+            rows = slice(i * POOL_ROWS, i * POOL_ROWS + x_c.shape[0])
             dz_c = dz[seg_c]  # [S, K, D]
             if need_a:
-                da.append((dz_c * x_c.to(dz.dtype)[:, None, :]).sum(-1))  # [S, K]
+                torch.sum(dz_c * x_c.to(dz.dtype)[:, None, :], -1, out=da[rows])  # [S, K]
             if need_x:
-                dx.append((a_c[:, :, None] * dz_c).sum(1).to(x.dtype))  # [S, D]
-        da = (torch.cat(da) if da else a.new_zeros(a.shape)) if need_a else None
-        dx = (torch.cat(dx) if dx else x.new_zeros(x.shape)) if need_x else None
+                dx[rows] = (a_c[:, :, None] * dz_c).sum(1)  # [S, D]
         return da, dx, None, None
 
 
