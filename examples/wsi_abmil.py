@@ -355,6 +355,7 @@ class SlideDataset(Dataset):
 
     def __init__(self, slides: list[Slide], dtype=torch.float32):
         self.slides, self.dtype = slides, dtype
+        self.checked = set()  # slides whose values were checked once (finite)
 
     def __len__(self):
         return len(self.slides)
@@ -364,8 +365,10 @@ class SlideDataset(Dataset):
         x = read_features(s.path)
         if x.shape[0] != s.n:
             raise DataError(f"{s.path}: now holds {x.shape[0]} patches, {s.n} at start")
-        if not bool(torch.isfinite(x).all()):
-            raise DataError(f"{s.path}: features hold NaN or infinite values")
+        if i not in self.checked:  # a full pass over the values: once per slide, not per epoch
+            if not bool(torch.isfinite(x).all()):
+                raise DataError(f"{s.path}: features hold NaN or infinite values")
+            self.checked.add(i)
         return x.to(self.dtype), torch.tensor(s.label)
 
 
