@@ -96,20 +96,11 @@ def _bwd_op(dz32: Tensor, glse: Tensor | None, gs: Tensor | None, x: Tensor,
             act: int, z32: Tensor, s: Tensor, lse: Tensor, pq: Tensor, need_dx: bool,
             need_dvu: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
     """-> dx [R, D], d[V; U] [GL, D] and the float32 sums [dw (K·L) | d[b_V; b_U] (GL)], each
-    an empty tensor when not asked for."""
-    dx, dweight, dbias, dw = _kernels().attention_pool_bwd(
+    an empty tensor when not asked for (outputs may not alias: a fresh one each)."""
+    outs = _kernels().attention_pool_bwd(
         dz32, glse, gs, x, row_mask, meta, v, bv, u, bu, w, seed, p_drop, act, z32, s, lse, pq,
         need_dx, need_dvu, need_dw)
-    def none():  # a fresh empty tensor per absent output (outputs may not alias each other)
-        return x.new_empty(0)
-
-    if dw is None and dbias is None:
-        sums = dz32.new_empty(0)
-    else:  # one float32 vector, split by the autograd formula (outputs may not alias)
-        K, L = w.shape
-        sums = torch.cat([(dw.float().reshape(-1) if dw is not None else dz32.new_zeros(K * L)),
-                          (dbias.float() if dbias is not None else dz32.new_zeros(0))])
-    return (none() if dx is None else dx, none() if dweight is None else dweight, sums)
+    return tuple(x.new_empty(0) if t is None else t for t in outs)
 
 
 @_bwd_op.register_fake
@@ -117,10 +108,10 @@ def _(dz32, glse, gs, x, row_mask, meta, v, bv, u, bu, w, seed, p_drop, act, z32
       need_dx, need_dvu, need_dw):
     L, (K, _), (R, D) = v.shape[0], w.shape, x.shape
     GL = 2 * L if u is not None else L
-    need_db = need_dvu and (bv is not None or bu is not None)
-    n_sums = K * L + GL if need_db else (K * L if need_dw else 0)
+    need_sums = need_dw or (need_dvu and (bv is not None or bu is not None))
     return (x.new_empty((R, D) if need_dx else (0,)), x.new_empty((GL, D) if need_dvu else (0,)),
-            x.new_empty((n_sums,), dtype=torch.float32))
+            x.new_empty((K * L + GL,) if need_sums else (0,),
+                        dtype=torch.float32 if need_sums else x.dtype))
 
 
 _FWD_INPUTS = ("x", "starts", "lengths", "row_mask", "v", "bv", "u", "bu", "w", "bw", "seed",

@@ -603,10 +603,11 @@ def attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w, seed, p_dr
 def attention_pool_bwd(dz32, glse, gs, x, row_mask, meta, v, bv, u, bu, w, seed, p_drop, act,
                        z32, s, lse, pq, need_dx, need_dvu, need_dw):
     """Backward launch: from the gradients of (z32, lse, s) — dz32 [B, K, D] fp32, glse [B, K]
-    fp32 or None, gs [R, K] fp32 or None — forms only what is asked for:
-    dx [R, D] (``need_dx``), d[V; U] [GL, D] (``need_dvu``), d[b_V; b_U] [GL] (``need_dvu``
-    and a bias exists), dw [K, L] (``need_dw``), each in x's dtype or None (GL = 2L gated, L
-    plain)."""
+    fp32 or None, gs [R, K] fp32 or None — forms only what is asked for: dx [R, D]
+    (``need_dx``) and d[V; U] [GL, D] (``need_dvu``) in x's dtype, and ``sums``, the fp32
+    vector [dw (K·L) | d[b_V; b_U] (GL)] (dw when ``need_dw``, the bias part when ``need_dvu``
+    and a bias exists; zeros where not asked for), each None when nothing of it is asked for
+    (GL = 2L gated, L plain)."""
     R, D = x.shape
     L, K, B = v.shape[0], w.shape[0], lse.shape[0]
     dev, dt = x.device, x.dtype
@@ -617,9 +618,9 @@ def attention_pool_bwd(dz32, glse, gs, x, row_mask, meta, v, bv, u, bu, w, seed,
     if B == 0 or R == 0:  # nothing to scan: every gradient is zero
         zeros = lambda *shape: torch.zeros(shape, dtype=dt, device=dev)  # noqa: E731
         return (zeros(R, D) if need_dx else None, zeros(GL, D) if need_dvu else None,
-                zeros(GL) if need_db else None, zeros(K, L) if need_dw else None)
+                torch.zeros(K * L + GL, device=dev) if (need_dw or need_db) else None)
     if not (need_dpq or need_dw):
-        return None, None, None, None
+        return None, None, None
     # rows the kernel skips (padding past a bag's last real row) must read as zero
     alloc = torch.zeros if row_mask is not None else _empty
     dh0 = alloc((R, D), dtype=dt, device=dev) if need_dx else None
@@ -645,11 +646,8 @@ def attention_pool_bwd(dz32, glse, gs, x, row_mask, meta, v, bv, u, bu, w, seed,
         BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=block_k,
         PRECISION=_precision(x), num_warps=num_warps, num_stages=num_stages,
     )
-    dx = dweight = dbias = dw = None
-    if part is not None:  # one ordered sum of the per-chunk partials: [dw | d[b_V; b_U]]
-        sums = part.sum(0)
-        dw = sums[:K * L].view(K, L).to(dt) if need_dw else None
-        dbias = sums[K * L:].to(dt) if need_db else None
+    dx = dweight = None
+    sums = None if part is None else part.sum(0)  # one ordered sum: [dw | d[b_V; b_U]]
     if need_dx:
         weight = torch.cat([v, u]) if gated else v  # [GL, D]
         dx = torch.addmm(dh0, dpq, weight)  # [R, D]
@@ -657,4 +655,4 @@ def attention_pool_bwd(dz32, glse, gs, x, row_mask, meta, v, bv, u, bu, w, seed,
         if row_mask is not None:  # padding may hold anything (NaN, inf): 0 · NaN must not leak
             x = x.masked_fill(~row_mask[:, None], 0)
         dweight = dpq.t() @ x  # [GL, D]
-    return dx, dweight, dbias, dw
+    return dx, dweight, sums
