@@ -123,6 +123,9 @@ def _setup_context(ctx, inputs, output):
     z32, s, lse, pq, meta = output
     ctx.save_for_backward(x, row_mask, meta, v, bv, u, bu, w, bw, seed, z32, s, lse, pq)
     ctx.p_drop, ctx.act = p_drop, act
+    # outputs nobody differentiated (the scores and lse, unless the attention or the scores were
+    # returned and used) reach the backward as None, not as zero tensors to launch and to read
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dz32, gs, glse, _dpq, _dmeta):
