@@ -27,7 +27,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .functional import BACKENDS, attention_pool
+from .functional import attention_pool, check_backend
 from .ops import triton_unavailable_reason
 
 __all__ = [
@@ -220,8 +220,7 @@ def patch_torchmil(backend: str = "auto") -> None:
         backend: passed to :func:`fastmil.attention_pool` (``"auto"``: the Triton kernels for
             CUDA tensors, PyTorch otherwise).
     """
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     cls = _torchmil_attention_pool_class()
     if _patch["forward"] is None:
         _patch["forward"] = cls.forward

@@ -46,19 +46,30 @@ def _check_dim(name, t, axis, size, what):
                          f"{axis} must equal {what} = {size}")
 
 
-def _check_options(activation, dropout_p, return_attention, return_scores, recompute, backend):
+def check_backend(backend):
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_options(*, backend, activation, dropout, recompute, dropout_name="dropout_p"):
+    """The checks :func:`attention_pool` and ``AttentionPool`` share: a ValueError / TypeError
+    naming the argument for a bad backend, activation, dropout probability or recompute."""
+    check_backend(backend)
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) \
-            or not 0 <= dropout_p < 1:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+            or not 0 <= dropout < 1:
+        raise ValueError(f"{dropout_name} must be a number in [0, 1), got {dropout!r}")
+    if recompute is not None and not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be None, True or False, got {recompute!r}")
+
+
+def _check_options(activation, dropout_p, return_attention, return_scores, recompute, backend):
+    check_options(backend=backend, activation=activation, dropout=dropout_p,
+                  recompute=recompute)
     for name, flag in (("return_attention", return_attention), ("return_scores", return_scores)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    if recompute is not None and not isinstance(recompute, bool):
-        raise TypeError(f"recompute must be None, True or False, got {recompute!r}")
 
 
 def _validate(x, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, score_bias,

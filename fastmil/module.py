@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import BACKENDS, attention_pool
+from .functional import attention_pool, check_options
 from .reference import ACTIVATIONS
 
 __all__ = ["AttentionPool"]
@@ -54,15 +54,8 @@ class AttentionPool(nn.Module):
         for name, value in (("gated", gated), ("bias", bias)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
-                or not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-        if recompute is not None and not isinstance(recompute, bool):
-            raise TypeError(f"recompute must be None, True or False, got {recompute!r}")
+        check_options(backend=backend, activation=activation, dropout=dropout,
+                      recompute=recompute, dropout_name="dropout")
         self.in_dim, self.attn_dim, self.branches = in_dim, attn_dim, branches
         self.activation, self.dropout, self.recompute = activation, float(dropout), recompute
         self.backend = backend
