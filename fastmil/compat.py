@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .functional import attention_pool, check_backend
+from .module import torchmil_linear
 from .ops import triton_unavailable_reason
 
 __all__ = [
@@ -47,6 +48,8 @@ _patch = {"forward": None, "backend": "auto"}
 # the attention branch's activation layer (torchmil's ``act``) -> fastmil's activation
 _ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.GELU: "gelu"}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# why a still-lazy layer (torchmil's in_dim=None) is not fused, after "fc1 is still lazy (...): "
+_LAZY_HINT = "torchmil's first call sets its size, later calls are fused"
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -54,21 +57,6 @@ def _torchmil_attention_pool_class():
     from torchmil.nn.attention.attention_pool import AttentionPool
 
     return AttentionPool
-
-
-def _inner_linear(layer, name):
-    """The nn.Linear that computes ``layer`` (torchmil's LazyLinear wraps one as ``.module``),
-    or a str saying why it cannot be read off."""
-    from torchmil.nn.utils import LazyLinear
-
-    linear = layer.module if type(layer) is LazyLinear else layer
-    if isinstance(linear, nn.modules.lazy.LazyModuleMixin):
-        return (f"{name} is still lazy (in_dim=None): torchmil's first call sets its size, "
-                "later calls are fused")
-    if type(linear) is not nn.Linear:
-        return (f"{name} is a {type(layer).__name__}, not torchmil's LazyLinear or an "
-                "nn.Linear")
-    return linear
 
 
 def _global_hooks() -> bool:
@@ -82,12 +70,12 @@ def _global_hooks() -> bool:
 def _parts(pool):
     """(fc1 Linear, fc_gated Linear or None, activation name) of a torchmil AttentionPool, or a
     str saying why its structure is not the one fastmil fuses."""
-    fc1 = _inner_linear(pool.fc1, "fc1")
+    fc1 = torchmil_linear(pool.fc1, "fc1", lazy_hint=_LAZY_HINT)
     if isinstance(fc1, str):
         return fc1
     gate = None
     if pool.gated:
-        gate = _inner_linear(pool.fc_gated, "fc_gated")
+        gate = torchmil_linear(pool.fc_gated, "fc_gated", lazy_hint=_LAZY_HINT)
         if isinstance(gate, str):
             return gate
         if type(pool.act_gated) is not nn.Sigmoid:

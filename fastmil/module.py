@@ -139,12 +139,35 @@ class AttentionPool(nn.Module):
                              f"{tuple(ACTIVATIONS)}, got act={act!r}")
         kwargs.setdefault("activation", act)
 
-        def linear(m):  # torchmil wraps nn.Linear in its own LazyLinear(module=...)
-            m = getattr(m, "module", m)
-            if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
-                raise ValueError("the torchmil module is still lazy (in_dim=None): run it once "
-                                 "or build it with in_dim before converting")
-            return m
+        def linear(name):
+            found = torchmil_linear(getattr(module, name), name, lazy_hint=(
+                "run it once or build it with in_dim before converting"))
+            if isinstance(found, str):
+                raise ValueError(f"from_torchmil: the torchmil module's {found}")
+            return found
 
-        gate = linear(module.fc_gated) if module.gated else None
-        return cls._from_linears(linear(module.fc1), gate, module.fc2, None, **kwargs)
+        attn = linear("fc1")
+        gate = linear("fc_gated") if module.gated else None
+        return cls._from_linears(attn, gate, module.fc2, None, **kwargs)
+
+
+def torchmil_linear(layer: nn.Module, name: str, *, lazy_hint: str) -> nn.Linear | str:
+    """The nn.Linear that computes torchmil's layer ``name`` (``layer``), or a str saying why it
+    cannot be read off: still lazy (then the str ends in ``lazy_hint``), or no plain nn.Linear.
+
+    torchmil's ``LazyLinear`` is no lazy module itself: it wraps an nn.Linear, or, when built with
+    ``in_dim=None``, torch's ``nn.LazyLinear``, as ``.module``. That one turns into an nn.Linear on
+    its first call; until then it is lazy, even once a state dict has given it weights (its
+    ``in_features`` is still 0). The one place that unwraps it: :meth:`AttentionPool.from_torchmil`
+    raises the str, :mod:`fastmil.compat` falls back to torchmil's forward with it.
+    """
+    try:
+        from torchmil.nn.utils import LazyLinear
+    except ImportError:  # no torchmil, so no torchmil LazyLinear either
+        LazyLinear = None
+    linear = layer.module if LazyLinear is not None and type(layer) is LazyLinear else layer
+    if isinstance(linear, nn.modules.lazy.LazyModuleMixin):
+        return f"{name} is still lazy (in_dim=None): {lazy_hint}"
+    if type(linear) is not nn.Linear:
+        return f"{name} is a {type(layer).__name__}, not torchmil's LazyLinear or an nn.Linear"
+    return linear

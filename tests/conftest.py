@@ -76,6 +76,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def assert_usage_error(main, argv, message, prog, capsys):
+    """``main(argv)`` fails as argparse does on a bad flag: exit status 2, ``message`` and the
+    ``usage: prog`` line on stderr, and no traceback."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and f"usage: {prog}" in err and "Traceback" not in err, err
+
+
 def assert_close(actual, expected, dtype=None, *, what=""):
     """``actual`` ≈ ``expected`` within TOL[dtype] (default: expected's dtype).
 

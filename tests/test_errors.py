@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import call, make_weights
+from conftest import WEIGHT_NAMES, call, make_weights
 
 from fastmil import AttentionPool, attention_pool
 
@@ -101,24 +101,21 @@ def test_required_weight_is_none(name):
     _raises(TypeError, f"{name} must be a torch.Tensor, got None", x, w, **kw)
 
 
-@pytest.mark.parametrize("name", ["attn_weight", "gate_weight", "score_weight", "attn_bias",
-                                  "gate_bias", "score_bias"])
+@pytest.mark.parametrize("name", WEIGHT_NAMES)
 def test_weight_not_a_tensor(name):
     x, w, kw = _inputs()
     w[name] = w[name].tolist()
     _raises(TypeError, f"{name} must be a torch.Tensor, got list", x, w, **kw)
 
 
-@pytest.mark.parametrize("name", ["attn_weight", "gate_weight", "score_weight", "attn_bias",
-                                  "gate_bias", "score_bias"])
+@pytest.mark.parametrize("name", WEIGHT_NAMES)
 def test_mixed_dtypes(name):
     x, w, kw = _inputs()
     w[name] = w[name].double()
     _raises(TypeError, f"{name} has dtype torch.float64 but x has torch.float32", x, w, **kw)
 
 
-@pytest.mark.parametrize("name", ["attn_weight", "gate_weight", "score_weight", "attn_bias",
-                                  "gate_bias", "score_bias"])
+@pytest.mark.parametrize("name", WEIGHT_NAMES)
 def test_mixed_devices(name):
     # a "meta" tensor stands in for a second device: validation reads only shapes and devices
     x, w, kw = _inputs()
@@ -272,8 +269,28 @@ def test_module_recompute_must_be_bool_or_none():
 def test_from_torchmil_rejects_lazy_module():
     tm = pytest.importorskip("torchmil.nn.attention",
                              reason="torchmil (pip install torchmil) is needed for this test")
-    with pytest.raises(ValueError, match="the torchmil module is still lazy"):
-        AttentionPool.from_torchmil(tm.AttentionPool(in_dim=None, att_dim=4))
+    lazy = tm.AttentionPool(in_dim=None, att_dim=4, gated=True)
+    msg = (r"from_torchmil: the torchmil module's fc1 is still lazy \(in_dim=None\): run it once "
+           "or build it with in_dim before converting")
+    with pytest.raises(ValueError, match=msg):
+        AttentionPool.from_torchmil(lazy)
+    # a state dict gives the lazy layers weights but not their size (in_features stays 0):
+    # still lazy until the first call, not "in_dim must be a positive int, got 0"
+    lazy.load_state_dict(tm.AttentionPool(in_dim=8, att_dim=4, gated=True).state_dict())
+    with pytest.raises(ValueError, match=msg):
+        AttentionPool.from_torchmil(lazy)
+    lazy(torch.randn(1, 3, 8))  # the first call sets the size: converts from then on
+    assert AttentionPool.from_torchmil(lazy).in_dim == 8
+
+
+def test_from_torchmil_rejects_a_layer_other_than_linear():
+    tm = pytest.importorskip("torchmil.nn.attention",
+                             reason="torchmil (pip install torchmil) is needed for this test")
+    pool = tm.AttentionPool(in_dim=8, att_dim=4, gated=True)
+    pool.fc_gated = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="from_torchmil: the torchmil module's fc_gated is a "
+                                         "Sequential, not torchmil's LazyLinear or an nn.Linear"):
+        AttentionPool.from_torchmil(pool)
 
 
 def test_from_torchmil_rejects_other_module():

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_usage_error
 from torch.utils.data import DataLoader
 
 import fastmil
@@ -25,14 +26,9 @@ sys.path.insert(0, str(EXAMPLES))  # the examples import their shared helpers, _
 mb = importlib.import_module("mnist_bags")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread, as the example picks for itself: tests that call its functions
-    directly would otherwise crawl when another process holds a core (see set_threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread, as the example picks for itself: tests that call its functions directly
+# would otherwise crawl when another process holds a core (see _common.set_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -360,11 +356,7 @@ def test_paper_mode_writes_table_and_plot(tmp_path, capsys):
     (["--threads", "0"], "--threads must be at least 1"),
 ])
 def test_bad_flags_give_usage_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as info:
-        mb.main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "usage: mnist_bags.py" in err and "Traceback" not in err
+    assert_usage_error(mb.main, argv, message, "mnist_bags.py", capsys)
 
 
 def test_batch_size_must_split_over_processes(monkeypatch, capsys):

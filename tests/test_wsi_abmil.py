@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import assert_usage_error
 
 import fastmil
 
@@ -36,13 +37,7 @@ common = importlib.import_module("_common")
 TINY = dict(slides=12, dim=16, median_patches=1100, signal=8.0, region=(0.04, 0.05))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these are tiny steps (see _common.set_threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny steps (see _common.set_threads)
 
 
 @pytest.fixture(scope="module")
@@ -608,11 +603,7 @@ def test_help_lists_the_real_data_flags(capsys):
     (["--synthetic-format", "zarr"], "invalid choice: 'zarr'"),
 ])
 def test_bad_flags_give_usage_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as info:
-        wsi.main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "usage: wsi_abmil.py" in err
+    assert_usage_error(wsi.main, argv, message, "wsi_abmil.py", capsys)
 
 
 def test_batch_larger_than_the_training_set(h5_cohort, tmp_path):
