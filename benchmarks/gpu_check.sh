@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check: one command, about 7 minutes on an H100, that prints a short table last.
+# The GPU check: one command, under 9 minutes on an H100 (one device call of at most 10), that
+# checks the kernels on the chip, tunes their tiles, times the targets with the tuned tiles and
+# prints a short table last.
 #
 #   benchmarks/gpu_check.sh              # on a CUDA machine
 #   benchmarks/gpu_check.sh --dry-run    # on CPU: tiny shapes, Triton's interpreter (tests this
@@ -9,21 +11,28 @@
 #   1. CUDA kernel tests: pytest tests/test_triton.py tests/test_cuda.py (+ tests/test_options.py)
 #      on the GPU, every dtype (bf16 included); pytest-xdist spreads the Triton compiles when
 #      it is installed.
-#   2. benchmarks: pytest benchmarks/ --suite gpu-check: the targets' shapes, each in its
+#   2. tile sweep (benchmarks/tile_sweep.py): every candidate tile timed per class, the targets'
+#      classes first; its table (tile_sweep.json) is handed to the next stages through
+#      FASTMIL_TILES, so they time the tuned kernels. SWEEP=0 skips it (the default tiles).
+#   3. benchmarks: pytest benchmarks/ --suite gpu-check: the targets' shapes, each in its
 #      workload (frozen features, end-to-end, inference), fastmil triton (recompute=True and
 #      False) vs eager vs torch.compile (default) vs fastmil torch, one process, with memory.
-#   3. kernel launches of one call at the MNIST-bags shape, per workload (torch.profiler).
-#   4. report: OUT_DIR/RESULTS.md, then the targets and launch tables printed last.
+#   4. kernel launches of one call at the MNIST-bags shape, per workload (torch.profiler).
+#   5. report: OUT_DIR/RESULTS.md, then the targets and launch tables printed last.
 #
 # Files, in OUT_DIR ($OUT_DIR, else $OUT, the device tool's folder, else out/gpu_check):
-#   gpu_check.log (everything), bench.json, launches.json, RESULTS.md.
+#   gpu_check.log (everything), tile_sweep.json, tile_sweep.md, bench.json, launches.json,
+#   RESULTS.md.
 # Back here, merge them into benchmarks/RESULTS.md (with any other run's JSON):
 #   python -m benchmarks.report OUT_DIR/bench.json --launches OUT_DIR/launches.json
+# and paste tile_sweep.md's MEASURED_TILES into fastmil/kernels/attention_pool.py.
 #
-# Environment: TESTS (pytest paths of stage 1), TEST_TIMEOUT (s, default 140), BENCH_BUDGET
-# (s after which no benchmark starts, 160), BENCH_TIMEOUT (hard limit, 210), LAUNCH_TIMEOUT (45),
-# XDIST (pytest-xdist workers, 8), PYTHON (python). With the defaults every stage ends within its
-# limit: at most 140 + 210 + 45 s plus ~15 s of start-up and report, under 7 minutes.
+# Environment: TESTS (pytest paths of stage 1), TEST_TIMEOUT (s, default 110), SWEEP (1),
+# SWEEP_BUDGET (s after which no tile class starts, 100), SWEEP_TIMEOUT (hard limit, 150),
+# BENCH_BUDGET (s after which no benchmark starts, 150), BENCH_TIMEOUT (hard limit, 190),
+# LAUNCH_TIMEOUT (45), XDIST (pytest-xdist workers, 8), PYTHON (python). With the defaults every
+# stage ends within its limit: at most 110 + 150 + 190 + 45 s plus ~20 s of start-up and
+# report, under 9 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -91,10 +100,10 @@ XDIST_ARGS=()
 if [ "$DRY" = 0 ] && "$PYTHON" -c "import xdist" 2>/dev/null; then
   XDIST_ARGS=(-n "${XDIST:-8}")
 fi
-say "== 1/4 kernel tests: pytest $TESTS ${XDIST_ARGS[*]} (limit ${TEST_TIMEOUT:-140} s)"
+say "== 1/5 kernel tests: pytest $TESTS ${XDIST_ARGS[*]} (limit ${TEST_TIMEOUT:-110} s)"
 start=$(date +%s)
 # shellcheck disable=SC2086  # TESTS is a word list
-stage tests "${TEST_TIMEOUT:-140}" "$PYTHON" -m pytest $TESTS -q -p no:cacheprovider -rfE \
+stage tests "${TEST_TIMEOUT:-110}" "$PYTHON" -m pytest $TESTS -q -p no:cacheprovider -rfE \
   "${XDIST_ARGS[@]}"
 test_rc=$?
 test_line="$(summary_line tests) ($(( $(date +%s) - start )) s, exit status $test_rc)"
@@ -102,29 +111,51 @@ if [ "$test_rc" = 124 ]; then test_line="$test_line: TIME LIMIT"; fi
 say "kernel tests: $test_line"
 grep -E '^(FAILED|ERROR) ' "$CACHE/tests.log" | head -n 20
 
-# -- 2. benchmarks ---------------------------------------------------------------------------
-say "== 2/4 benchmarks: pytest benchmarks/ --suite $SUITE (budget ${BENCH_BUDGET:-160} s)"
+# -- 2. tile sweep ---------------------------------------------------------------------------
+sweep_rc=0
+sweep_line="skipped (SWEEP=0): default tiles"
+if [ "${SWEEP:-1}" != 0 ]; then
+  say "== 2/5 tile sweep (budget ${SWEEP_BUDGET:-100} s, limit ${SWEEP_TIMEOUT:-150} s)"
+  start=$(date +%s)
+  SWEEP_ARGS=(--out "$OUT_DIR" --budget-s "${SWEEP_BUDGET:-100}")
+  if [ "$DRY" = 1 ]; then SWEEP_ARGS+=(--dry-run); fi
+  stage sweep "${SWEEP_TIMEOUT:-150}" "$PYTHON" -m benchmarks.tile_sweep "${SWEEP_ARGS[@]}"
+  sweep_rc=$?
+  sweep_line="exit status $sweep_rc ($(( $(date +%s) - start )) s)"
+  if "$PYTHON" -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1]))['measured_tiles'] else 1)" \
+      "$OUT_DIR/tile_sweep.json" 2>/dev/null; then
+    FASTMIL_TILES="$(cd "$OUT_DIR" && pwd)/tile_sweep.json"
+    export FASTMIL_TILES
+    sweep_line="$sweep_line; the benchmarks use its tiles (FASTMIL_TILES)"
+  else
+    sweep_line="$sweep_line; no table: the benchmarks use the default tiles"
+  fi
+  say "tile sweep: $sweep_line"
+fi
+
+# -- 3. benchmarks ---------------------------------------------------------------------------
+say "== 3/5 benchmarks: pytest benchmarks/ --suite $SUITE (budget ${BENCH_BUDGET:-150} s)"
 start=$(date +%s)
 rm -f "$OUT_DIR/bench.json"
-stage bench "${BENCH_TIMEOUT:-210}" "$PYTHON" -m pytest benchmarks/test_attention_pool.py -q \
+stage bench "${BENCH_TIMEOUT:-190}" "$PYTHON" -m pytest benchmarks/test_attention_pool.py -q \
   -p no:cacheprovider -rfE --suite "$SUITE" --fastmil-json "$OUT_DIR/bench.json" \
-  --bench-budget-s "${BENCH_BUDGET:-160}" --bench-rep-ms 100 --bench-rounds 2
+  --bench-budget-s "${BENCH_BUDGET:-150}" --bench-rep-ms 100 --bench-rounds 2
 bench_rc=$?
 say "benchmarks: $(summary_line bench) ($(( $(date +%s) - start )) s, exit status $bench_rc)"
 grep -E '^(FAILED|ERROR) ' "$CACHE/bench.log" | head -n 20
 
-# -- 3. kernel launches ----------------------------------------------------------------------
-say "== 3/4 kernel launches at the MNIST-bags shape"
+# -- 4. kernel launches ----------------------------------------------------------------------
+say "== 4/5 kernel launches at the MNIST-bags shape"
 start=$(date +%s)
 stage launches "${LAUNCH_TIMEOUT:-45}" "$PYTHON" -m benchmarks.launch_count "${LAUNCH_ARGS[@]}" \
   --json "$OUT_DIR/launches.json"
 launch_rc=$?
 say "launches: exit status $launch_rc ($(( $(date +%s) - start )) s)"
 
-# -- 4. report -------------------------------------------------------------------------------
-say "== 4/4 report ($(( $(date +%s) - T0 )) s so far)"
+# -- 5. report -------------------------------------------------------------------------------
+say "== 5/5 report ($(( $(date +%s) - T0 )) s so far)"
 REPORT_ARGS=(--out "$OUT_DIR/RESULTS.md" --no-plot --summary
-             --note "GPU check (\`benchmarks/gpu_check.sh$([ "$DRY" = 1 ] && echo ' --dry-run')\`), kernel tests (\`pytest $TESTS\`): $test_line")
+             --note "GPU check (\`benchmarks/gpu_check.sh$([ "$DRY" = 1 ] && echo ' --dry-run')\`), kernel tests (\`pytest $TESTS\`): $test_line; tile sweep: $sweep_line")
 if [ -s "$OUT_DIR/launches.json" ]; then REPORT_ARGS+=(--launches "$OUT_DIR/launches.json"); fi
 report_rc=1
 if [ -s "$OUT_DIR/bench.json" ]; then
@@ -135,8 +166,9 @@ else
 fi
 say ""
 say "kernel tests: $test_line"
+say "tile sweep: $sweep_line"
 say "gpu_check.sh: $(( $(date +%s) - T0 )) s in all; files in $OUT_DIR"
-for rc in "$test_rc" "$bench_rc" "$launch_rc" "$report_rc"; do
+for rc in "$test_rc" "$sweep_rc" "$bench_rc" "$launch_rc" "$report_rc"; do
   if [ "$rc" != 0 ]; then exit 1; fi
 done
 exit 0

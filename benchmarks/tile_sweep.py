@@ -14,10 +14,12 @@ training forward (``recompute=True``), ``bwd`` = ``backward()`` alone in the cla
 not compile or launch (shared memory, registers) or gives wrong numbers is listed and never
 chosen.
 
-Writes ``tile_sweep.json`` (every number) and ``tile_sweep.md``: a table per class and a
-``MEASURED_TILES`` dict to paste into the kernel module, keyed as the module keys it
-(``(kind, dtype class, gated, L, K)``); classes that share a key (e.g. D=1024 and D=1536) get the
-tile with the smallest summed slowdown over them. ``--budget-s`` bounds the run: classes
+Writes ``tile_sweep.json`` (every number, and the chosen table as ``"measured_tiles"``) and
+``tile_sweep.md``: a table per class and a ``MEASURED_TILES`` dict to paste into the kernel
+module, keyed as the module keys it (``tile_key``: kind, dtype class, gated, D class, L, K);
+classes that share a key get the tile with the smallest summed slowdown over them. Without
+editing fastmil, ``FASTMIL_TILES=OUT/tile_sweep.json`` makes the launchers use that table (the
+GPU check does this for its benchmarks). ``--budget-s`` bounds the run: classes
 still left when it is spent are listed as not run, and the files are rewritten after every class,
 so a run cut short keeps what it measured. On CPU (``--dry-run``) the launchers ignore
 ``TILE_OVERRIDE`` (the interpreter has its own tiles): the dry run checks the plumbing only.
@@ -62,12 +64,12 @@ def _mnist_lengths(n: int) -> tuple[int, ...]:
     return tuple(rng.randint(5, 15) for _ in range(n))
 
 
-CLASSES = [  # most important first: a run that spends its budget loses the last ones
+CLASSES = [  # the targets' classes first: a run that spends its budget loses the last ones
     TileClass("wsi-d1024-l256-bf16", 1024, 256, 1, "bf16", True, (100_000,), False),
     TileClass("mnist-d500-l128-fp32", 500, 128, 1, "fp32", True, _mnist_lengths(512), True),
+    TileClass("wsi-d1536-l256-bf16", 1536, 256, 1, "bf16", True, (100_000,), False),
     TileClass("clam-mb-d1024-l256-k4-bf16", 1024, 256, 4, "bf16", True, (100_000,), False),
     TileClass("plain-d1024-l256-bf16", 1024, 256, 1, "bf16", False, (100_000,), False),
-    TileClass("wsi-d1536-l256-bf16", 1536, 256, 1, "bf16", True, (100_000,), False),
 ]
 DRY_RUN_CLASSES = [
     TileClass("dry-d64-l32-fp32", 64, 32, 1, "fp32", True, (600,), False),
@@ -161,16 +163,12 @@ def _rel(a, b) -> float:
 
 def default_tile(kernels, c: TileClass, kind: str) -> tuple:
     """The tile the launchers pick for this class without an override."""
-    if hasattr(kernels, "gpu_tiles"):
-        return tuple(kernels.gpu_tiles(kind, c.torch_dtype, c.L, c.K, c.gated))
-    return tuple(kernels.GPU_TILES[kind])
+    return tuple(kernels.gpu_tiles(kind, c.torch_dtype, c.D, c.L, c.K, c.gated))
 
 
 def table_key(kernels, c: TileClass, kind: str) -> tuple:
-    """The key of the kernel module's MEASURED_TILES for this class."""
-    if hasattr(kernels, "dtype_class"):
-        return (kind, kernels.dtype_class(c.torch_dtype), c.gated, c.L, c.K)
-    return (kind, c.dtype, c.gated, c.D, c.L, c.K)
+    """The key of the kernel module's measured tile tables for this class."""
+    return kernels.tile_key(kind, c.torch_dtype, c.D, c.L, c.K, c.gated)
 
 
 def sweep_class(c: TileClass, kernels, device, rep_ms: float, log) -> dict:
@@ -264,18 +262,17 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
-def measured_tiles(result: dict) -> list[str]:
-    """``MEASURED_TILES = {...}`` lines: per key the tile with the smallest summed slowdown
-    (time ÷ that class's best time) over the classes that share the key, among the tiles that
-    ran correctly in all of them."""
-    groups: dict[tuple, list[dict]] = {}
+def choose_tiles(result: dict) -> list[dict]:
+    """The measured tile table: per key the tile with the smallest summed slowdown (time ÷ that
+    class's best time) over the classes that share the key, among the tiles that ran correctly
+    in all of them. ``[{"key": [...], "tile": [...], "note": "vs the default: ..."}]``: the
+    ``"measured_tiles"`` list of tile_sweep.json, which ``FASTMIL_TILES`` reads."""
+    groups: dict[tuple, list[tuple[str, dict]]] = {}
     for entry in result["classes"]:
         for k in entry["kinds"].values():
             if k["best"]:
                 groups.setdefault(tuple(k["key"]), []).append((entry["class"]["name"], k))
-    lines = ["MEASURED_TILES = {",
-             "    # (kind, dtype class, gated, L, K): (BLOCK_N, BLOCK_D, BLOCK_L, num_warps, "
-             "num_stages)"]
+    table = []
     for key, members in groups.items():
         scores = {}
         for _, k in members:
@@ -287,16 +284,25 @@ def measured_tiles(result: dict) -> list[str]:
         if not scores:
             continue
         tile = min(scores, key=scores.get)
-        defaults = {tuple(k["default"]) for _, k in members}
         gains = []
         for name, k in members:
             by_tile = {tuple(r["tile"]): r["ms"] for r in k["rows"] if "ms" in r}
             base = by_tile.get(tuple(k["default"]))
             gains.append(f"{name} {base / by_tile[tile]:.2f}x" if base else name)
         note = "vs the default: " + ", ".join(gains)
-        if len(defaults) > 1:
+        if len({tuple(k["default"]) for _, k in members}) > 1:
             note += " (defaults differ)"
-        lines.append(f"    {key!r}: {tile!r},  # {note}")
+        table.append({"key": list(key), "tile": list(tile), "note": note})
+    return table
+
+
+def measured_tiles(result: dict) -> list[str]:
+    """``MEASURED_TILES = {...}`` lines of ``choose_tiles``, to paste into the kernel module."""
+    lines = ["MEASURED_TILES = {",
+             "    # (kind, dtype class, gated, D class, L, K): (BLOCK_N, BLOCK_D, BLOCK_L, "
+             "num_warps, num_stages)"]
+    for entry in result.get("measured_tiles") or choose_tiles(result):
+        lines.append(f"    {tuple(entry['key'])!r}: {tuple(entry['tile'])!r},  # {entry['note']}")
     lines.append("}")
     return lines
 
@@ -350,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, flush=True)
 
     def write():
+        result["measured_tiles"] = choose_tiles(result)
         with open(os.path.join(args.out, "tile_sweep.json"), "w") as fh:
             json.dump(result, fh, indent=1)
         with open(os.path.join(args.out, "tile_sweep.md"), "w") as fh:

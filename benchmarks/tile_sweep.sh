@@ -3,7 +3,9 @@
 # dtype, gated) and kernel (fwd, bwd) on this GPU; about 5 minutes on an H100 (budget 270 s,
 # hard limit 330 s). Writes tile_sweep.json, tile_sweep.md (with a MEASURED_TILES dict to paste
 # into fastmil/kernels/attention_pool.py) and tile_sweep.log to OUT_DIR ($OUT_DIR, else $OUT,
-# the device tool's folder, else out/tile_sweep), and prints that dict last.
+# the device tool's folder, else out/tile_sweep), and prints that dict last. benchmarks/gpu_check.sh
+# runs a shorter sweep of the targets' classes itself; this one has time for every class.
+# FASTMIL_TILES=OUT_DIR/tile_sweep.json makes fastmil use the table without pasting it.
 #
 #   benchmarks/tile_sweep.sh              # on a CUDA machine
 #   benchmarks/tile_sweep.sh --dry-run    # on CPU (Triton's interpreter): checks the plumbing

@@ -13,8 +13,9 @@ compile or spills, or if a 16-bit projection loop on Hopper is not software-pipe
 ``cp.async`` copies, or every wgmma waited on at once). Run with TRITON_INTERPRET unset.
 
 Variants: every dtype × gating × mask × branch count with the default tiles, forward and
-backward; every candidate tile of ``TILE_CANDIDATES`` on the key shape; a row stride that is not
-a multiple of 16 elements (the JIT's second variant); and the optional paths (gelu, dropout,
+backward; every candidate tile of ``TILE_CANDIDATES`` on the key shape; every entry of the
+measured tile tables (``MEASURED_TILES``, and the ``FASTMIL_TILES`` file's when that is set); a
+row stride that is not a multiple of 16 elements (the JIT's second variant); and the optional paths (gelu, dropout,
 saved projections, one program per bag, a backward for frozen x).
 """
 
@@ -88,12 +89,12 @@ def _variants():
     out = []
     for dt, gated, masked, K in itertools.product(DTYPES, (True, False), (True, False), (1, 4)):
         for kind in ("fwd", "bwd"):
-            tiles = k.gpu_tiles(kind, DTYPES[dt], 256, K, gated)
+            tiles = k.gpu_tiles(kind, DTYPES[dt], 1024, 256, K, gated)
             name = f"{kind} {dt} {'gated' if gated else 'plain'} " \
                    f"{'mask' if masked else 'nomask'} K={K} tiles={tiles}"
             out.append((name, kind, dt, 1024, 256, K, gated, masked, tiles, base, True))
     for kind in ("fwd", "bwd"):
-        tiles = k.gpu_tiles(kind, torch.float32, 256, 1, True)
+        tiles = k.gpu_tiles(kind, torch.float32, 1024, 256, 1, True)
         out.append((f"{kind} fp32 tf32 gated nomask K=1 tiles={tiles}", kind, "fp32", 1024, 256,
                     1, True, False, tiles, base | dict(PRECISION="tf32"), True))
         for tiles in k.TILE_CANDIDATES[kind]:
@@ -102,9 +103,16 @@ def _variants():
         # the JIT's second variant: a row stride that is not a multiple of 16 elements (D=500,
         # MNIST-bags). Correct and spill-free, but its loads are not 16-byte aligned, so Triton
         # does not pipeline them: reported, not required.
-        tiles = k.gpu_tiles(kind, torch.bfloat16, 128, 1, True)
+        tiles = k.gpu_tiles(kind, torch.bfloat16, 500, 128, 1, True)
         out.append((f"{kind} bf16 gated nomask K=1 D=500 (row stride not a multiple of 16)",
                     kind, "bf16", 500, 128, 1, True, False, tiles, base, False))
+    # every entry of a measured table: MEASURED_TILES, and the FASTMIL_TILES file's when set
+    for key, tiles in {**k.MEASURED_TILES, **k._file_tiles()}.items():
+        kind, cls, gated, D, L, K = key
+        dt = "fp32" if cls == "fp32" else "bf16"
+        out.append((f"{kind} {dt} {'gated' if gated else 'plain'} nomask K={K} D={D} L={L} "
+                    f"measured tiles={tiles}", kind, dt, D, L, K, gated, False, tiles, base,
+                    dt != "fp32"))
     extras = {
         "gelu+dropout+save": dict(ACT=2, DROPOUT=True, SAVE_PQ=True, SAVED_PQ=True),
         "one program per bag": dict(SINGLE=True),
@@ -115,7 +123,7 @@ def _variants():
         for kind in ("fwd", "bwd"):
             if kind == "fwd" and label in ("frozen x", "relu, only dw"):
                 continue
-            tiles = k.gpu_tiles(kind, torch.bfloat16, 256, 1, True)
+            tiles = k.gpu_tiles(kind, torch.bfloat16, 1024, 256, 1, True)
             # a backward that reads p and q back runs no projection GEMM to pipeline
             pipelined = not (kind == "bwd" and flags.get("SAVED_PQ"))
             out.append((f"{kind} bf16 gated nomask K=1 {label}", kind, "bf16", 1024, 256, 1,

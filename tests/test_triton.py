@@ -147,6 +147,77 @@ def test_every_gpu_tile_candidate(kind, tiles, monkeypatch):
     _check(x, make_weights(D, L, 2, device=DEVICE), torch.float32, **kw)
 
 
+def test_tile_key_classes():
+    """Measured tiles are keyed by class, never by bag lengths: D rounds up to a power of two."""
+    key = kernels.tile_key
+    assert key("fwd", torch.bfloat16, 1536, 256, 1, True) == ("fwd", "16-bit", True, 2048, 256, 1)
+    assert key("bwd", torch.float32, 500, 128, 4, False) == ("bwd", "fp32", False, 512, 128, 4)
+    assert key("fwd", torch.float16, 1024, 256, 1, True) == key("fwd", torch.bfloat16, 1000,
+                                                                   256, 1, True)
+
+
+def test_measured_tiles_are_candidates():
+    """A pasted table holds only tiles that the interpreter and sm_90 compile tests cover."""
+    for key, tile in kernels.MEASURED_TILES.items():
+        kind = key[0]
+        assert key == kernels.tile_key(kind, torch.float32 if key[1] == "fp32" else
+                                       torch.bfloat16, key[3], key[4], key[5], key[2]), key
+        assert tuple(tile) in kernels.TILE_CANDIDATES[kind], (key, tile)
+
+
+def _tiles_file(tmp_path, entries):
+    import json
+
+    path = tmp_path / "tile_sweep.json"
+    path.write_text(json.dumps({"env": {}, "classes": [], "measured_tiles": entries}))
+    return str(path)
+
+
+def test_tile_table_precedence(tmp_path, monkeypatch):
+    """TILE_OVERRIDE, then the FASTMIL_TILES file, then MEASURED_TILES, then the defaults; a
+    class missing from a table falls through to the next."""
+    args = ("fwd", torch.bfloat16, 1024, 256, 1, True)
+    key = kernels.tile_key(*args)
+    default = kernels.GPU_TILES[("fwd", "16-bit")]
+    a, b, c = kernels.TILE_CANDIDATES["fwd"][1:4]
+    monkeypatch.delenv(kernels.TILES_ENV, raising=False)
+    assert kernels.gpu_tiles(*args) == default
+    monkeypatch.setitem(kernels.MEASURED_TILES, key, a)
+    assert kernels.gpu_tiles(*args) == a
+    assert kernels.gpu_tiles("fwd", torch.bfloat16, 1536, 256, 1, True) == default  # D class
+    other = list(kernels.tile_key("fwd", torch.float32, 500, 128, 1, True))
+    path = _tiles_file(tmp_path, [{"key": list(key), "tile": list(b), "note": ""},
+                                  {"key": other, "tile": list(c), "note": ""}])
+    monkeypatch.setattr(kernels, "_FILE_TILES", {})
+    monkeypatch.setenv(kernels.TILES_ENV, path)
+    assert kernels.gpu_tiles(*args) == b
+    assert kernels.gpu_tiles("fwd", torch.float32, 512, 128, 1, True) == c
+    assert kernels.gpu_tiles("bwd", *args[1:]) == kernels.GPU_TILES[("bwd", "16-bit")]
+    monkeypatch.setitem(kernels.TILE_OVERRIDE, "fwd", default)
+    assert kernels.gpu_tiles(*args) == default
+
+
+@pytest.mark.parametrize("entries,expected", [
+    (None, "could not read it"),
+    ([{"key": ["fwd", "16-bit", True, 1024, 256], "tile": [64, 32, 64, 8, 3]}], "entry 0"),
+    ([{"key": ["fwd", "bf16", True, 1024, 256, 1], "tile": [64, 32, 64, 8, 3]}], "entry 0"),
+    ([{"key": ["fwd", "16-bit", True, 1024, 256, 1], "tile": [64, 48, 64, 8, 3]}], "entry 0"),
+    ([{"key": ["sideways", "fp32", True, 1024, 256, 1], "tile": [64, 32, 64, 8, 3]}], "entry 0"),
+], ids=["no-table", "short-key", "dtype-name", "block-not-pow2", "kind"])
+def test_bad_tiles_file_names_variable_file_and_entry(tmp_path, monkeypatch, entries, expected):
+    if entries is None:
+        path = tmp_path / "notes.json"
+        path.write_text("{}")
+        path = str(path)
+    else:
+        path = _tiles_file(tmp_path, entries)
+    monkeypatch.setattr(kernels, "_FILE_TILES", {})
+    monkeypatch.setenv(kernels.TILES_ENV, path)
+    with pytest.raises(ValueError, match="FASTMIL_TILES") as err:
+        kernels.gpu_tiles("fwd", torch.bfloat16, 1024, 256, 1, True)
+    assert path in str(err.value) and expected in str(err.value)
+
+
 def test_wide_features_and_attention_take_several_blocks():
     """D and L larger than one tile: the D and L loops run more than once, with ragged ends."""
     D, L = 200, 150

@@ -455,8 +455,11 @@ def _pow2(n: int, lo: int = 16) -> int:
 # kernel and dtype class. The defaults are spill-free on sm_90 with software-pipelined
 # projection loops (asynchronous copies, wgmma kept in flight) for every dtype, gating, mask and
 # K, as tests/test_kernel_compile.py checks by compiling them ahead of time exactly as the JIT
-# does (no GPU needed); they are not yet chosen by timing on a GPU. MEASURED_TILES, filled from
-# a tile sweep on a GPU (benchmarks/), overrides them per class (kind, dtype class, gated, L, K);
+# does (no GPU needed); they are not yet chosen by timing on a GPU. A measured table overrides
+# them per class of calls, keyed by ``tile_key`` — (kind, dtype class, gated, D class, L, K),
+# never bag lengths: MEASURED_TILES (pasted here from a tile sweep on a GPU, benchmarks/), and
+# above it the table of the JSON file named by the environment variable FASTMIL_TILES (a tile
+# sweep's tile_sweep.json: a sweep on your own GPU applies without editing fastmil).
 # TILE_OVERRIDE (kind -> tile) overrides everything, for the sweep itself. TILE_CANDIDATES are
 # the tiles a sweep may pick: tests run each in the interpreter and compile each for sm_90.
 GPU_TILES = {
@@ -473,18 +476,75 @@ TILE_CANDIDATES = {
 MEASURED_TILES: dict = {}
 TILE_OVERRIDE: dict = {}
 INTERPRETER_TILES = {"fwd": (32, 64, 128, 4, 1), "bwd": (32, 64, 128, 4, 1)}
+TILES_ENV = "FASTMIL_TILES"
 
 
 def dtype_class(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "16-bit"
 
 
-def gpu_tiles(kind: str, dtype: torch.dtype, L: int, K: int, gated: bool) -> tuple:
-    """The GPU tile of a kernel ("fwd" or "bwd") for a class of calls (never for bag lengths)."""
+def tile_key(kind: str, dtype: torch.dtype, D: int, L: int, K: int, gated: bool) -> tuple:
+    """The key of a class of calls in a measured tile table: (kind, dtype class, gated,
+    D class, L, K), the D class being D rounded up to a power of two (500 → 512, 1536 → 2048)."""
+    return (kind, dtype_class(dtype), bool(gated), _pow2(D), int(L), int(K))
+
+
+def load_tiles(path: str) -> dict:
+    """The measured tile table of a tile sweep's JSON file (its ``"measured_tiles"`` list of
+    ``{"key": [...], "tile": [...]}``), as ``{tile_key: tile}``. Raises ValueError naming the
+    file and the entry when the file is not such a table."""
+    import json
+
+    try:
+        with open(path) as fh:
+            entries = json.load(fh)["measured_tiles"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{TILES_ENV}={path!r}: expected a tile sweep's JSON file with a "
+                         f"'measured_tiles' list (benchmarks/tile_sweep.sh writes one); "
+                         f"could not read it: {type(e).__name__}: {e}") from None
+    table = {}
+    for i, entry in enumerate(entries):
+        try:
+            kind, cls, gated, dcls, L, K = entry["key"]
+            tile = tuple(int(v) for v in entry["tile"])
+            ok = (kind in ("fwd", "bwd") and cls in ("16-bit", "fp32") and len(tile) == 5
+                  and all(v > 0 for v in tile)
+                  and all(v == _pow2(v, 1) for v in tile[:4]))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{TILES_ENV}={path!r}: entry {i} of 'measured_tiles' is {entry!r}; "
+                             "expected {'key': [kind ('fwd'|'bwd'), dtype class ('16-bit'|"
+                             "'fp32'), gated, D class, L, K], 'tile': [BLOCK_N, BLOCK_D, "
+                             "BLOCK_L, num_warps (powers of two), num_stages]}")
+        table[(kind, cls, bool(gated), int(dcls), int(L), int(K))] = tile
+    return table
+
+
+_FILE_TILES: dict = {}  # path -> table, read once per process
+
+
+def _file_tiles() -> dict:
+    import os
+
+    path = os.environ.get(TILES_ENV)
+    if not path:
+        return {}
+    if path not in _FILE_TILES:
+        _FILE_TILES[path] = load_tiles(path)
+    return _FILE_TILES[path]
+
+
+def gpu_tiles(kind: str, dtype: torch.dtype, D: int, L: int, K: int, gated: bool) -> tuple:
+    """The GPU tile of a kernel ("fwd" or "bwd") for a class of calls (never for bag lengths):
+    TILE_OVERRIDE, else the FASTMIL_TILES file's table, else MEASURED_TILES, else the default."""
     if kind in TILE_OVERRIDE:
         return TILE_OVERRIDE[kind]
-    cls = dtype_class(dtype)
-    return MEASURED_TILES.get((kind, cls, gated, L, K), GPU_TILES[(kind, cls)])
+    key = tile_key(kind, dtype, D, L, K, gated)
+    for table in (_file_tiles(), MEASURED_TILES):
+        if key in table:
+            return table[key]
+    return GPU_TILES[(kind, dtype_class(dtype))]
 
 
 # Chunks are a multiple of this many rows (every BLOCK_N divides it); tests lower it to cut
@@ -497,7 +557,7 @@ SINGLE_CHUNK = True
 
 def _config(x, D, L, K, gated, kind):
     """Tile sizes from the dtype, D, L, K, gating and the device only (never bag lengths)."""
-    tiles = gpu_tiles(kind, x.dtype, L, K, gated) if x.is_cuda else INTERPRETER_TILES[kind]
+    tiles = gpu_tiles(kind, x.dtype, D, L, K, gated) if x.is_cuda else INTERPRETER_TILES[kind]
     block_n, block_d, block_l, num_warps, num_stages = tiles
     return (block_n, min(block_d, _pow2(D)), min(block_l, _pow2(L)), _pow2(K), num_warps,
             num_stages)
