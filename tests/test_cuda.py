@@ -4,8 +4,10 @@ still checked with a clear error.
 
 * ``torch.cuda.set_sync_debug_mode("error")`` makes every synchronising call torch knows of
   (``.item()``, ``bool(tensor)``, ``nonzero``, a blocking copy to the host, ...) raise. It does
-  not see a ``non_blocking`` copy from pageable host memory, which the driver stages
-  synchronously: offsets on the host (as ``fastmil.collate`` makes them) cost such a copy.
+  not see a copy from pageable host memory, before which the driver may wait for the stream to
+  drain: the chunk map built on the host (offsets on the host, as ``fastmil.collate`` makes
+  them, or unmasked padding) goes from pinned memory, and a step queued behind a long GPU kernel
+  must return to the host long before that kernel ends.
 * A CUDA graph capture fails on any synchronisation and on copies from pageable memory, so the
   graph tests keep every input on the GPU (offsets too) and check replays on new values against
   eager calls.
@@ -14,6 +16,8 @@ Every test here skips without a CUDA GPU.
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -112,6 +116,37 @@ def test_training_step_never_syncs(layout, dtype, grad_x, options):
     for name, t in weights.items():
         if t is not None and name != "score_bias":
             assert_close(t.grad, w_ref[name].grad, dtype, what=f"d {name}")
+
+
+@pytest.mark.parametrize("layout", ["packed_cpu_offsets", "padded"])
+def test_step_with_host_chunk_map_does_not_wait_for_the_gpu(layout):
+    """A step whose chunk map is built on the host, queued behind a GPU kernel that spins for
+    about 0.2 s: the host gets the step back in a fraction of that (no wait for the stream to
+    drain). Not a speed test: a wait would take the whole spin, the step itself takes about a
+    millisecond of host time."""
+    if layout == "padded":
+        torch.manual_seed(0)
+        x = torch.randn(4, 9, D, device="cuda", requires_grad=True)
+        kw, weights = {}, make_weights(D, L, None, requires_grad=True, device="cuda")
+        dz = torch.randn(4, D, device="cuda")
+    else:
+        x, kw, weights, dz = _inputs(layout, torch.float32)
+    for _ in range(2):  # compile the kernels and warm both allocators outside the check
+        _step(x, kw, weights, dz)
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    torch.cuda._sleep(400_000_000)  # clock cycles: about 0.2 s at an H100's 1.98 GHz
+    end.record()
+    t0 = time.perf_counter()
+    z = _step(x, kw, weights, dz)
+    host_s = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    spin_s = begin.elapsed_time(end) / 1e3
+    assert spin_s > 0.05, f"the spinning kernel took only {spin_s:.3f} s: no test"
+    assert host_s < spin_s / 4, (f"the step held the host {host_s:.3f} s behind a "
+                                 f"{spin_s:.3f} s GPU kernel: it waited for the stream")
+    assert torch.isfinite(z).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

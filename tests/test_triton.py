@@ -271,20 +271,45 @@ def test_module_and_torch_backend_agree():
 
 
 def test_torch_compile_fullgraph():
+    """Compiled calls trace the torch.library custom ops, eager calls run the same launchers
+    through a plain autograd.Function: both give the same z and gradients."""
     x, kw = make_layout("packed", [5, 12], 24, device=DEVICE)
     w = make_weights(24, 16, None, device=DEVICE)
+    names = ("attn_weight", "gate_weight", "score_weight")
 
     def f(x, offsets, V, U, s):
         return fastmil.attention_pool(x, V, U, s, offsets=offsets, backend="triton")
 
     compiled = torch.compile(f, fullgraph=True)
-    xs = [x.clone().requires_grad_(True) for _ in range(2)]
-    outs = [fn(xi, kw["offsets"], w["attn_weight"], w["gate_weight"], w["score_weight"])
-            for fn, xi in zip((f, compiled), xs, strict=True)]
-    assert_close(outs[1], outs[0], what="compiled z")
-    for out in outs:
+    runs = []
+    for fn in (f, compiled):
+        leaves = [x.clone().requires_grad_(True)] + [w[n].clone().requires_grad_(True)
+                                                     for n in names]
+        out = fn(leaves[0], kw["offsets"], *leaves[1:])
         out.pow(2).sum().backward()
-    assert_close(xs[1].grad, xs[0].grad, what="compiled dx")
+        runs.append((out, [t.grad for t in leaves]))
+    (z, grads), (z_c, grads_c) = runs
+    assert_close(z_c, z, what="compiled z")
+    for name, g, g_c in zip(("x",) + names, grads, grads_c, strict=True):
+        assert_close(g_c, g, what=f"compiled d{name}")
+
+
+def test_eager_calls_skip_the_custom_op_dispatch(monkeypatch):
+    """Eager forward and backward run without the custom ops' dispatch (host time that a
+    launch-bound call pays in full); only torch.compile goes through them."""
+    from fastmil import ops
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an eager call went through a torch.library custom op")
+
+    monkeypatch.setattr(ops, "_fwd_op", refuse)
+    monkeypatch.setattr(ops, "_bwd_op", refuse)
+    x, kw = make_layout("packed", [5, 12], 24, device=DEVICE)
+    x.requires_grad_(True)
+    w = make_weights(24, 16, None, device=DEVICE, requires_grad=True)
+    z = call(fastmil.attention_pool, x, w, backend="triton", **kw)
+    z.sum().backward()
+    assert x.grad is not None and w["attn_weight"].grad is not None
 
 
 def test_autocast():

@@ -68,6 +68,8 @@ as ``2·sigmoid(2x) − 1`` because the interpreter has no libdevice.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -447,8 +449,15 @@ def _bwd_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
+# Host-side integer helpers in plain Python: triton.cdiv and triton.next_power_of_2 are
+# constexpr functions that cost about a microsecond and a half per call on the host, and a small
+# launch-bound call (MNIST-bags) makes a dozen such calls.
+def _cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
 def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(n)))
+    return max(lo, 1 << max(int(n) - 1, 0).bit_length())
 
 
 # Tiles (BLOCK_N, BLOCK_D, BLOCK_L, num_warps, num_stages) of the compiled GPU kernels, per
@@ -569,26 +578,32 @@ def _precision(x) -> str:
     return "ieee"
 
 
+@functools.cache
+def _multi_processors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def chunk_size(R: int, device: torch.device) -> int:
     """Rows per chunk, from the row count and the device only: enough programs to fill the GPU
     (4 per SM), a multiple of CHUNK_ALIGN, at most 64·CHUNK_ALIGN rows."""
     if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        index = torch.cuda.current_device() if device.index is None else device.index
+        target = 4 * _multi_processors(index)
     else:
         target = 8
-    return max(1, min(64, triton.cdiv(triton.cdiv(max(R, 1), target), CHUNK_ALIGN))) * CHUNK_ALIGN
+    return max(1, min(64, _cdiv(_cdiv(max(R, 1), target), CHUNK_ALIGN))) * CHUNK_ALIGN
 
 
 def meta_length(R: int, B: int, chunk: int) -> int:
     """Length of the chunk map ``meta``: 4 per bag plus a static bound on the chunk count (each
     bag adds at most one partial chunk)."""
-    return 4 * B + triton.cdiv(R, chunk) + B
+    return 4 * B + _cdiv(R, chunk) + B
 
 
 def _chunk_map(starts, lengths, R, chunk, device):
     """The chunk map ``meta`` (see the module docstring) on ``device``, and whether every bag is
-    one chunk (``SINGLE``). Built where ``lengths`` live: on the host it costs the GPU one copy;
-    on the GPU it takes a few small launches and no sync."""
+    one chunk (``SINGLE``). Built where ``lengths`` live: on the host it costs the GPU one
+    asynchronous copy from pinned memory; on the GPU it takes a few small launches and no sync."""
     B = lengths.shape[0]
     n_prog = meta_length(R, B, chunk) - 4 * B
     host = lengths.device.type == "cpu"
@@ -605,6 +620,10 @@ def _chunk_map(starts, lengths, R, chunk, device):
         o_c = torch.arange(n_prog, device=lengths.device, dtype=cum.dtype)
         chunk_bag = torch.searchsorted(cum, o_c, right=True)  # [C]; B for idle programs
     meta = torch.cat([starts, lengths, first_chunk, num_chunks, chunk_bag]).to(torch.int64)
+    if host and torch.device(device).type == "cuda":
+        # from pinned memory the copy is queued and the host goes on; from pageable memory the
+        # driver may first wait for the stream to drain (CUDA's "API synchronization behavior")
+        meta = meta.pin_memory()
     return meta.to(device, non_blocking=True), single
 
 
@@ -653,7 +672,7 @@ def attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w, seed, p_dr
     )
     if not single:
         merge_d = min(_pow2(D), 256)
-        _merge_kernel[(B, triton.cdiv(D, merge_d))](
+        _merge_kernel[(B, _cdiv(D, merge_d))](
             part_m, part_l, part_acc, meta, z32, lse, B, C, D,
             K=K, BLOCK_K=block_k, BLOCK_D=merge_d, num_warps=4,
         )
