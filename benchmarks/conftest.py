@@ -18,6 +18,11 @@ Options:
                      on TF32 tensor cores, as Triton's tl.dot does by default); off by default.
   --cpu-threads N    CPU: torch.set_num_threads(N) first (0 = torch's default); 1 gives stable
                      numbers on a shared machine.
+  --kernel-profile W CUDA: where the time goes, ``auto`` (the default: in the gpu-check and
+                     dry-run suites), ``on`` (every suite) or ``off``: each test records the
+                     device time per kernel of one call (torch.profiler, ``kernels`` ... in its
+                     ``extra_info``) and each case the cuBLAS time of its GEMMs (``"gemm"`` in
+                     its entry of ``fastmil.cases``); see benchmarks/timing.py. Nothing on CPU.
 
 The results go to pytest-benchmark's JSON (``--benchmark-json=PATH``): every timed test carries
 its numbers in ``extra_info``, and a top-level ``"fastmil"`` entry holds the environment, the
@@ -76,6 +81,9 @@ def pytest_addoption(parser):
                     help='torch.set_float32_matmul_precision("high") for the whole run')
     group.addoption("--cpu-threads", type=int, default=0,
                     help="CPU: torch.set_num_threads(N) before timing (0 = torch's default)")
+    group.addoption("--kernel-profile", default="auto", choices=("auto", "on", "off"),
+                    help="CUDA: per-kernel device time of each test and cuBLAS GEMM time of "
+                         "each case (auto: in the gpu-check and dry-run suites)")
     if not HAVE_PYTEST_BENCHMARK:
         group.addoption("--benchmark-json", default=None,
                         help="(stand-in for pytest-benchmark) write the results as JSON here")
@@ -119,11 +127,14 @@ def bench(request) -> Bench:
     if config.getoption("--tf32"):
         torch.set_float32_matmul_precision("high")
     name = _suite(config)
+    profile = config.getoption("--kernel-profile")
     b = Bench(device, _smoke(config), config.getoption("--bench-rounds"),
               config.getoption("--bench-rep-ms"), suite=name,
               interpret=name == "dry-run" and device.type == "cpu",
               budget_s=config.getoption("--bench-budget-s"),
-              json_path=config.getoption("--fastmil-json"))
+              json_path=config.getoption("--fastmil-json"),
+              kernel_profile=profile == "on" or (profile == "auto"
+                                                 and name in ("gpu-check", "dry-run")))
     config.stash[_BENCH_KEY] = b
     return b
 

@@ -2,6 +2,10 @@
 once per (case, provider), warmed up (compiled), checked against ``fastmil.reference`` and
 measured for memory once per (case, provider, workload), then timed per mode.
 
+With ``kernel_profile`` (CUDA; by default in the gpu-check suite) each case also gets the cuBLAS
+time of its GEMMs, ``cases[name]["gemm"]`` in the JSON (``timing.gemm_reference``), and each
+test the per-kernel device time of one call (``timing.profile_kernels``, in its record).
+
 Tests run case by case (see ``conftest.pytest_generate_tests``): when the case changes, the
 previous case's inputs and providers are dropped before the next ones are built.
 """
@@ -19,7 +23,15 @@ import torch
 
 from .cases import Case, InputSet, Weights, make_inputs, n_input_sets
 from .providers import Provider, Unavailable, build_provider
-from .timing import cuda_memory, env_info, measure_peaks, saved_tensor_bytes
+from .timing import (
+    cuda_memory,
+    env_info,
+    error_text,
+    gemm_reference,
+    launch_us,
+    measure_peaks,
+    saved_tensor_bytes,
+)
 
 __all__ = ["Bench", "Broken", "Skip", "WORKLOAD", "derived_metrics", "make_runner"]
 
@@ -131,9 +143,11 @@ def derived_metrics(case: Case, mode: str, median_ms: float, peaks: dict) -> dic
 class Bench:
     def __init__(self, device: torch.device, smoke: bool, rounds: int, rep_ms: float, *,
                  suite: str = "full", interpret: bool = False, budget_s: float | None = None,
-                 json_path: str | None = None):
+                 json_path: str | None = None, kernel_profile: bool = False):
         self.device, self.smoke, self.rounds, self.rep_ms = device, smoke, rounds, rep_ms
         self.suite, self.interpret, self.json_path = suite, interpret, json_path
+        # per-kernel profile of each test and cuBLAS GEMM reference of each case (CUDA only)
+        self.kernel_profile = kernel_profile and device.type == "cuda"
         self.deadline = None if budget_s is None else time.monotonic() + budget_s
         self._env: dict | None = None
         self._case: Case | None = None
@@ -153,6 +167,8 @@ class Bench:
             env = env_info(self.device, self.smoke)
             env.update(measure_peaks(self.device))
             env["suite"] = self.suite
+            if self.kernel_profile:  # before any profile: see launch_us_after_profile
+                env["launch_us"] = launch_us()
             self._env = env
         return self._env
 
@@ -201,6 +217,18 @@ class Bench:
         self._weights, self._sets = make_inputs(case, self.device,
                                                 n_input_sets(case, self.device))
         self._case = case
+        if self.kernel_profile and "gemm" not in self.cases[case.name]:
+            self.cases[case.name]["gemm"] = self._gemm_reference(case)
+
+    def _gemm_reference(self, case: Case) -> dict:
+        """cuBLAS time of the case's GEMMs (``timing.gemm_reference``; every case is gated: the
+        projection has 2·L columns), or ``{"error": ...}``: a reference never fails a test."""
+        try:
+            return gemm_reference(self._sets[0].x, 2 * case.L, self.rep_ms)
+        except Exception as e:
+            return {"error": error_text(e)}
+        finally:
+            _free(self.device)
 
     @property
     def weights(self) -> Weights:

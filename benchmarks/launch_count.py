@@ -163,13 +163,12 @@ def profile_once(run, cuda: bool) -> dict:
            "triton_by_kernel": dict(triton_counts)}
     out["proxy"] = out["aten_ops"] + out["triton_launches"]
     if cuda:
-        device = [e.name for e in events if _is_device_kernel(e, DeviceType)]
-        if not device:  # older profilers attach the kernels to their CPU op only
-            device = [k.name for e in events for k in getattr(e, "kernels", [])]
-        memcpy = sum(1 for n in device if n.startswith("Memcpy"))
-        memset = sum(1 for n in device if n.startswith("Memset"))
-        kernels = Counter(n for n in device if not n.startswith(("Memcpy", "Memset")))
-        out.update(cuda_kernels=sum(kernels.values()), memcpy=memcpy, memset=memset,
+        from .timing import device_events, device_kind
+
+        names = [name for name, _ in device_events(events)]
+        kinds = Counter(map(device_kind, names))
+        kernels = Counter(n for n in names if device_kind(n) == "kernel")
+        out.update(cuda_kernels=kinds["kernel"], memcpy=kinds["memcpy"], memset=kinds["memset"],
                    cuda_by_kernel=dict(kernels.most_common()))
     return out
 

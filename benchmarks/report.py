@@ -362,6 +362,200 @@ def case_section(res: Results, name: str, subjects: list[str]) -> str:
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------------- where the time goes
+
+BREAKDOWN_PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "eager", "compile_default")
+GEMM_LABELS = {"proj": "projection x [T, D] @ W [D, 2L]", "dw": "weight gradient dpqᵀ @ x",
+               "dx": "input gradient dpq @ Wᵀ"}
+
+
+def gemm_counts(provider: str, mode: str) -> dict[str, int]:
+    """The GEMMs of one call of ``mode``, in units of the cuBLAS reference (``"gemm"`` of a case,
+    benchmarks.timing.gemm_reference): the projection in the forward, and again in the backward
+    of fastmil triton with recompute=True; the weight gradient in every backward; the input
+    gradient end to end."""
+    backward = mode in ("bwd", "fwd_bwd", "frozen")
+    counts = {"proj": (mode != "bwd") + (backward and provider == "fastmil_triton"),
+              "dw": backward, "dx": mode in ("bwd", "fwd_bwd")}
+    return {k: int(n) for k, n in counts.items() if n}
+
+
+def gemm_ms(gemm: dict | None, provider: str, mode: str) -> float | None:
+    """cuBLAS time of the GEMMs ``provider`` does in one call of ``mode`` (``gemm_counts``)."""
+    if not gemm or "proj_ms" not in gemm:
+        return None
+    return sum(n * gemm[f"{k}_ms"] for k, n in gemm_counts(provider, mode).items())
+
+
+def time_split(rec: dict, gemm: dict | None, provider: str, mode: str) -> dict | None:
+    """The numbers of one profiled record: kernel time, memcpy / memset time, the rest of the
+    measured median (launch, host and idle time between kernels) and the provider's GEMMs in
+    cuBLAS time; None without a profile."""
+    if not rec.get("kernels"):
+        return None
+    kernels = rec["kernels_total_ms"]
+    copies = (rec.get("memcpy_ms") or 0) + (rec.get("memset_ms") or 0)
+    return {"measured": rec["median_ms"], "kernels": kernels, "copies": copies,
+            "rest": rec["median_ms"] - kernels - copies, "gemm": gemm_ms(gemm, provider, mode)}
+
+
+def _share(ms: float, total: float) -> str:
+    return fmt_pct(ms / total) if total else "n/a"
+
+
+def _clip(name: str, width: int) -> str:
+    return name if len(name) <= width else name[:width - 1] + "…"
+
+
+def _code(name: str) -> str:
+    """A kernel name as inline code in a markdown table."""
+    return "`" + name.replace("|", "\\|") + "`"
+
+
+def _kernel_list(rec: dict, n: int = 4) -> str:
+    total, ks = rec["kernels_total_ms"], rec["kernels"]
+    parts = [f"{_code(k['name'])} {fmt_ms(k['ms'])} ({_share(k['ms'], total)})"
+             + (f" ×{k['count']}" if k["count"] > 1 else "") for k in ks[:n]]
+    if ks[n:]:
+        ms = sum(k["ms"] for k in ks[n:])
+        parts.append(f"{sum(k['count'] for k in ks[n:])} more {fmt_ms(ms)} ({_share(ms, total)})")
+    return "; ".join(parts)
+
+
+def _profiled(rec: dict | None) -> bool:
+    """Whether a record went through the kernel profile (with a result or an error)."""
+    return bool(rec and (rec.get("kernels") or rec.get("kernels_error")))
+
+
+def _breakdown_cases(res: Results) -> list[tuple[str, str]]:
+    """(case, mode) of each target with a profiled record, in the order of TARGETS."""
+    out = []
+    for t in TARGETS:
+        case = res.find_role(t["role"], t["mode"])
+        if case is None or (case, t["mode"]) in out:
+            continue
+        if any(_profiled(res.get(case, p, t["mode"])) for p in BREAKDOWN_PROVIDERS):
+            out.append((case, t["mode"]))
+    return out
+
+
+def _gemm_line(gemm: dict | None, mode: str) -> str:
+    if not gemm:
+        return "No cuBLAS reference for this case."
+    if "error" in gemm:
+        return f"cuBLAS reference failed: {gemm['error']}."
+    precision = (f", fp32 matmul precision {gemm.get('float32_matmul_precision')!r}"
+                 if gemm.get("dtype") == "float32" else "")
+    used = {k for p in BREAKDOWN_PROVIDERS for k in gemm_counts(p, mode)}
+    return (f"cuBLAS alone on this shape (torch.mm, {gemm.get('dtype')}{precision}): "
+            + ", ".join(f"{GEMM_LABELS[k]} {fmt_ms(gemm[f'{k}_ms'])} ms "
+                        f"({fmt_num(gemm[f'{k}_tflops'])} TFLOP/s)" for k in GEMM_LABELS
+                        if k in used) + ".")
+
+
+def _fused_vs_cublas(res: Results, case: str, mode: str, gemm: dict | None) -> list[str]:
+    """fastmil's forward / backward kernels against cuBLAS's time for the GEMMs they fuse."""
+    if not gemm or "proj_ms" not in gemm:
+        return []
+    out = []
+    for p in ("fastmil_triton", "fastmil_triton_save"):
+        rec = res.get(case, p, mode) or {}
+        fwd = gemm["proj_ms"] if mode != "bwd" else None
+        bwd = (gemm_ms(gemm, p, mode) or 0) - (fwd or 0)
+        parts = []
+        for k in rec.get("kernels") or []:
+            ref, what = ((fwd, "the projection") if "fwd_kernel" in k["name"] else
+                         (bwd, "the backward's GEMMs") if "bwd_kernel" in k["name"] else
+                         (None, None))
+            if ref:
+                parts.append(f"{_code(k['name'])} {fmt_ms(k['ms'])} ms = {fmt_x(k['ms'] / ref)} "
+                             f"cuBLAS's {fmt_ms(ref)} ms for {what}")
+        if parts:
+            out.append(f"- {LABELS[p]}: " + "; ".join(parts) + ".")
+    return out
+
+
+def breakdown_section(res: Results) -> str | None:
+    """Per target shape: the device time per kernel of one call of each provider, the rest of
+    the measured time, and the cuBLAS reference of the case's GEMMs."""
+    cases = _breakdown_cases(res)
+    if not cases:
+        return None
+    out = ["Device time per kernel of one call (torch.profiler after the timed calls, L2 "
+           "flushed) beside the measured median. *rest* = measured − kernels − memcpy / memset: "
+           "launch, host and idle time between kernels. *cuBLAS GEMMs* = torch.mm's time, "
+           "measured alone in the same run, for the GEMMs that provider's algorithm does (the "
+           "projection; again in a recompute=True backward; the weight gradient; end to end the "
+           "input gradient): what those GEMMs cost at cuBLAS speed; *kernels ÷ GEMMs* = how far "
+           "all of the provider's kernels are from it.", ""]
+    after = [r["launch_us_after_profile"] for r in res.records.values()
+             if r.get("launch_us_after_profile") is not None]
+    if after and res.env.get("launch_us") is not None:
+        out += [f"Host time per launch of a trivial kernel: {res.env['launch_us']:.1f} µs before "
+                f"the first profile, {min(after):.1f}–{max(after):.1f} µs after each (a profiler "
+                "left attached would slow the launches of the tests timed after it).", ""]
+    header = ["provider", "measured ms", "kernels ms (launches)", "memcpy / memset",
+              "rest ms", "cuBLAS GEMMs ms", "kernels ÷ GEMMs", "top kernels: ms (% of kernels)"]
+    for case, mode in cases:
+        gemm = res.cases[case].get("gemm")
+        rows, notes = [], []
+        for p in BREAKDOWN_PROVIDERS:
+            rec = res.get(case, p, mode)
+            if not _profiled(rec):
+                continue
+            s = time_split(rec, gemm, p, mode)
+            if s is None:
+                rows.append([LABELS[p], fmt_ms(rec["median_ms"])] + ["n/a"] * 5
+                            + [f"profile failed: {rec['kernels_error']}"])
+                continue
+            copies = f"{rec.get('memcpy_count', 0)} / {rec.get('memset_count', 0)}"
+            if s["copies"]:
+                copies += f" ({fmt_ms(s['copies'])} ms)"
+            if rec.get("kernels_note"):
+                notes.append(f"⚠ {LABELS[p]}: {rec['kernels_note']}.")
+            rows.append([LABELS[p] + (" ⚠" if rec.get("kernels_note") else ""),
+                         fmt_ms(s["measured"]),
+                         f"{fmt_ms(s['kernels'])} ({rec.get('kernels_count', '?')})", copies,
+                         f"{fmt_ms(s['rest'])} ({_share(s['rest'], s['measured'])})",
+                         fmt_ms(s["gemm"]),
+                         fmt_x(s["kernels"] / s["gemm"]) if s["gemm"] else "n/a",
+                         _kernel_list(rec)])
+        out += [f"**`{case}`**, {MODE_LABELS[mode]} ({res.cases[case].get('describe')}). "
+                + _gemm_line(gemm, mode), "", table(header, rows, "lrrrrrrl"), ""]
+        notes = _fused_vs_cublas(res, case, mode, gemm) + notes
+        out += notes + ([""] if notes else [])
+    return "\n".join(out).rstrip()
+
+
+def time_split_lines(res: Results) -> list[str]:
+    """One line per target shape for the summary: fastmil's time = kernels (+ memcpy / memset)
+    + rest, its top two kernels, and its GEMMs at cuBLAS speed."""
+    lines = []
+    for case, mode in _breakdown_cases(res):
+        gemm = res.cases[case].get("gemm")
+        parts = []
+        for p in TARGET_SUBJECTS:
+            rec = res.get(case, p, mode) or {}
+            s = time_split(rec, gemm, p, mode)
+            if s is None:
+                continue
+            top = ", ".join(f"{_clip(k['name'], 24)} {_share(k['ms'], s['kernels'])}"
+                            for k in rec["kernels"][:2])
+            copies = f" + memcpy / memset {fmt_ms(s['copies'])}" if s["copies"] else ""
+            parts.append(f"{SHORT[p]} {fmt_ms(s['measured'])} ms = kernels "
+                         f"{fmt_ms(s['kernels'])} ({top}){copies} + rest {fmt_ms(s['rest'])}, "
+                         f"cuBLAS GEMMs {fmt_ms(s['gemm'])}")
+        if parts:
+            lines.append(f"time split, {case} {MODE_LABELS[mode]}: " + "; ".join(parts))
+    failed = [f"{SHORT[p]} on {case}: {rec['kernels_error']}" for case, mode in
+              _breakdown_cases(res) for p in BREAKDOWN_PROVIDERS
+              if (rec := res.get(case, p, mode)) and rec.get("kernels_error")]
+    if failed:
+        lines.append(f"kernel profile failed ({len(failed)}×): " + failed[0]
+                     + ("; ..." if len(failed) > 1 else ""))
+    return lines
+
+
 # ----------------------------------------------------------------------------- kernel launches
 
 def launches_section(paths: list[str]) -> str:
@@ -498,7 +692,8 @@ Select with `-k` on the test ids `<case>-<provider>-<mode>`, e.g. `-k "wsi and b
 (`--smoke` = `--suite smoke`), `--bench-rounds N` (pytest-benchmark rounds, default 5),
 `--bench-rep-ms MS` (CUDA: time spent in timed calls per test, default 200), `--bench-budget-s S`
 (skip what would start after S seconds), `--fastmil-json PATH` (results written after every
-test), `--cpu-threads N`, `--tf32`."""
+test), `--cpu-threads N`, `--tf32`, `--kernel-profile auto|on|off` (CUDA: per-kernel device time
+and the cuBLAS GEMM reference; auto = in the gpu-check suite)."""
 
 METHOD = """\
 - **Providers.** fastmil `backend="triton"` (CUDA; the GPU check's dry run uses Triton's
@@ -538,6 +733,12 @@ METHOD = """\
   every device; the memory target compares these. On CUDA also `kept` = allocator growth across
   the forward minus its outputs (in the JSON and the targets table) and `peak` =
   `max_memory_allocated` over forward (+ backward) above the inputs (gradients included).
+- **Where the time goes** (CUDA, the GPU check): after a test's timed calls, one more call under
+  torch.profiler (CUDA activity, L2 flushed, behind a short spin kernel that shows the capture
+  started in time) gives the device time per kernel; the median minus the kernels and memcpy /
+  memset is launch, host and idle time. Per case, `torch.mm` (cuBLAS) is timed alone on the
+  case's GEMMs: the projection x [T, D] @ W [D, 2L], the weight gradient dpqᵀ @ x and the input
+  gradient dpq @ Wᵀ, in the case's dtype (fp32 at the run's matmul precision).
 - **Accuracy.** z (and for inference the attention) is compared with
   `fastmil.reference.attention_pool_reference` (relative RMS); fastmil providers fail above
   5e-3 (fp32) / 3e-2 (16-bit); others are timed and flagged ⚠."""
@@ -601,7 +802,11 @@ def render(res: Results, plot_name: str | None, notes: list[str] | None = None,
     out += [f"## Targets ({res.env.get('device')})", "",
             "Each target on the shape and workload it is defined on, for both backward modes "
             "of the fused kernel; speed-ups are the other provider's median time ÷ fastmil's.",
-            "", targets_table(res), "", "## Environment", "", env_table(res), ""]
+            "", targets_table(res), ""]
+    breakdown = breakdown_section(res)
+    if breakdown:
+        out += ["## Where the time goes", "", breakdown, ""]
+    out += ["## Environment", "", env_table(res), ""]
     subjects = [s for s in ("fastmil_triton", "fastmil_triton_save", "fastmil_torch")
                 if any(res.time(n, s, m) is not None for n in res.case_names() for m in MODES)]
     out += ["## Speedups", ""]
@@ -638,7 +843,9 @@ def summary(res: Results, launches: list[str] | None = None) -> str:
                                                             "peak_tf32_tflops") if env.get(k)]
     if env.get("peak_copy_gbps"):
         peaks.append(f"copy {fmt_num(env['peak_copy_gbps'])} GB/s")
-    out += ["measured peaks: " + ", ".join(peaks), "", targets_table(res)]
+    out += ["measured peaks: " + ", ".join(peaks), ""]
+    split = time_split_lines(res)
+    out += split + ([""] if split else []) + [targets_table(res)]
     if launches:
         out += ["", launches_section(launches)]
     failed = sorted({(k[0], k[1]) for k, v in res.skipped.items() if v["status"] == "failed"})

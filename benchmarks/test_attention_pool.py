@@ -5,7 +5,11 @@ test records in pytest-benchmark's ``extra_info``: the median time (CUDA events 
 perf_counter on CPU), achieved TFLOP/s and GB/s, the roofline floor from the peaks measured in
 this run and the fraction of it reached, memory (saved for backward, and on CUDA kept after the
 forward and the peak), warm-up / compile time, and the relative error of z (and of the attention,
-for inference) against ``fastmil.reference``.
+for inference) against ``fastmil.reference``. With ``--kernel-profile`` (CUDA, by default in the
+gpu-check suite) also where the device time of one call goes, per kernel: ``kernels`` (name,
+count, ms; the top 8 and "(other)"), ``kernels_total_ms``, ``kernels_count``, ``memcpy_*`` /
+``memset_*``, ``kernels_attempts``, ``launch_us_after_profile`` (or ``kernels_error``), from
+``timing.profile_kernels``; the cuBLAS time of the case's GEMMs goes to ``fastmil.cases``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 
 from .cases import get_case
 from .harness import Broken, Skip, derived_metrics, make_runner
-from .timing import cuda_bench, summarize
+from .timing import cuda_bench, profile_kernels, summarize
 
 
 def test_attention_pool(case_name, provider, mode, bench, benchmark):
@@ -63,6 +67,8 @@ def test_attention_pool(case_name, provider, mode, bench, benchmark):
         # pytest-benchmark's own table: wall clock of a few synchronised calls (includes launch
         # and sync overhead); the numbers above are the ones the report uses.
         benchmark.pedantic(step_synced, setup=setup_synced, rounds=bench.rounds)
+        if bench.kernel_profile:  # after the timing: one more call, profiled
+            info.update(profile_kernels(setup, step))
     else:
         benchmark.pedantic(step, setup=lambda: (setup(), {}), rounds=bench.rounds,
                            warmup_rounds=1)
