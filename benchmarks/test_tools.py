@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from . import launch_count, report, tile_sweep, timing
+from . import host_time, launch_count, report, tile_sweep, timing
 from .cases import SUITES, get_case
 
 HERE = Path(__file__).parent
@@ -417,3 +417,29 @@ def test_scripts_parse(script):
 def test_gpu_check_cases_exist():
     for c, _ in SUITES["gpu-check"]:
         assert get_case(c.name) is c
+
+
+def test_host_time_runs_both_paths_and_restores_the_kernels():
+    from fastmil import ops
+    from fastmil.kernels import attention_pool as kernels
+
+    before = (kernels._fwd_kernel, kernels._bwd_kernel, kernels._merge_kernel, ops._pool_fwd,
+              ops.triton_unavailable_reason)
+    args = types.SimpleNamespace(bags=16, min_len=1, max_len=9, D=1, L=1, reps=3, warmup=1,
+                                 workloads=["e2e", "infer"])
+    threads = torch.get_num_threads()
+    try:
+        result = host_time.measure(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["path"], r["workload"]) for r in result["rows"]] == [
+        ("eager Function", "e2e"), ("eager Function", "infer"), ("custom ops", "e2e"),
+        ("custom ops", "infer")]
+    assert all(r["median_us"] > 0 for r in result["rows"])
+    for r, us in zip(result["rows"], (100.0, 90.0, 160.0, 95.0), strict=True):
+        r["median_us"] = us
+    table = host_time.markdown(result)
+    assert "| end-to-end fwd+bwd | 100 µs | 160 µs | 60 µs |" in table
+    assert "| inference fwd (with the attention) | 90 µs | 95 µs | 5 µs |" in table
+    assert (kernels._fwd_kernel, kernels._bwd_kernel, kernels._merge_kernel, ops._pool_fwd,
+            ops.triton_unavailable_reason) == before
