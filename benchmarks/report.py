@@ -769,6 +769,11 @@ def env_table(res: Results) -> str:
             ["fp32 matmul", f"allow_tf32={env.get('allow_tf32_matmul')}, "
                             f"float32_matmul_precision={env.get('float32_matmul_precision')!r} "
                             "(eager / compile / torchmil / PyG run fp32 as configured here)"]]
+    tiles = env.get("tiles")
+    if tiles:
+        entries = "; ".join(f"{tuple(k)} → {tuple(t)}" for k, t in tiles.get("entries", []))
+        rows.append(["GPU tiles", tiles["source"] + (f": {entries}" if entries else "")
+                     + (f" (error: {tiles['error']})" if tiles.get("error") else "")])
     if res.mixed_devices:
         rows.append(["warning", "merged runs come from different devices: "
                      + ", ".join(map(str, res.mixed_devices))])

@@ -94,7 +94,9 @@ def _gpu_like_run(tmp_path, profiled: bool = False) -> str:
     ]
     data = {"benchmarks": recs, "fastmil": {
         "env": {"device": "NVIDIA H100 80GB HBM3", "device_type": "cuda", "suite": "gpu-check",
-                "peak_bf16_tflops": 780.0, "peak_copy_gbps": 3000.0},
+                "peak_bf16_tflops": 780.0, "peak_copy_gbps": 3000.0,
+                "tiles": {"source": "FASTMIL_TILES=/out/tile_sweep.json", "entries": [
+                    [["fwd", "16-bit", True, 1024, 256, 1], [128, 32, 64, 8, 3]]]}},
         "cases": {c.name: c.as_dict() for c, _ in SUITES["gpu-check"]},
         "skipped": [{"case": batched, "provider": "eager", "mode": "frozen", "status": "OOM",
                      "reason": "out of memory"},
@@ -443,3 +445,25 @@ def test_host_time_runs_both_paths_and_restores_the_kernels():
     assert "| inference fwd (with the attention) | 90 µs | 95 µs | 5 µs |" in table
     assert (kernels._fwd_kernel, kernels._bwd_kernel, kernels._merge_kernel, ops._pool_fwd,
             ops.triton_unavailable_reason) == before
+
+
+def test_tile_tables_recorded_and_shown(tmp_path, monkeypatch):
+    from fastmil.kernels import attention_pool as kernels
+
+    monkeypatch.delenv(kernels.TILES_ENV, raising=False)
+    monkeypatch.setattr(kernels, "MEASURED_TILES", {})
+    assert timing.tile_tables() == {"source": "defaults", "entries": []}
+    key = ("bwd", "fp32", True, 512, 128, 1)
+    path = tmp_path / "tile_sweep.json"
+    path.write_text(json.dumps({"measured_tiles": [{"key": list(key),
+                                                    "tile": [64, 32, 32, 4, 2]}]}))
+    monkeypatch.setattr(kernels, "_FILE_TILES", {})
+    monkeypatch.setenv(kernels.TILES_ENV, str(path))
+    got = timing.tile_tables()
+    assert got == {"source": f"FASTMIL_TILES={path}", "entries": [[list(key), [64, 32, 32, 4, 2]]]}
+    path.write_text("{}")
+    monkeypatch.setattr(kernels, "_FILE_TILES", {})
+    assert "could not read it" in timing.tile_tables()["error"]
+    table = report.env_table(report.Results([_gpu_like_run(tmp_path)]))
+    assert ("| GPU tiles | FASTMIL_TILES=/out/tile_sweep.json: ('fwd', '16-bit', True, 1024, 256, "
+            "1) → (128, 32, 64, 8, 3) |") in table

@@ -462,4 +462,24 @@ def env_info(device: torch.device, smoke: bool) -> dict:
         props = torch.cuda.get_device_properties(device)
         info["device_memory_gib"] = round(props.total_memory / 2**30, 1)
         info["sm_count"] = props.multi_processor_count
+    info["tiles"] = tile_tables()
     return info
+
+
+def tile_tables() -> dict:
+    """The measured tile tables fastmil's GPU launchers read (``MEASURED_TILES`` in the kernel
+    module, and the file named by ``FASTMIL_TILES``), as ``{"source": ..., "entries": [[key,
+    tile], ...]}``; ``{"source": "defaults"}`` when both are empty."""
+    try:
+        from fastmil.kernels import attention_pool as kernels
+    except ImportError as e:  # no triton
+        return {"source": f"n/a ({error_text(e)})"}
+    path = os.environ.get(kernels.TILES_ENV)
+    try:
+        table = {**kernels.MEASURED_TILES, **kernels._file_tiles()}
+    except ValueError as e:
+        return {"source": f"{kernels.TILES_ENV}={path}", "error": str(e)}
+    sources = (["MEASURED_TILES"] if kernels.MEASURED_TILES else []) + (
+        [f"{kernels.TILES_ENV}={path}"] if path else [])
+    return {"source": " + ".join(sources) or "defaults",
+            "entries": [[list(k), list(t)] for k, t in table.items()]}
