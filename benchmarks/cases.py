@@ -223,7 +223,8 @@ SUITES: dict[str, list[tuple[Case, tuple[str, ...]]]] = {
 
 # the providers a suite runs (default: all); the GPU check compares fastmil with the baselines
 # of its targets only (no max-autotune compile: minutes per shape)
-SUITE_PROVIDERS = {p: ("fastmil_triton", "fastmil_triton_save", "fastmil_torch", "eager",
+SUITE_PROVIDERS = {p: ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas",
+                       "fastmil_torch", "eager",
                        "compile_default") for p in ("gpu-check", "dry-run")}
 
 

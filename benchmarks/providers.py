@@ -15,6 +15,7 @@ interpreter on CPU tensors (``TRITON_INTERPRET=1``); otherwise they are GPU-only
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,7 +45,25 @@ class Provider:
 # ------------------------------------------------------------------------------------ fastmil
 
 # recompute=None is each backend's default; the triton columns name the mode they time
-_RECOMPUTE = {"fastmil_triton": True, "fastmil_triton_save": False, "fastmil_torch": None}
+_RECOMPUTE = {"fastmil_triton": True, "fastmil_triton_save": False, "fastmil_triton_cublas": False,
+              "fastmil_torch": None}
+
+
+@contextlib.contextmanager
+def _cublas_projection(on: bool):
+    """fastmil's kernels read the projections from one cuBLAS GEMM (kernel module's
+    CUBLAS_PROJECTION) while the block runs: a design timed beside the fused projection."""
+    if not on:
+        yield
+        return
+    from fastmil.kernels import attention_pool as kernels
+
+    before = kernels.CUBLAS_PROJECTION
+    kernels.CUBLAS_PROJECTION = True
+    try:
+        yield
+    finally:
+        kernels.CUBLAS_PROJECTION = before
 
 
 def _fastmil(name: str):
@@ -68,12 +87,15 @@ def _fastmil(name: str):
             if reason is not None:
                 raise Unavailable(f"fastmil backend='triton' cannot run here: {reason}")
         options = {} if recompute is None else {"recompute": recompute}
+        cublas = name == "fastmil_triton_cublas"  # recompute=False: the backward reads p, q
 
         def fn(s: InputSet, attention: bool = False):
             offsets = None if case.B == 1 else s.offsets
-            return fastmil.attention_pool(s.x, W.V, W.U, W.w, attn_bias=W.bV, gate_bias=W.bU,
-                                          offsets=offsets, return_attention=attention,
-                                          backend=backend, **options)
+            with _cublas_projection(cublas):
+                return fastmil.attention_pool(s.x, W.V, W.U, W.w, attn_bias=W.bV,
+                                              gate_bias=W.bU, offsets=offsets,
+                                              return_attention=attention, backend=backend,
+                                              **options)
 
         return Provider(name, fn)
 
@@ -205,6 +227,7 @@ def _pyg(case: Case, W: Weights, device: torch.device, interpret: bool = False) 
 _BUILDERS = {
     "fastmil_triton": _fastmil("fastmil_triton"),
     "fastmil_triton_save": _fastmil("fastmil_triton_save"),
+    "fastmil_triton_cublas": _fastmil("fastmil_triton_cublas"),
     "fastmil_torch": _fastmil("fastmil_torch"),
     "eager": _eager,
     "compile_default": _compiled(None, "compile_default"),

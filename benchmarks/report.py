@@ -21,11 +21,12 @@ import sys
 from collections import defaultdict
 
 # also the order in which a case's providers run: the slow-to-compile ones last
-PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "fastmil_torch", "eager", "compile_default",
-             "compile_max_autotune", "torchmil", "pyg")
+PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas", "fastmil_torch",
+             "eager", "compile_default", "compile_max_autotune", "torchmil", "pyg")
 LABELS = {
     "fastmil_triton": "fastmil triton (recompute=True)",
     "fastmil_triton_save": "fastmil triton (recompute=False)",
+    "fastmil_triton_cublas": "fastmil triton, cuBLAS projection (recompute=False)",
     "fastmil_torch": "fastmil torch",
     "eager": "eager (fastmil.reference)",
     "compile_default": "torch.compile (default)",
@@ -35,7 +36,7 @@ LABELS = {
 }
 SHORT = {
     "fastmil_triton": "triton recompute", "fastmil_triton_save": "triton save",
-    "fastmil_torch": "fastmil torch", "eager": "eager",
+    "fastmil_triton_cublas": "triton cuBLAS", "fastmil_torch": "fastmil torch", "eager": "eager",
     "compile_default": "compile", "compile_max_autotune": "compile max-AT",
     "torchmil": "torchmil", "pyg": "PyG",
 }
@@ -198,7 +199,7 @@ TARGETS = [
     {"workload": "memory kept for backward", "shape": "N=100k, D=1024, L=256 (frozen features)",
      "role": "wsi-100k-d1024", "mode": "frozen", "memory": 0.1, "subjects": ["fastmil_triton"]},
 ]
-TARGET_SUBJECTS = ("fastmil_triton", "fastmil_triton_save")
+TARGET_SUBJECTS = ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas")
 
 
 def _target_text(t: dict) -> str:
@@ -364,7 +365,8 @@ def case_section(res: Results, name: str, subjects: list[str]) -> str:
 
 # ------------------------------------------------------------------------- where the time goes
 
-BREAKDOWN_PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "eager", "compile_default")
+BREAKDOWN_PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas", "eager",
+                       "compile_default")
 GEMM_LABELS = {"proj": "projection x [T, D] @ W [D, 2L]", "dw": "weight gradient dpqᵀ @ x",
                "dx": "input gradient dpq @ Wᵀ"}
 
@@ -632,7 +634,7 @@ def plot(res: Results, path: str) -> bool:
     for ax in axes.flat[len(keys):]:
         ax.set_visible(False)
     colors = dict(zip(PROVIDERS, plt.get_cmap("tab10").colors, strict=False))
-    markers = dict(zip(PROVIDERS, "oPs^Dv<>", strict=True))
+    markers = dict(zip(PROVIDERS, "oPXs^Dv<>", strict=True))
     for ax, key in zip(axes.flat, keys, strict=False):
         names = sorted(panels[key], key=lambda n: res.cases[n]["N"])
         for p in PROVIDERS:
@@ -812,7 +814,8 @@ def render(res: Results, plot_name: str | None, notes: list[str] | None = None,
     if breakdown:
         out += ["## Where the time goes", "", breakdown, ""]
     out += ["## Environment", "", env_table(res), ""]
-    subjects = [s for s in ("fastmil_triton", "fastmil_triton_save", "fastmil_torch")
+    subjects = [s for s in ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas",
+                            "fastmil_torch")
                 if any(res.time(n, s, m) is not None for n in res.case_names() for m in MODES)]
     out += ["## Speedups", ""]
     if not subjects:

@@ -16,7 +16,8 @@ Variants: every dtype × gating × mask × branch count with the default tiles, 
 backward; every candidate tile of ``TILE_CANDIDATES`` on the key shape; every entry of the
 measured tile tables (``MEASURED_TILES``, and the ``FASTMIL_TILES`` file's when that is set); a
 row stride that is not a multiple of 16 elements (the JIT's second variant); and the optional paths (gelu, dropout,
-saved projections, one program per bag, a backward for frozen x).
+saved projections, one program per bag, projections read from a cuBLAS GEMM, a backward for
+frozen x).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def _variants():
     """(name, kind, dtype, D, L, K, gated, masked, tiles, constexpr flags, must_pipeline)."""
     from fastmil.kernels import attention_pool as k
 
-    base = dict(ACT=0, DROPOUT=False, SAVE_PQ=False, SINGLE=False, SAVED_PQ=False,
+    base = dict(ACT=0, DROPOUT=False, SAVE_PQ=False, LOAD_PQ=False, SINGLE=False, SAVED_PQ=False,
                 HAS_GLSE=True, HAS_GS=True, NEED_DX=True, NEED_DPQ=True, NEED_DW=True,
                 NEED_DB=True, PRECISION="ieee")
     out = []
@@ -116,6 +117,7 @@ def _variants():
     extras = {
         "gelu+dropout+save": dict(ACT=2, DROPOUT=True, SAVE_PQ=True, SAVED_PQ=True),
         "one program per bag": dict(SINGLE=True),
+        "cuBLAS projection": dict(LOAD_PQ=True, SAVED_PQ=True),
         "frozen x": dict(NEED_DX=False, HAS_GLSE=False, HAS_GS=False),
         "relu, only dw": dict(ACT=1, NEED_DX=False, NEED_DPQ=False, NEED_DB=False),
     }
@@ -123,9 +125,10 @@ def _variants():
         for kind in ("fwd", "bwd"):
             if kind == "fwd" and label in ("frozen x", "relu, only dw"):
                 continue
-            tiles = k.gpu_tiles(kind, torch.bfloat16, 1024, 256, 1, True)
-            # a backward that reads p and q back runs no projection GEMM to pipeline
-            pipelined = not (kind == "bwd" and flags.get("SAVED_PQ"))
+            tile_kind = "fwd_pq" if kind == "fwd" and flags.get("LOAD_PQ") else kind
+            tiles = k.gpu_tiles(tile_kind, torch.bfloat16, 1024, 256, 1, True)
+            # a kernel that reads p and q back runs no projection GEMM to pipeline
+            pipelined = not (flags.get("LOAD_PQ") or (kind == "bwd" and flags.get("SAVED_PQ")))
             out.append((f"{kind} bf16 gated nomask K=1 {label}", kind, "bf16", 1024, 256, 1,
                         True, False, tiles, base | flags, pipelined))
     return out

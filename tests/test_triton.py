@@ -59,8 +59,13 @@ def _run(fn, x, weights, *, seed=1, **kwargs):
     return z, a, dict(zip(names, grads, strict=True))
 
 
-def _check(x, weights, dtype, **kwargs):
-    z, a, g = _run(fastmil.attention_pool, x, weights, backend="triton", **kwargs)
+def _check(x, weights, dtype, options=None, **kwargs):
+    """fastmil's triton backend (with ``options``: recompute, activation) against the float64
+    reference: z, the attention and every gradient."""
+    options = options or {}
+    z, a, g = _run(fastmil.attention_pool, x, weights, backend="triton", **options, **kwargs)
+    if "activation" in options:
+        kwargs = kwargs | {"activation": options["activation"]}
     zr, ar, gr = _run(attention_pool_reference, x.double(),
                       {n: None if t is None else t.double() for n, t in weights.items()}, **kwargs)
     assert z.dtype == x.dtype and a.dtype == torch.float32
@@ -102,6 +107,56 @@ def test_dtypes(dtype, layout, lengths):
     _check(x, make_weights(D, L, 2, dtype=dtype, device=DEVICE), dtype, **kw)
 
 
+@pytest.fixture
+def cublas_projection(monkeypatch):
+    """The projections from one GEMM before the launch (torch.matmul: cuBLAS on CUDA) that the
+    kernels read, instead of tl.dot tiles inside them; counts the GEMMs."""
+    monkeypatch.setattr(kernels, "CUBLAS_PROJECTION", True)
+    calls = []
+    real = kernels.project
+    monkeypatch.setattr(kernels, "project", lambda *a: calls.append(a[0].shape) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("layout,lengths", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("gated,bias", [(True, True), (False, True), (True, False)],
+                         ids=["gated-bias", "plain-bias", "gated-nobias"])
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save"])
+def test_cublas_projection_matches_reference(layout, lengths, gated, bias, recompute,
+                                             chunk_mode, cublas_projection):
+    D, L = 40, 24
+    x, kw = make_layout(layout, lengths, D, device=DEVICE)
+    w = make_weights(D, L, 3, gated, bias, device=DEVICE)
+    _check(x, w, torch.float32, {"recompute": recompute}, **kw)
+    # one GEMM in the forward; the backward makes it again unless it was kept (recompute=False)
+    assert len(cublas_projection) == (2 if recompute else 1), cublas_projection
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_cublas_projection_dtypes_and_activations(dtype, activation, cublas_projection):
+    x, kw = make_layout("padded_mask", [3, 0, 1, 33, 12], 48, dtype=dtype, device=DEVICE)
+    _check(x, make_weights(48, 32, 2, dtype=dtype, device=DEVICE), dtype,
+           {"activation": activation}, **kw)
+
+
+def test_cublas_projection_frozen_x_and_nan_padding(cublas_projection):
+    """Padding full of NaN gives NaN projections in its rows, which the kernels never use; x
+    without grad still gets every weight gradient."""
+    x, kw = make_layout("padded_mask", [3, 9, 0], 24, device=DEVICE)
+    x_nan = torch.where(kw["mask"][..., None], x, float("nan"))
+    w = make_weights(24, 16, 2, device=DEVICE, requires_grad=True)
+    z = call(fastmil.attention_pool, x_nan, w, backend="triton", **kw)
+    z.square().sum().backward()
+    w32 = {n: None if t is None else t.detach().double().requires_grad_() for n, t in w.items()}
+    zr = call(attention_pool_reference, x.double(), w32, **kw)
+    zr.square().sum().backward()
+    assert_close(z, zr, torch.float32, what="z")
+    for name, t in w.items():
+        if t is not None and name != "score_bias":
+            assert_close(t.grad, w32[name].grad, torch.float32, what=f"d {name}")
+
+
 def test_long_bag_is_split_across_programs():
     """One long bag is cut into several chunks whose (max, sum, acc) states get merged."""
     lengths = torch.tensor([2900, 5, 1])
@@ -131,7 +186,7 @@ def test_small_bags_take_one_program_each_without_merge(monkeypatch):
     assert merges == []
 
 
-@pytest.mark.parametrize("kind,tiles", [(k, t) for k in ("fwd", "bwd")
+@pytest.mark.parametrize("kind,tiles", [(k, t) for k in kernels.TILE_CANDIDATES
                                         for t in kernels.TILE_CANDIDATES[k]],
                          ids=lambda v: v if isinstance(v, str) else "x".join(map(str, v)))
 def test_every_gpu_tile_candidate(kind, tiles, monkeypatch):
@@ -142,6 +197,7 @@ def test_every_gpu_tile_candidate(kind, tiles, monkeypatch):
     else:
         monkeypatch.setitem(kernels.INTERPRETER_TILES, kind, tiles)
     monkeypatch.setattr(kernels, "SINGLE_CHUNK", False)
+    monkeypatch.setattr(kernels, "CUBLAS_PROJECTION", kind == "fwd_pq")
     D, L = 2 * tiles[1] + 7, 2 * tiles[2] + 5
     x, kw = make_layout("packed", [tiles[0] + 3, 0, 2], D, device=DEVICE)
     _check(x, make_weights(D, L, 2, device=DEVICE), torch.float32, **kw)

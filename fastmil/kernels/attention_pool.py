@@ -50,7 +50,9 @@ Kernels:
   the scores in registers, an online masked softmax (running max m, sum l), and the rescaled
   weighted sum ``acc = Σ exp(s - m) h`` kept in an fp32 buffer. Writes the raw scores s [R, K]
   (−inf at masked rows), optionally p and q (``SAVE_PQ``, for a backward without the projection
-  GEMM), and per-chunk (m, l, acc). With ``SINGLE`` (every bag fits one chunk, known on the host)
+  GEMM), and per-chunk (m, l, acc). With ``LOAD_PQ`` (``CUBLAS_PROJECTION``) it reads p and q
+  from one cuBLAS GEMM made before the launch instead of projecting (a design to time against
+  the fused projection on a GPU). With ``SINGLE`` (every bag fits one chunk, known on the host)
   a program owns a whole bag and writes z and lse itself: no merge launch.
 * ``_merge_kernel``: per bag and D block, merges its chunks' states in chunk order
   (deterministic): ``z = Σ_c e^{m_c - M} acc_c / Σ_c e^{m_c - M} l_c``, ``lse = M + log l``.
@@ -234,7 +236,7 @@ def _fwd_kernel(
     B, R, D, L, CHUNK, stride_x, p_drop,
     K: tl.constexpr, HAS_MASK: tl.constexpr, GATED: tl.constexpr, HAS_BV: tl.constexpr,
     HAS_BU: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, SAVE_PQ: tl.constexpr,
-    SINGLE: tl.constexpr,
+    LOAD_PQ: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -252,10 +254,13 @@ def _fwd_kernel(
         # scores [BLOCK_N, BLOCK_K], one attention block of BLOCK_L columns at a time
         b_s = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for l0 in range(0, L, BLOCK_L):
-            b_p, b_q = _project(x_ptr, v_ptr, u_ptr, bv_ptr, bu_ptr, o_row, m_real, l0, D, L,
-                                stride_x, GATED, HAS_BV, HAS_BU, BLOCK_N, BLOCK_D, BLOCK_L,
-                                PRECISION)
-            if SAVE_PQ:
+            if LOAD_PQ:  # p and q from a GEMM before the launch (cuBLAS projection)
+                b_p, b_q = _load_pq(pq_ptr, o_row, m_real, l0, L, GATED, BLOCK_L)
+            else:
+                b_p, b_q = _project(x_ptr, v_ptr, u_ptr, bv_ptr, bu_ptr, o_row, m_real, l0, D,
+                                    L, stride_x, GATED, HAS_BV, HAS_BU, BLOCK_N, BLOCK_D,
+                                    BLOCK_L, PRECISION)
+            if SAVE_PQ and not LOAD_PQ:
                 o_l = l0 + tl.arange(0, BLOCK_L)
                 m_pq = m_row[:, None] & (o_l < L)[None, :]
                 p_pq = pq_ptr + o_row[:, None] * GL + o_l[None, :]
@@ -471,20 +476,26 @@ def _pow2(n: int, lo: int = 16) -> int:
 # sweep's tile_sweep.json: a sweep on your own GPU applies without editing fastmil).
 # TILE_OVERRIDE (kind -> tile) overrides everything, for the sweep itself. TILE_CANDIDATES are
 # the tiles a sweep may pick: tests run each in the interpreter and compile each for sm_90.
+# Kinds: "fwd" (the forward with its fused projection), "fwd_pq" (the forward reading p and q
+# from a cuBLAS GEMM, CUBLAS_PROJECTION: no projection loop, other tiles fit) and "bwd".
 GPU_TILES = {
     ("fwd", "16-bit"): (64, 32, 64, 8, 3),
     ("fwd", "fp32"): (64, 32, 32, 8, 3),
+    ("fwd_pq", "16-bit"): (64, 64, 64, 8, 3),
+    ("fwd_pq", "fp32"): (64, 64, 64, 8, 3),
     ("bwd", "16-bit"): (64, 32, 16, 8, 3),
     ("bwd", "fp32"): (64, 32, 16, 8, 3),
 }
 TILE_CANDIDATES = {
     "fwd": [(64, 32, 64, 8, 3), (64, 32, 32, 8, 3), (64, 64, 64, 8, 3), (128, 32, 64, 8, 3),
             (64, 32, 128, 8, 3), (64, 16, 64, 8, 3)],
+    "fwd_pq": [(64, 64, 64, 8, 3)],
     "bwd": [(64, 32, 16, 8, 3), (64, 32, 32, 4, 2), (32, 32, 64, 4, 3)],
 }
 MEASURED_TILES: dict = {}
 TILE_OVERRIDE: dict = {}
-INTERPRETER_TILES = {"fwd": (32, 64, 128, 4, 1), "bwd": (32, 64, 128, 4, 1)}
+INTERPRETER_TILES = {"fwd": (32, 64, 128, 4, 1), "fwd_pq": (32, 64, 128, 4, 1),
+                     "bwd": (32, 64, 128, 4, 1)}
 TILES_ENV = "FASTMIL_TILES"
 
 
@@ -516,14 +527,14 @@ def load_tiles(path: str) -> dict:
         try:
             kind, cls, gated, dcls, L, K = entry["key"]
             tile = tuple(int(v) for v in entry["tile"])
-            ok = (kind in ("fwd", "bwd") and cls in ("16-bit", "fp32") and len(tile) == 5
+            ok = (kind in TILE_CANDIDATES and cls in ("16-bit", "fp32") and len(tile) == 5
                   and all(v > 0 for v in tile)
                   and all(v == _pow2(v, 1) for v in tile[:4]))
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
             raise ValueError(f"{TILES_ENV}={path!r}: entry {i} of 'measured_tiles' is {entry!r}; "
-                             "expected {'key': [kind ('fwd'|'bwd'), dtype class ('16-bit'|"
+                             "expected {'key': [kind ('fwd'|'fwd_pq'|'bwd'), dtype class ('16-bit'|"
                              "'fp32'), gated, D class, L, K], 'tile': [BLOCK_N, BLOCK_D, "
                              "BLOCK_L, num_warps (powers of two), num_stages]}")
         table[(kind, cls, bool(gated), int(dcls), int(L), int(K))] = tile
@@ -545,8 +556,9 @@ def _file_tiles() -> dict:
 
 
 def gpu_tiles(kind: str, dtype: torch.dtype, D: int, L: int, K: int, gated: bool) -> tuple:
-    """The GPU tile of a kernel ("fwd" or "bwd") for a class of calls (never for bag lengths):
-    TILE_OVERRIDE, else the FASTMIL_TILES file's table, else MEASURED_TILES, else the default."""
+    """The GPU tile of a kernel ("fwd", "fwd_pq" or "bwd") for a class of calls (never for bag
+    lengths): TILE_OVERRIDE, else the FASTMIL_TILES file's table, else MEASURED_TILES, else the
+    default."""
     if kind in TILE_OVERRIDE:
         return TILE_OVERRIDE[kind]
     key = tile_key(kind, dtype, D, L, K, gated)
@@ -554,6 +566,26 @@ def gpu_tiles(kind: str, dtype: torch.dtype, D: int, L: int, K: int, gated: bool
         if key in table:
             return table[key]
     return GPU_TILES[(kind, dtype_class(dtype))]
+
+
+# Where the forward's projections p, q come from: False, inside the fused kernel (tl.dot tiles,
+# nothing stored); True, one cuBLAS GEMM before the launch, ``project``, whose [R, GL] result the
+# kernels read instead (kept for the backward when recompute=False, else made again there).
+# The cuBLAS GEMM runs at library speed but writes and reads R·GL values more and needs them in
+# memory at once; which is faster is for a GPU to tell (the benchmarks' fastmil_triton_cublas).
+CUBLAS_PROJECTION = False
+
+
+def project(x, v, bv, u, bu):
+    """[p | q] = x [V; U]ᵀ + [b_V; b_U] for every row, in x's dtype: [R, GL] (cuBLAS on CUDA)."""
+    weight = torch.cat([v, u]) if u is not None else v  # [GL, D]
+    if bv is None and bu is None:
+        return x @ weight.t()
+    L = v.shape[0]
+    zeros = lambda: torch.zeros(L, dtype=v.dtype, device=v.device)  # noqa: E731
+    bias = bv if u is None else torch.cat([zeros() if bv is None else bv,
+                                           zeros() if bu is None else bu])
+    return torch.addmm(bias.to(x.dtype), x, weight.t())
 
 
 # Chunks are a multiple of this many rows (every BLOCK_N divides it); tests lower it to cut
@@ -644,12 +676,17 @@ def attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w, seed, p_dr
     z32 = _empty((B, K, D), dtype=torch.float32, device=dev)
     s = _empty((R, K), dtype=torch.float32, device=dev)
     lse = _empty((B, K), dtype=torch.float32, device=dev)
-    pq = _empty((R, GL) if save_pq else (0,), dtype=x.dtype, device=dev)
+    load_pq = CUBLAS_PROJECTION and B > 0 and R > 0
+    if load_pq:
+        pq = project(x, v, bv, u, bu)  # [R, GL]
+    else:
+        pq = _empty((R, GL) if save_pq else (0,), dtype=x.dtype, device=dev)
     meta, single = _chunk_map(starts, lengths, R, chunk, dev)
     if B == 0:
         return z32, s, lse, pq, meta
     gated = u is not None
-    block_n, block_d, block_l, block_k, num_warps, num_stages = _config(x, D, L, K, gated, "fwd")
+    block_n, block_d, block_l, block_k, num_warps, num_stages = _config(
+        x, D, L, K, gated, "fwd_pq" if load_pq else "fwd")
     C = meta.shape[0] - 4 * B
     if single:
         part_m = part_l = part_acc = z32
@@ -666,7 +703,7 @@ def attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w, seed, p_dr
         B, R, D, L, chunk, x.stride(0), float(p_drop),
         K=K, HAS_MASK=row_mask is not None, GATED=u is not None, HAS_BV=bv is not None,
         HAS_BU=bu is not None, ACT=act, DROPOUT=seed is not None, SAVE_PQ=save_pq,
-        SINGLE=single,
+        LOAD_PQ=load_pq, SINGLE=single,
         BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=block_k,
         PRECISION=_precision(x), num_warps=num_warps, num_stages=num_stages,
     )
@@ -676,6 +713,8 @@ def attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w, seed, p_dr
             part_m, part_l, part_acc, meta, z32, lse, B, C, D,
             K=K, BLOCK_K=block_k, BLOCK_D=merge_d, num_warps=4,
         )
+    if load_pq and not save_pq:  # recompute: the backward projects again
+        pq = pq.new_empty(0)
     return z32, s, lse, pq, meta
 
 
@@ -708,6 +747,8 @@ def attention_pool_bwd(dz32, glse, gs, x, row_mask, meta, v, bv, u, bu, w, seed,
     C = meta.shape[0] - 4 * B
     PW = K * L + GL
     part = _empty((C, PW), dtype=torch.float32, device=dev) if (need_dw or need_db) else None
+    if CUBLAS_PROJECTION and pq.numel() == 0:  # recompute p and q with cuBLAS
+        pq = project(x, v, bv, u, bu)
     dummy = x
     _bwd_kernel[(C,)](
         x, dummy if row_mask is None else row_mask, meta,
