@@ -807,8 +807,8 @@ def render(res: Results, plot_name: str | None, notes: list[str] | None = None,
     for note in notes or []:
         out += [f"> {note}", ""]
     out += [f"## Targets ({res.env.get('device')})", "",
-            "Each target on the shape and workload it is defined on, for both backward modes "
-            "of the fused kernel; speed-ups are the other provider's median time ÷ fastmil's.",
+            "Each target on the shape and workload it is defined on, for each variant "
+            "of the fused kernels; speed-ups are the other provider's median time ÷ fastmil's.",
             "", targets_table(res), ""]
     breakdown = breakdown_section(res)
     if breakdown:
