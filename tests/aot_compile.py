@@ -15,9 +15,10 @@ compile or spills, or if a 16-bit projection loop on Hopper is not software-pipe
 Variants: every dtype × gating × mask × branch count with the default tiles, forward and
 backward; every candidate tile of ``TILE_CANDIDATES`` on the key shape; every entry of the
 measured tile tables (``MEASURED_TILES``, and the ``FASTMIL_TILES`` file's when that is set); a
-row stride that is not a multiple of 16 elements (the JIT's second variant); and the optional paths (gelu, dropout,
-saved projections, one program per bag, projections read from a cuBLAS GEMM, a backward for
-frozen x).
+row stride that is not a multiple of 16 elements (the JIT's second variant); and the optional
+paths (gelu, dropout, saved projections, one program per bag, a backward for frozen x).
+``fwd_pq`` is the forward that reads its projections from a cuBLAS GEMM (``CUBLAS_PROJECTION``),
+with its own tiles.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _args(kind, dt, D, L, K, gated, masked, R=4096, B=4):
     GL = 2 * L if gated else L
     pq = torch.empty(R, GL, dtype=dt)
     C = 64
-    if kind == "fwd":
+    if kind.startswith("fwd"):
         return [x, row_mask, meta, v, v, bias, bias, w, seed,
                 f32(R, K), pq, f32(C, K), f32(C, K), f32(C, K, D), f32(B, K),
                 B, R, D, L, 512, x.stride(0), 0.25]
@@ -89,18 +90,23 @@ def _variants():
                 NEED_DB=True, PRECISION="ieee")
     out = []
     for dt, gated, masked, K in itertools.product(DTYPES, (True, False), (True, False), (1, 4)):
-        for kind in ("fwd", "bwd"):
+        for kind in ("fwd", "fwd_pq", "bwd"):
             tiles = k.gpu_tiles(kind, DTYPES[dt], 1024, 256, K, gated)
             name = f"{kind} {dt} {'gated' if gated else 'plain'} " \
                    f"{'mask' if masked else 'nomask'} K={K} tiles={tiles}"
-            out.append((name, kind, dt, 1024, 256, K, gated, masked, tiles, base, True))
+            # fwd_pq reads p and q from a cuBLAS GEMM: no projection loop to pipeline
+            flags, pipelined = (base | dict(LOAD_PQ=True), False) if kind == "fwd_pq" else (
+                base, True)
+            out.append((name, kind, dt, 1024, 256, K, gated, masked, tiles, flags, pipelined))
+    for kind, candidates in k.TILE_CANDIDATES.items():
+        pq = kind == "fwd_pq"
+        for tiles in candidates:
+            out.append((f"{kind} bf16 gated nomask K=1 candidate tiles={tiles}", kind, "bf16",
+                        1024, 256, 1, True, False, tiles, base | dict(LOAD_PQ=pq), not pq))
     for kind in ("fwd", "bwd"):
         tiles = k.gpu_tiles(kind, torch.float32, 1024, 256, 1, True)
         out.append((f"{kind} fp32 tf32 gated nomask K=1 tiles={tiles}", kind, "fp32", 1024, 256,
                     1, True, False, tiles, base | dict(PRECISION="tf32"), True))
-        for tiles in k.TILE_CANDIDATES[kind]:
-            out.append((f"{kind} bf16 gated nomask K=1 candidate tiles={tiles}", kind, "bf16",
-                        1024, 256, 1, True, False, tiles, base, True))
         # the JIT's second variant: a row stride that is not a multiple of 16 elements (D=500,
         # MNIST-bags). Correct and spill-free, but its loads are not 16-byte aligned, so Triton
         # does not pipeline them: reported, not required.
@@ -111,13 +117,13 @@ def _variants():
     for key, tiles in {**k.MEASURED_TILES, **k._file_tiles()}.items():
         kind, cls, gated, D, L, K = key
         dt = "fp32" if cls == "fp32" else "bf16"
+        pq = kind == "fwd_pq"
         out.append((f"{kind} {dt} {'gated' if gated else 'plain'} nomask K={K} D={D} L={L} "
-                    f"measured tiles={tiles}", kind, dt, D, L, K, gated, False, tiles, base,
-                    dt != "fp32"))
+                    f"measured tiles={tiles}", kind, dt, D, L, K, gated, False, tiles,
+                    base | dict(LOAD_PQ=pq), dt != "fp32" and not pq))
     extras = {
         "gelu+dropout+save": dict(ACT=2, DROPOUT=True, SAVE_PQ=True, SAVED_PQ=True),
         "one program per bag": dict(SINGLE=True),
-        "cuBLAS projection": dict(LOAD_PQ=True, SAVED_PQ=True),
         "frozen x": dict(NEED_DX=False, HAS_GLSE=False, HAS_GS=False),
         "relu, only dw": dict(ACT=1, NEED_DX=False, NEED_DPQ=False, NEED_DB=False),
     }
@@ -125,10 +131,9 @@ def _variants():
         for kind in ("fwd", "bwd"):
             if kind == "fwd" and label in ("frozen x", "relu, only dw"):
                 continue
-            tile_kind = "fwd_pq" if kind == "fwd" and flags.get("LOAD_PQ") else kind
-            tiles = k.gpu_tiles(tile_kind, torch.bfloat16, 1024, 256, 1, True)
-            # a kernel that reads p and q back runs no projection GEMM to pipeline
-            pipelined = not (flags.get("LOAD_PQ") or (kind == "bwd" and flags.get("SAVED_PQ")))
+            tiles = k.gpu_tiles(kind, torch.bfloat16, 1024, 256, 1, True)
+            # a backward that reads p and q back runs no projection GEMM to pipeline
+            pipelined = not (kind == "bwd" and flags.get("SAVED_PQ"))
             out.append((f"{kind} bf16 gated nomask K=1 {label}", kind, "bf16", 1024, 256, 1,
                         True, False, tiles, base | flags, pipelined))
     return out
@@ -155,7 +160,7 @@ def compile_variant(variant, arch=90):
     from fastmil.kernels import attention_pool as k
 
     block_n, block_d, block_l, num_warps, num_stages = tiles
-    fn = k._fwd_kernel if kind == "fwd" else k._bwd_kernel
+    fn = k._fwd_kernel if kind.startswith("fwd") else k._bwd_kernel
     consts = dict(K=K, HAS_MASK=masked, GATED=gated, HAS_BV=True, HAS_BU=gated, BLOCK_N=block_n,
                   BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=16, **flags)
     consts = {n: v for n, v in consts.items() if n in fn.arg_names}
