@@ -28,11 +28,11 @@
 #   python -m benchmarks.report OUT_DIR/bench.json --launches OUT_DIR/launches.json
 # and paste tile_sweep.md's MEASURED_TILES into fastmil/kernels/attention_pool.py.
 #
-# Environment: TESTS (pytest paths of stage 1), TEST_TIMEOUT (s, default 100), SWEEP (1),
-# SWEEP_BUDGET (s after which no tile class starts, 90), SWEEP_TIMEOUT (hard limit, 140),
-# BENCH_BUDGET (s after which no benchmark starts, 200), BENCH_TIMEOUT (hard limit, 240),
+# Environment: TESTS (pytest paths of stage 1), TEST_TIMEOUT (s, default 120), SWEEP (1),
+# SWEEP_BUDGET (s after which no tile class starts, 80), SWEEP_TIMEOUT (hard limit, 130),
+# BENCH_BUDGET (s after which no benchmark starts, 195), BENCH_TIMEOUT (hard limit, 230),
 # LAUNCH_TIMEOUT (40), XDIST (pytest-xdist workers, 8), PYTHON (python). With the defaults every
-# stage ends within its limit: at most 100 + 140 + 240 + 40 s plus ~20 s of start-up and
+# stage ends within its limit: at most 120 + 130 + 230 + 40 s plus ~20 s of start-up and
 # report, 9 minutes: one device call (10 minutes at most).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -101,10 +101,10 @@ XDIST_ARGS=()
 if [ "$DRY" = 0 ] && "$PYTHON" -c "import xdist" 2>/dev/null; then
   XDIST_ARGS=(-n "${XDIST:-8}")
 fi
-say "== 1/5 kernel tests: pytest $TESTS ${XDIST_ARGS[*]} (limit ${TEST_TIMEOUT:-100} s)"
+say "== 1/5 kernel tests: pytest $TESTS ${XDIST_ARGS[*]} (limit ${TEST_TIMEOUT:-120} s)"
 start=$(date +%s)
 # shellcheck disable=SC2086  # TESTS is a word list
-stage tests "${TEST_TIMEOUT:-100}" "$PYTHON" -m pytest $TESTS -q -p no:cacheprovider -rfE \
+stage tests "${TEST_TIMEOUT:-120}" "$PYTHON" -m pytest $TESTS -q -p no:cacheprovider -rfE \
   "${XDIST_ARGS[@]}"
 test_rc=$?
 test_line="$(summary_line tests) ($(( $(date +%s) - start )) s, exit status $test_rc)"
@@ -116,11 +116,11 @@ grep -E '^(FAILED|ERROR) ' "$CACHE/tests.log" | head -n 20
 sweep_rc=0
 sweep_line="skipped (SWEEP=0): default tiles"
 if [ "${SWEEP:-1}" != 0 ]; then
-  say "== 2/5 tile sweep (budget ${SWEEP_BUDGET:-90} s, limit ${SWEEP_TIMEOUT:-140} s)"
+  say "== 2/5 tile sweep (budget ${SWEEP_BUDGET:-80} s, limit ${SWEEP_TIMEOUT:-130} s)"
   start=$(date +%s)
-  SWEEP_ARGS=(--out "$OUT_DIR" --budget-s "${SWEEP_BUDGET:-90}")
+  SWEEP_ARGS=(--out "$OUT_DIR" --budget-s "${SWEEP_BUDGET:-80}")
   if [ "$DRY" = 1 ]; then SWEEP_ARGS+=(--dry-run); fi
-  stage sweep "${SWEEP_TIMEOUT:-140}" "$PYTHON" -m benchmarks.tile_sweep "${SWEEP_ARGS[@]}"
+  stage sweep "${SWEEP_TIMEOUT:-130}" "$PYTHON" -m benchmarks.tile_sweep "${SWEEP_ARGS[@]}"
   sweep_rc=$?
   sweep_line="exit status $sweep_rc ($(( $(date +%s) - start )) s)"
   if "$PYTHON" -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1]))['measured_tiles'] else 1)" \
@@ -135,12 +135,12 @@ if [ "${SWEEP:-1}" != 0 ]; then
 fi
 
 # -- 3. benchmarks ---------------------------------------------------------------------------
-say "== 3/5 benchmarks: pytest benchmarks/ --suite $SUITE (budget ${BENCH_BUDGET:-200} s)"
+say "== 3/5 benchmarks: pytest benchmarks/ --suite $SUITE (budget ${BENCH_BUDGET:-195} s)"
 start=$(date +%s)
 rm -f "$OUT_DIR/bench.json"
-stage bench "${BENCH_TIMEOUT:-240}" "$PYTHON" -m pytest benchmarks/test_attention_pool.py -q \
+stage bench "${BENCH_TIMEOUT:-230}" "$PYTHON" -m pytest benchmarks/test_attention_pool.py -q \
   -p no:cacheprovider -rfE --suite "$SUITE" --fastmil-json "$OUT_DIR/bench.json" \
-  --bench-budget-s "${BENCH_BUDGET:-200}" --bench-rep-ms 100 --bench-rounds 2
+  --bench-budget-s "${BENCH_BUDGET:-195}" --bench-rep-ms 100 --bench-rounds 2
 bench_rc=$?
 say "benchmarks: $(summary_line bench) ($(( $(date +%s) - start )) s, exit status $bench_rc)"
 grep -E '^(FAILED|ERROR) ' "$CACHE/bench.log" | head -n 20
