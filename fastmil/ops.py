@@ -5,7 +5,8 @@
 autograd formula, so ``torch.compile(fullgraph=True)`` traces through them without a graph break.
 Eager calls run the same launchers and the same autograd formula through a plain
 ``torch.autograd.Function`` (``_EagerPool``), which skips the custom ops' Python dispatch (about
-60 µs of host time per training step, measured on CPU with the kernels stubbed out).
+100 µs of host time per training step, ``python -m benchmarks.host_time``). Neither path has a
+second derivative: differentiating fastmil's gradients again raises an error.
 
 Triton is imported lazily, on the first triton-backend call: ``import fastmil`` never touches
 Triton or a GPU driver.
@@ -162,11 +163,32 @@ def _backward(ctx, dz32, gs, glse, _dpq, _dmeta):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+_NO_DOUBLE_BACKWARD = ("fastmil's triton backward has no derivative of its own, so it cannot be "
+                       "differentiated again (a gradient of a gradient: create_graph=True, "
+                       "gradient penalties); use backend='torch' for higher-order gradients")
+
+
+class _NotTwiceDifferentiable(torch.autograd.Function):
+    """Passes gradients through; differentiating them again raises a clear error (as the
+    custom ops do), instead of silently giving the part of a second derivative that flows
+    through the torch ops around the kernels."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        """The first ``n`` tensors, passed through; the rest (what the gradients depend on)
+        only connect them to the graph, so that differentiating them reaches ``backward``."""
+        return tuple(g.view_as(g) for g in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(_NO_DOUBLE_BACKWARD)
+
+
 class _EagerPool(torch.autograd.Function):
     """The same forward and backward as the custom ops, without their dispatch: what eager
     calls run (``torch.compile`` traces the custom ops instead). The custom ops' Python
-    dispatch costs about 60 µs of host time per training step, which a launch-bound call
-    (hundreds of tiny bags) pays in full."""
+    dispatch costs about 100 µs of host time per training step (benchmarks/HOST_TIME.md),
+    which a launch-bound call (hundreds of tiny bags) pays in full."""
 
     @staticmethod
     def forward(ctx, *inputs):
@@ -175,7 +197,22 @@ class _EagerPool(torch.autograd.Function):
         ctx.eager = True
         return out
 
-    backward = staticmethod(_backward)
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        if not torch.is_grad_enabled():  # the usual backward (create_graph=False)
+            return _backward(ctx, *grad_outputs)
+        # create_graph=True: the gradients, computed without a graph, are tied to what they
+        # depend on (the saved inputs, the incoming gradients) through a node that refuses to
+        # be differentiated
+        with torch.no_grad():
+            grads = _backward(ctx, *grad_outputs)
+        live = [g for g in grads if g is not None]
+        sources = [t for t in (*ctx.saved_tensors, *grad_outputs)
+                   if t is not None and t.requires_grad]
+        if not (live and sources):
+            return grads
+        wrapped = iter(_NotTwiceDifferentiable.apply(len(live), *live, *sources))
+        return tuple(None if g is None else next(wrapped) for g in grads)
 
 
 def _pool_fwd(*inputs):

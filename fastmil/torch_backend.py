@@ -128,6 +128,10 @@ class _SegmentWeightedSum(torch.autograd.Function):
     def backward(ctx, dz):
         a, x, seg = ctx.saved_tensors
         need_a, need_x = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph=True: the same sums, differentiable, whole
+            dz_rows = dz[seg]  # [T, K, D]
+            return ((dz_rows * x.to(dz.dtype)[:, None, :]).sum(-1) if need_a else None,
+                    (a[:, :, None] * dz_rows).sum(1).to(x.dtype) if need_x else None, None, None)
         da = torch.empty_like(a) if need_a else None  # [T, K]
         dx = torch.empty_like(x) if need_x else None  # [T, D], filled slice by slice
         for i, (x_c, a_c, seg_c) in enumerate(zip(x.split(POOL_ROWS), a.split(POOL_ROWS),

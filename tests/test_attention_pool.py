@@ -88,6 +88,25 @@ def test_gradcheck_float64(layout, gated, K):
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("recompute", [None, True], ids=["default", "checkpointed"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradgradcheck_float64_torch_backend(layout, recompute):
+    """Second derivatives (gradient penalties, create_graph=True) on the torch backend."""
+    lengths = {"single": [4], "padded": [3, 3], "padded_mask": [2, 0, 3, 1],
+               "packed": [2, 0, 3, 1]}[layout]
+    D, L = 4, 3
+    x, kw = make_layout(layout, lengths, D, torch.float64)
+    weights = make_weights(D, L, 2, True, bias=True, dtype=torch.float64)
+    names = ["attn_weight", "gate_weight", "score_weight"]
+
+    def f(x, *ws):
+        w = dict(weights) | dict(zip(names, ws, strict=True))
+        return call(attention_pool, x, w, backend="torch", recompute=recompute, **kw)
+
+    inputs = [x.requires_grad_()] + [weights[n].clone().requires_grad_() for n in names]
+    assert torch.autograd.gradgradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize("K", [None, 3], ids=["K1", "K3"])
 @pytest.mark.parametrize("layout", ["padded_mask", "packed", "single"])
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)

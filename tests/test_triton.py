@@ -368,6 +368,23 @@ def test_eager_calls_skip_the_custom_op_dispatch(monkeypatch):
     assert x.grad is not None and w["attn_weight"].grad is not None
 
 
+@pytest.mark.parametrize("wrt", ["x", "attn_weight"])
+def test_triton_second_derivative_raises_a_clear_error(wrt):
+    """The fused backward has no derivative of its own: a gradient of a gradient through it
+    must fail with a message saying what to use, never return a partial second derivative."""
+    x, kw = make_layout("packed", [3, 5], 8, device=DEVICE)
+    w = make_weights(8, 4, None, device=DEVICE, requires_grad=True)
+    x.requires_grad_()
+    z = call(fastmil.attention_pool, x, w, backend="triton", **kw)
+    target = x if wrt == "x" else w[wrt]
+    (g,) = torch.autograd.grad(z.square().sum(), target, create_graph=True)
+    z_t = call(fastmil.attention_pool, x, w, backend="torch", **kw)
+    (g_t,) = torch.autograd.grad(z_t.square().sum(), target)
+    assert_close(g, g_t, torch.float32, what=f"first derivative wrt {wrt}")
+    with pytest.raises(RuntimeError, match="backend='torch' for higher-order gradients"):
+        g.square().sum().backward()
+
+
 def test_autocast():
     dtype = torch.bfloat16 if CUDA else torch.float16
     x, kw = make_layout("packed", [6, 11], 32, device=DEVICE)
