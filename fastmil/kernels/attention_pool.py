@@ -576,9 +576,14 @@ def gpu_tiles(kind: str, dtype: torch.dtype, D: int, L: int, K: int, gated: bool
 CUBLAS_PROJECTION = False
 
 
+def _stacked(v, u):
+    """[V; U] [GL, D] (V alone for plain attention)."""
+    return torch.cat([v, u]) if u is not None else v
+
+
 def project(x, v, bv, u, bu):
     """[p | q] = x [V; U]ᵀ + [b_V; b_U] for every row, in x's dtype: [R, GL] (cuBLAS on CUDA)."""
-    weight = torch.cat([v, u]) if u is not None else v  # [GL, D]
+    weight = _stacked(v, u)  # [GL, D]
     if bv is None and bu is None:
         return x @ weight.t()
     L = v.shape[0]
@@ -769,8 +774,7 @@ def attention_pool_bwd(dz32, glse, gs, x, row_mask, meta, v, bv, u, bu, w, seed,
     dx = dweight = None
     sums = None if part is None else part.sum(0)  # one ordered sum: [dw | d[b_V; b_U]]
     if need_dx:
-        weight = torch.cat([v, u]) if gated else v  # [GL, D]
-        dx = torch.addmm(dh0, dpq, weight)  # [R, D]
+        dx = torch.addmm(dh0, dpq, _stacked(v, u))  # [R, D]
     if need_dvu:
         if row_mask is not None:  # padding may hold anything (NaN, inf): 0 · NaN must not leak
             x = x.masked_fill(~row_mask[:, None], 0)
