@@ -102,6 +102,52 @@ def _fastmil(name: str):
     return build
 
 
+# ------------------------------------------------------------------------------ CUDA graphs
+
+def _graphed(name: str):
+    """fastmil triton (``fastmil_triton_graph``) or the eager formulation (``eager_graph``)
+    with forward and backward captured once in CUDA graphs (``torch.cuda.make_graphed_callables``)
+    and replayed: an end-to-end step with no host work per kernel, the bound of what graphs do
+    for a launch-bound call. MNIST-bags only (the launch-bound target), x with grad. The inputs
+    are copied into the graph's static buffers and z out of it (a few small copies more)."""
+
+    def build(case: Case, W: Weights, device: torch.device, interpret: bool = False
+              ) -> Provider:
+        if device.type != "cuda":
+            raise Unavailable("CUDA graphs need a CUDA GPU")
+        if case.group != "mnist":
+            raise Unavailable("CUDA-graph replay is timed on the launch-bound MNIST-bags shape "
+                              "only")
+        leaves = W.leaves()  # V, U, bV, bU, w
+        eager = name == "eager_graph"
+        state: dict = {}
+
+        def pool(x, V, U, bV, bU, w, layout):
+            if eager:
+                from fastmil.reference import eager_attention_pool
+
+                return eager_attention_pool(x, V, U, w, attn_bias=bV, gate_bias=bU, mask=layout)
+            import fastmil
+
+            return fastmil.attention_pool(x, V, U, w, attn_bias=bV, gate_bias=bU,
+                                          offsets=layout, backend="triton")
+
+        def fn(s: InputSet, attention: bool = False):
+            x, layout = s.padded() if eager else (s.x, s.offsets)  # offsets on the GPU
+            if attention or not x.requires_grad:
+                raise NotImplementedError("the CUDA graphs are captured for end-to-end "
+                                          "training (x with grad, no attention returned)")
+            if "graphed" not in state:  # warm-up and capture: in the harness's untimed warm-up
+                state["graphed"] = torch.cuda.make_graphed_callables(
+                    pool, (x, *leaves, layout), allow_unused_input=True)
+            return state["graphed"](x, *leaves, layout).clone()  # z lives in a static buffer
+
+        return Provider(name, fn, uses_padded=eager,
+                        infer="captured for training only (x with grad)")
+
+    return build
+
+
 # ------------------------------------------------------------------------- eager and compile
 
 def _eager_fn(pool, W: Weights):
@@ -228,6 +274,8 @@ _BUILDERS = {
     "fastmil_triton": _fastmil("fastmil_triton"),
     "fastmil_triton_save": _fastmil("fastmil_triton_save"),
     "fastmil_triton_cublas": _fastmil("fastmil_triton_cublas"),
+    "fastmil_triton_graph": _graphed("fastmil_triton_graph"),
+    "eager_graph": _graphed("eager_graph"),
     "fastmil_torch": _fastmil("fastmil_torch"),
     "eager": _eager,
     "compile_default": _compiled(None, "compile_default"),

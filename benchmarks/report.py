@@ -22,13 +22,16 @@ from collections import defaultdict
 
 # also the order in which a case's providers run: the slow-to-compile ones last
 PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas", "fastmil_torch",
-             "eager", "compile_default", "compile_max_autotune", "torchmil", "pyg")
+             "eager", "fastmil_triton_graph", "eager_graph", "compile_default",
+             "compile_max_autotune", "torchmil", "pyg")
 LABELS = {
     "fastmil_triton": "fastmil triton (recompute=True)",
     "fastmil_triton_save": "fastmil triton (recompute=False)",
     "fastmil_triton_cublas": "fastmil triton, cuBLAS projection (recompute=False)",
     "fastmil_torch": "fastmil torch",
     "eager": "eager (fastmil.reference)",
+    "fastmil_triton_graph": "fastmil triton, fwd+bwd replayed as CUDA graphs",
+    "eager_graph": "eager, fwd+bwd replayed as CUDA graphs",
     "compile_default": "torch.compile (default)",
     "compile_max_autotune": "torch.compile (max-autotune-no-cudagraphs)",
     "torchmil": "torchmil AttentionPool",
@@ -37,6 +40,7 @@ LABELS = {
 SHORT = {
     "fastmil_triton": "triton recompute", "fastmil_triton_save": "triton save",
     "fastmil_triton_cublas": "triton cuBLAS", "fastmil_torch": "fastmil torch", "eager": "eager",
+    "fastmil_triton_graph": "triton graphed", "eager_graph": "eager graphed",
     "compile_default": "compile", "compile_max_autotune": "compile max-AT",
     "torchmil": "torchmil", "pyg": "PyG",
 }
@@ -366,7 +370,7 @@ def case_section(res: Results, name: str, subjects: list[str]) -> str:
 # ------------------------------------------------------------------------- where the time goes
 
 BREAKDOWN_PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas", "eager",
-                       "compile_default")
+                       "compile_default", "fastmil_triton_graph", "eager_graph")
 GEMM_LABELS = {"proj": "projection x [T, D] @ W [D, 2L]", "dw": "weight gradient dpqᵀ @ x",
                "dx": "input gradient dpq @ Wᵀ"}
 
@@ -633,8 +637,8 @@ def plot(res: Results, path: str) -> bool:
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 4.2 * nrows), squeeze=False)
     for ax in axes.flat[len(keys):]:
         ax.set_visible(False)
-    colors = dict(zip(PROVIDERS, plt.get_cmap("tab10").colors, strict=False))
-    markers = dict(zip(PROVIDERS, "oPXs^Dv<>", strict=True))
+    colors = {p: plt.get_cmap("tab20")(i) for i, p in enumerate(PROVIDERS)}
+    markers = dict(zip(PROVIDERS, "oPXs^*hDv<>", strict=True))
     for ax, key in zip(axes.flat, keys, strict=False):
         names = sorted(panels[key], key=lambda n: res.cases[n]["N"])
         for p in PROVIDERS:

@@ -467,3 +467,13 @@ def test_tile_tables_recorded_and_shown(tmp_path, monkeypatch):
     table = report.env_table(report.Results([_gpu_like_run(tmp_path)]))
     assert ("| GPU tiles | FASTMIL_TILES=/out/tile_sweep.json: ('fwd', '16-bit', True, 1024, 256, "
             "1) → (128, 32, 64, 8, 3) |") in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+@pytest.mark.parametrize("name", ["fastmil_triton_graph", "eager_graph"])
+def test_graph_providers_refuse_without_cuda(name):
+    from .providers import Unavailable, build_provider
+
+    case = next(c for c, _ in SUITES["gpu-check"] if c.group == "mnist")
+    with pytest.raises(Unavailable, match="CUDA graphs need a CUDA GPU"):
+        build_provider(name, case, None, torch.device("cpu"))
