@@ -272,6 +272,7 @@ class InputSet:
     _padded: tuple | None = None
     _source: InputSet | None = None  # the set this frozen set detaches
     _frozen: InputSet | None = None
+    _host_offsets: torch.Tensor | None = None
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x [B, N, D]`` leaf and ``mask [B, N]`` (None for one bag: no padding)."""
@@ -288,6 +289,12 @@ class InputSet:
                 xp.requires_grad_()
             self._padded = (xp, mask)
         return self._padded
+
+    def host_offsets(self) -> torch.Tensor:
+        """The offsets on the host, as ``fastmil.collate`` makes them (copied once, cached)."""
+        if self._host_offsets is None:
+            self._host_offsets = self.offsets.cpu()
+        return self._host_offsets
 
     def frozen(self) -> InputSet:
         """The same instances as frozen features: x (and its padded form) without grad."""

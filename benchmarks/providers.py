@@ -6,8 +6,9 @@ with ``B·K·D`` elements in ``[B, K, D]`` order), or to ``(z, attention)`` when
 True (the inference workload; ``Provider.infer`` is False where a provider cannot). It raises
 :class:`Unavailable` with a reason when the provider cannot run here (package missing, no GPU,
 unsupported case). Layout conversion happens in the InputSet, outside the timed region: fastmil
-gets its native layout (one bag ``[N, D]``, or packed ``[T, D]`` + offsets on x's device), the
-padded formulations get ``[B, N, D]`` + mask, PyG gets packed rows + a bag index.
+gets its native layout (one bag ``[N, D]``, or packed ``[T, D]`` + offsets on the host, as
+``fastmil.collate`` makes them; the CUDA-graph providers take them on the GPU, which a capture
+needs), the padded formulations get ``[B, N, D]`` + mask, PyG gets packed rows + a bag index.
 
 ``interpret=True`` (the GPU check's CPU dry run) lets fastmil's Triton providers run in Triton's
 interpreter on CPU tensors (``TRITON_INTERPRET=1``); otherwise they are GPU-only.
@@ -90,7 +91,7 @@ def _fastmil(name: str):
         cublas = name == "fastmil_triton_cublas"  # recompute=False: the backward reads p, q
 
         def fn(s: InputSet, attention: bool = False):
-            offsets = None if case.B == 1 else s.offsets
+            offsets = None if case.B == 1 else s.host_offsets()  # as fastmil.collate gives
             with _cublas_projection(cublas):
                 return fastmil.attention_pool(s.x, W.V, W.U, W.w, attn_bias=W.bV,
                                               gate_bias=W.bU, offsets=offsets,
