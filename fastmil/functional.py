@@ -208,9 +208,10 @@ def attention_pool(x, attn_weight, gate_weight, score_weight, *, attn_bias=None,
         offsets: ``[B+1]`` int32/int64, bag b is ``x[offsets[b]:offsets[b+1]]`` (packed only),
             on x's device or on the CPU (``fastmil.collate`` makes CPU offsets). CPU offsets are
             checked (start at 0, non-decreasing, end at T) at no cost to the GPU; offsets on a
-            GPU are trusted as given, since reading them would stall the host (check them
-            yourself once with ``fastmil.bags.check_offsets_values``). Inside
-            ``torch.compile`` the value checks are skipped.
+            GPU are trusted as given by the triton backend, since reading them would stall the
+            host (check them yourself once with ``fastmil.bags.check_offsets_values``), and
+            checked by the torch backend (one sync). Inside ``torch.compile`` the value checks
+            are skipped.
         activation: the attention branch's activation: ``"tanh"`` (the paper's), ``"relu"`` or
             ``"gelu"`` (exact erf form, as ``nn.GELU()``).
         dropout_p: attention dropout probability: independent dropout masks on the activation's
@@ -253,11 +254,15 @@ def attention_pool(x, attn_weight, gate_weight, score_weight, *, attn_bias=None,
     backend = _resolve_backend(backend, x)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask != 0
-    if offsets is not None and backend == "torch" and offsets.device != x.device:
-        offsets = offsets.to(x.device, non_blocking=True)
-        if x.is_cuda and not torch.compiler.is_compiling():
-            # the torch backend would crash a CUDA kernel on bad offsets: check them (one sync;
-            # the triton backend, the default on CUDA, needs none)
+    if offsets is not None and backend == "torch":
+        if offsets.device != x.device:  # on the host, and checked there already (_validate)
+            if x.is_cuda:  # pinned: the copy is queued without waiting for the stream
+                offsets = offsets.pin_memory()
+            offsets = offsets.to(x.device, non_blocking=True)
+        elif x.is_cuda and not torch.compiler.is_compiling():
+            # offsets on the GPU: the torch backend's own kernels would fail (a device-side
+            # assert) on bad ones, so it checks them, at one sync (the triton backend, the
+            # default on CUDA, never reads outside x and needs no check)
             check_offsets_values(offsets, x.shape[0])
 
     single_branch = score_weight.dim() == 1

@@ -49,11 +49,11 @@ def _leaves(x, weights):
     return [t for t in [x, *weights.values()] if t is not None and t.requires_grad]
 
 
-def _step(x, kw, weights, dz, **options):
+def _step(x, kw, weights, dz, backend="triton", **options):
     """One training step's worth of attention pooling: forward, a loss, backward."""
     for t in _leaves(x, weights):
         t.grad = None
-    out = call(fastmil.attention_pool, x, weights, backend="triton", **kw, **options)
+    out = call(fastmil.attention_pool, x, weights, backend=backend, **kw, **options)
     z = out[0] if isinstance(out, tuple) else out
     loss = (z.float() * dz.float()).sum()
     if isinstance(out, tuple):  # the attention feeds the loss too (e.g. an attention regulariser)
@@ -196,3 +196,32 @@ def test_bad_cpu_offsets_with_cuda_x_raise_value_error(bad, message):
         call(fastmil.attention_pool, x, weights, offsets=offsets, backend="triton")
     with pytest.raises(ValueError, match=message):  # auto dispatches CUDA x to triton
         call(fastmil.attention_pool, x, weights, offsets=offsets)
+
+
+@pytest.mark.parametrize("bad,message", [([0, 10, 5, 61], "non-decreasing"),
+                                         ([0, 10, 70], "must end at"), ([2, 10, 61], "start at 0")])
+def test_bad_gpu_offsets_on_the_torch_backend_raise_value_error(bad, message):
+    """The torch backend's CUDA kernels would fail on bad offsets (a device-side assert that
+    poisons the process): it checks offsets on the GPU first."""
+    x = torch.randn(61, D, device="cuda")
+    weights = make_weights(D, L, None, device="cuda")
+    with pytest.raises(ValueError, match=message):
+        call(fastmil.attention_pool, x, weights, offsets=torch.tensor(bad, device="cuda"),
+             backend="torch")
+    torch.cuda.synchronize()  # and the device is fine afterwards
+
+
+def test_torch_backend_with_cpu_offsets_never_syncs():
+    """CPU offsets are checked on the host; the torch backend then needs no sync either."""
+    x, kw, weights, dz = _inputs("packed_cpu_offsets", torch.float32)
+    for _ in range(2):
+        _step(x, kw, weights, dz, backend="torch")
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        z = _step(x, kw, weights, dz, backend="torch")
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    z_ref, _, _ = _reference_step(x, kw, weights, dz)
+    assert_close(z, z_ref, torch.float32, what="z")
