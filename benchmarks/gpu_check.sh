@@ -37,7 +37,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}  # the device image: python3
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; fi
 OUT_DIR=${OUT_DIR:-${OUT:-out/gpu_check}}

@@ -22,6 +22,7 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$CACHE/triton}
 args=(--out "$OUT_DIR" --budget-s "${SWEEP_BUDGET:-270}")
 if [ "${1:-}" = "--dry-run" ]; then args+=(--dry-run); fi
 if [ -n "${CLASSES:-}" ]; then args+=(--classes "$CLASSES"); fi
-timeout -s INT -k 20 "${SWEEP_TIMEOUT:-330}" "${PYTHON:-python}" -m benchmarks.tile_sweep \
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}  # the device image: python3
+timeout -s INT -k 20 "${SWEEP_TIMEOUT:-330}" "$PYTHON" -m benchmarks.tile_sweep \
   "${args[@]}" 2>&1 | tee "$OUT_DIR/tile_sweep.log"
 exit "${PIPESTATUS[0]}"
