@@ -28,7 +28,9 @@
 #   python -m benchmarks.report OUT_DIR/bench.json --launches OUT_DIR/launches.json
 # and paste tile_sweep.md's MEASURED_TILES into fastmil/kernels/attention_pool.py.
 #
-# Environment: TESTS (pytest paths of stage 1), TEST_TIMEOUT (s, default 120), SWEEP (1),
+# Environment: FASTMIL_COMMIT (the commit to record where the tree has no .git: write
+# FASTMIL_COMMIT=<git rev-parse --short HEAD> into the remote command), TESTS (pytest paths of
+# stage 1), TEST_TIMEOUT (s, default 120), SWEEP (1),
 # SWEEP_BUDGET (s after which no tile class starts, 80), SWEEP_TIMEOUT (hard limit, 130),
 # BENCH_BUDGET (s after which no benchmark starts, 195), BENCH_TIMEOUT (hard limit, 230),
 # LAUNCH_TIMEOUT (40), XDIST (pytest-xdist workers, 8), PYTHON (python). With the defaults every

@@ -477,3 +477,12 @@ def test_graph_providers_refuse_without_cuda(name):
     case = next(c for c, _ in SUITES["gpu-check"] if c.group == "mnist")
     with pytest.raises(Unavailable, match="CUDA graphs need a CUDA GPU"):
         build_provider(name, case, None, torch.device("cpu"))
+
+
+def test_git_commit_falls_back_to_the_callers_commit(tmp_path, monkeypatch):
+    """A remote GPU runner gets the work tree without .git: the caller names the commit."""
+    monkeypatch.setenv("FASTMIL_COMMIT", "abc1234")
+    assert timing.git_commit(str(tmp_path)) == "abc1234"
+    monkeypatch.delenv("FASTMIL_COMMIT")
+    assert timing.git_commit(str(tmp_path)) is None
+    assert timing.git_commit() not in (None, "abc1234")  # this checkout has its history

@@ -411,17 +411,19 @@ def _version(dist: str) -> str | None:
 
 def git_commit(root: str | None = None) -> str | None:
     """Short commit of the checkout at ``root`` (default: this one), marked when its fastmil/
-    has uncommitted changes."""
+    has uncommitted changes; in a copy without git history (a remote GPU runner gets the work
+    tree only), ``$FASTMIL_COMMIT`` as the caller set it, else None."""
     root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    given = os.environ.get("FASTMIL_COMMIT") or None
     try:
         out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "fastmil"],
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return None
+        return given
     if out.returncode != 0:
-        return None
+        return given
     return out.stdout.strip() + (" (fastmil/ modified)" if dirty.stdout.strip() else "")
 
 
