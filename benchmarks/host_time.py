@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import random
 import statistics
@@ -148,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)  # the kernels never run: no interpreter needed
     result = measure(args)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+        from .timing import write_json
+
+        write_json(args.json, result)
     if args.md:
         with open(args.md, "w") as fh:
             fh.write(markdown(result))

@@ -372,9 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     _use_fastmil_root(args.fastmil_root)
     result = measure(args)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+        from .timing import write_json
+
+        write_json(args.json, result)
     if args.md:
         _write_markdown(args, result)
     return 1 if all("error" in r for r in result["rows"]) else 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import platform
 import re
@@ -25,7 +26,7 @@ from importlib import metadata
 import torch
 
 __all__ = ["cuda_bench", "summarize", "measure_peaks", "cuda_memory", "saved_tensor_bytes",
-           "env_info", "git_commit", "device_events", "device_kind", "short_kernel_name",
+           "env_info", "git_commit", "write_json", "device_events", "device_kind", "short_kernel_name",
            "kernel_breakdown", "profile_kernels", "gemm_reference", "error_text", "launch_us"]
 
 _FLUSH_BYTES = 256 << 20
@@ -407,6 +408,13 @@ def _version(dist: str) -> str | None:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
+
+
+def write_json(path: str, data) -> None:
+    """Write ``data`` to ``path`` as indented JSON, making its folder first."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=1)
 
 
 def git_commit(root: str | None = None) -> str | None:
