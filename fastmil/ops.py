@@ -97,19 +97,19 @@ def _(x, starts, lengths, row_mask, v, bv, u, bu, w, bw, seed, p_drop, act, save
 def _bwd_op(dz32: Tensor, glse: Tensor | None, gs: Tensor | None, x: Tensor,
             row_mask: Tensor | None, meta: Tensor, v: Tensor, bv: Tensor | None,
             u: Tensor | None, bu: Tensor | None, w: Tensor, seed: Tensor | None, p_drop: float,
-            act: int, z32: Tensor, s: Tensor, lse: Tensor, pq: Tensor, need_dx: bool,
-            need_dvu: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+            act: int, z32: Tensor, s: Tensor, lse: Tensor, pq: Tensor, project_pq: bool,
+            need_dx: bool, need_dvu: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
     """-> dx [R, D], d[V; U] [GL, D] and the float32 sums [dw (K·L) | d[b_V; b_U] (GL)], each
     an empty tensor when not asked for (outputs may not alias: a fresh one each)."""
     outs = _kernels().attention_pool_bwd(
         dz32, glse, gs, x, row_mask, meta, v, bv, u, bu, w, seed, p_drop, act, z32, s, lse, pq,
-        need_dx, need_dvu, need_dw)
+        project_pq, need_dx, need_dvu, need_dw)
     return tuple(x.new_empty(0) if t is None else t for t in outs)
 
 
 @_bwd_op.register_fake
 def _(dz32, glse, gs, x, row_mask, meta, v, bv, u, bu, w, seed, p_drop, act, z32, s, lse, pq,
-      need_dx, need_dvu, need_dw):
+      project_pq, need_dx, need_dvu, need_dw):
     L, (K, _), (R, D) = v.shape[0], w.shape, x.shape
     GL = 2 * L if u is not None else L
     need_sums = need_dw or (need_dvu and (bv is not None or bu is not None))
@@ -127,6 +127,8 @@ def _setup_context(ctx, inputs, output):
     z32, s, lse, pq, meta = output
     ctx.save_for_backward(x, row_mask, meta, v, bv, u, bu, w, bw, seed, z32, s, lse, pq)
     ctx.p_drop, ctx.act = p_drop, act
+    # the backward makes p and q (when not kept) the way this forward did
+    ctx.project_pq = _kernels().CUBLAS_PROJECTION
     # outputs nobody differentiated (the scores and lse, unless the attention or the scores were
     # returned and used) reach the backward as None, not as zero tensors to launch and to read
     ctx.set_materialize_grads(False)
@@ -145,8 +147,8 @@ def _backward(ctx, dz32, gs, glse, _dpq, _dmeta):
         if dz32 is None:  # only the attention or the scores are differentiated
             dz32 = torch.zeros_like(z32)
         dx, dweight, sums = bwd(dz32.float().contiguous(), glse, gs, x, row_mask, meta, v, bv,
-                                u, bu, w, seed, ctx.p_drop, ctx.act, z32, s, lse, pq, need_dx,
-                                need_dvu, need_dw)
+                                u, bu, w, seed, ctx.p_drop, ctx.act, z32, s, lse, pq,
+                                ctx.project_pq, need_dx, need_dvu, need_dw)
         L, K = v.shape[0], w.shape[0]
         if need_dx:
             grads["x"] = dx

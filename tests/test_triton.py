@@ -132,6 +132,23 @@ def test_cublas_projection_matches_reference(layout, lengths, gated, bias, recom
     assert len(cublas_projection) == (2 if recompute else 1), cublas_projection
 
 
+def test_backward_makes_projections_as_its_forward_did(cublas_projection, monkeypatch):
+    """The choice of projection is the forward's: switched off before the backward, the
+    recompute still takes the cuBLAS GEMM (and the gradients stay right)."""
+    x, kw = make_layout("packed", [5, 9], 24, device=DEVICE)
+    x.requires_grad_()
+    w = make_weights(24, 16, None, device=DEVICE, requires_grad=True)
+    z = call(fastmil.attention_pool, x, w, backend="triton", recompute=True, **kw)
+    monkeypatch.setattr(kernels, "CUBLAS_PROJECTION", False)
+    z.square().sum().backward()
+    assert len(cublas_projection) == 2, cublas_projection
+    xr = x.detach().double().requires_grad_()
+    wr = {n: None if t is None else t.detach().double().requires_grad_() for n, t in w.items()}
+    call(attention_pool_reference, xr, wr, **kw).square().sum().backward()
+    assert_close(x.grad, xr.grad, torch.float32, what="dx")
+    assert_close(w["attn_weight"].grad, wr["attn_weight"].grad, torch.float32, what="dV")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_cublas_projection_dtypes_and_activations(dtype, activation, cublas_projection):

@@ -724,13 +724,14 @@ def attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w, seed, p_dr
 
 
 def attention_pool_bwd(dz32, glse, gs, x, row_mask, meta, v, bv, u, bu, w, seed, p_drop, act,
-                       z32, s, lse, pq, need_dx, need_dvu, need_dw):
+                       z32, s, lse, pq, project_pq, need_dx, need_dvu, need_dw):
     """Backward launch: from the gradients of (z32, lse, s) — dz32 [B, K, D] fp32, glse [B, K]
     fp32 or None, gs [R, K] fp32 or None — forms only what is asked for: dx [R, D]
     (``need_dx``) and d[V; U] [GL, D] (``need_dvu``) in x's dtype, and ``sums``, the fp32
     vector [dw (K·L) | d[b_V; b_U] (GL)] (dw when ``need_dw``, the bias part when ``need_dvu``
     and a bias exists; zeros where not asked for), each None when nothing of it is asked for
-    (GL = 2L gated, L plain)."""
+    (GL = 2L gated, L plain). Without saved p and q (``pq`` empty) the kernel recomputes them,
+    or with ``project_pq`` (the forward took them from cuBLAS) one cuBLAS GEMM makes them."""
     R, D = x.shape
     L, K, B = v.shape[0], w.shape[0], lse.shape[0]
     dev, dt = x.device, x.dtype
@@ -752,7 +753,7 @@ def attention_pool_bwd(dz32, glse, gs, x, row_mask, meta, v, bv, u, bu, w, seed,
     C = meta.shape[0] - 4 * B
     PW = K * L + GL
     part = _empty((C, PW), dtype=torch.float32, device=dev) if (need_dw or need_db) else None
-    if CUBLAS_PROJECTION and pq.numel() == 0:  # recompute p and q with cuBLAS
+    if project_pq and pq.numel() == 0:  # recompute p and q as the forward made them
         pq = project(x, v, bv, u, bu)
     dummy = x
     _bwd_kernel[(C,)](
