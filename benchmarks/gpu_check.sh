@@ -18,24 +18,26 @@
 #      workload (frozen features, end-to-end, inference), fastmil triton (recompute=True and
 #      False, and the cuBLAS-projection design) vs eager vs torch.compile (default) vs fastmil
 #      torch, one process, with memory and where each call's device time goes per kernel.
-#   4. kernel launches of one call at the MNIST-bags shape, per workload (torch.profiler).
+#   4. kernel launches of one call at the MNIST-bags shape, per workload (torch.profiler), and
+#      the host time of one such call with cProfile's table of where it goes (benchmarks.host_time).
 #   5. report: OUT_DIR/RESULTS.md, then the targets and launch tables printed last.
 #
 # Files, in OUT_DIR ($OUT_DIR, else $OUT, the device tool's folder, else out/gpu_check):
 #   gpu_check.log (everything), tile_sweep.json, tile_sweep.md, bench.json, launches.json,
-#   RESULTS.md.
+#   host_time.json, host_profile.txt, RESULTS.md (8: the device tool's limit).
 # Back here, merge them into benchmarks/RESULTS.md (with any other run's JSON):
 #   python -m benchmarks.report OUT_DIR/bench.json --launches OUT_DIR/launches.json
 # and paste tile_sweep.md's MEASURED_TILES into fastmil/kernels/attention_pool.py.
 #
 # Environment: FASTMIL_COMMIT (the commit to record where the tree has no .git: write
 # FASTMIL_COMMIT=<git rev-parse --short HEAD> into the remote command), TESTS (pytest paths of
-# stage 1), TEST_TIMEOUT (s, default 120), SWEEP (1),
+# stage 1), TEST_TIMEOUT (s, default 120), SWEEP (1), SWEEP_KINDS (the sweep's --kinds: all),
 # SWEEP_BUDGET (s after which no tile class starts, 80), SWEEP_TIMEOUT (hard limit, 130),
-# BENCH_BUDGET (s after which no benchmark starts, 215), BENCH_TIMEOUT (hard limit, 250),
-# LAUNCH_TIMEOUT (40), XDIST (pytest-xdist workers, 8), PYTHON (python3). With the defaults every
-# stage ends within its limit: at most 120 + 130 + 250 + 40 s plus ~20 s of start-up and
-# report, 560 s: one device call (timeout_s=590; 600 at most).
+# BENCH_BUDGET (s after which no benchmark starts, 185), BENCH_TIMEOUT (hard limit, 220),
+# LAUNCH_TIMEOUT (40), HOST_TIMEOUT (30), XDIST (pytest-xdist workers, 8), PYTHON (python3).
+# With the defaults every stage ends within its limit: at most 120 + 130 + 220 + 40 + 30 s plus
+# ~20 s of start-up and report, 560 s: one device call (timeout_s=590; 600 at most). The run of
+# 2026-11-26 on an H100 took 177 s in all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -121,6 +123,7 @@ if [ "${SWEEP:-1}" != 0 ]; then
   say "== 2/5 tile sweep (budget ${SWEEP_BUDGET:-80} s, limit ${SWEEP_TIMEOUT:-130} s)"
   start=$(date +%s)
   SWEEP_ARGS=(--out "$OUT_DIR" --budget-s "${SWEEP_BUDGET:-80}")
+  if [ -n "${SWEEP_KINDS:-}" ]; then SWEEP_ARGS+=(--kinds "$SWEEP_KINDS"); fi
   if [ "$DRY" = 1 ]; then SWEEP_ARGS+=(--dry-run); fi
   stage sweep "${SWEEP_TIMEOUT:-130}" "$PYTHON" -m benchmarks.tile_sweep "${SWEEP_ARGS[@]}"
   sweep_rc=$?
@@ -137,12 +140,12 @@ if [ "${SWEEP:-1}" != 0 ]; then
 fi
 
 # -- 3. benchmarks ---------------------------------------------------------------------------
-say "== 3/5 benchmarks: pytest benchmarks/ --suite $SUITE (budget ${BENCH_BUDGET:-215} s)"
+say "== 3/5 benchmarks: pytest benchmarks/ --suite $SUITE (budget ${BENCH_BUDGET:-185} s)"
 start=$(date +%s)
 rm -f "$OUT_DIR/bench.json"
-stage bench "${BENCH_TIMEOUT:-250}" "$PYTHON" -m pytest benchmarks/test_attention_pool.py -q \
+stage bench "${BENCH_TIMEOUT:-220}" "$PYTHON" -m pytest benchmarks/test_attention_pool.py -q \
   -p no:cacheprovider -rfE --suite "$SUITE" --fastmil-json "$OUT_DIR/bench.json" \
-  --bench-budget-s "${BENCH_BUDGET:-215}" --bench-rep-ms 100 --bench-rounds 2
+  --bench-budget-s "${BENCH_BUDGET:-185}" --bench-rep-ms 100 --bench-rounds 2
 bench_rc=$?
 say "benchmarks: $(summary_line bench) ($(( $(date +%s) - start )) s, exit status $bench_rc)"
 grep -E '^(FAILED|ERROR) ' "$CACHE/bench.log" | head -n 20
@@ -154,6 +157,17 @@ stage launches "${LAUNCH_TIMEOUT:-40}" "$PYTHON" -m benchmarks.launch_count "${L
   --json "$OUT_DIR/launches.json"
 launch_rc=$?
 say "launches: exit status $launch_rc ($(( $(date +%s) - start )) s)"
+# host time of one call with the real kernels, and cProfile's table of where it goes (GPU only:
+# on CPU benchmarks.host_time stubs the kernels, a different measurement)
+if [ "$DRY" = 0 ]; then
+  start=$(date +%s)
+  stage host_time "${HOST_TIMEOUT:-30}" "$PYTHON" -m benchmarks.host_time --device cuda \
+    --D 500 --L 128 --reps 200 --json "$OUT_DIR/host_time.json" \
+    --profile "$OUT_DIR/host_profile.txt"
+  host_rc=$?
+  say "host time: exit status $host_rc ($(( $(date +%s) - start )) s)"
+  grep -E '^(cuBLAS|fused) projection' "$CACHE/host_time.log" | tee -a "$LOG" >/dev/null
+fi
 
 # -- 5. report -------------------------------------------------------------------------------
 say "== 5/5 report ($(( $(date +%s) - T0 )) s so far)"

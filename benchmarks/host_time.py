@@ -19,6 +19,12 @@ it to a few microseconds on a CPU (at D=8, L=8 the two weight-gradient GEMMs alo
 Median of ``--reps`` calls after a warm-up, one thread. A CUDA launch of a real kernel adds its
 own host time on a GPU (a few µs per launch, two or three launches per call); this is not a GPU
 measurement.
+
+On a GPU, ``--device cuda`` runs the real kernels instead (x and the weights on the GPU, the
+offsets on the host, as a data loader hands them over), for the cuBLAS projection (the default)
+and the fused one: *host* is the time until the call returns (the GPU drained before each call, so no launch waits
+on a full queue), *wall* the time until the GPU has finished it too. ``--profile FILE`` writes
+cProfile's table of where that host time goes (the first path and workload, ``--reps`` calls).
 """
 
 from __future__ import annotations
@@ -61,6 +67,17 @@ def stubbed_kernels(custom_ops: bool):
         ops.triton_unavailable_reason, ops._pool_fwd = saved_reason, saved_fwd
 
 
+def _paths(device: str):
+    """(name, context) of each path timed: stubbed kernels on CPU, real ones on CUDA."""
+    if device == "cpu":
+        return [("eager Function", lambda: stubbed_kernels(False)),
+                ("custom ops", lambda: stubbed_kernels(True))]
+    from .providers import projection
+
+    return [("cuBLAS projection", lambda: projection("fastmil_triton_cublas")),
+            ("fused projection", lambda: projection("fastmil_triton_save"))]
+
+
 def measure(args) -> dict:
     import torch
 
@@ -71,11 +88,14 @@ def measure(args) -> dict:
     lengths = [rng.randint(args.min_len, args.max_len) for _ in range(args.bags)]
     D, L = args.D, args.L
     torch.manual_seed(0)
-    x = torch.randn(sum(lengths), D)
-    offsets = torch.tensor([0] + lengths).cumsum(0)
-    V, U = (torch.randn(L, D, requires_grad=True) for _ in range(2))
-    w, bV, bU = (torch.randn(L, requires_grad=True) for _ in range(3))
-    dz = torch.randn(len(lengths), D)
+    dev = torch.device(args.device)
+    x = torch.randn(sum(lengths), D, device=dev)
+    offsets = torch.tensor([0] + lengths).cumsum(0)  # on the host
+    V, U = (torch.randn(L, D, device=dev, requires_grad=True) for _ in range(2))
+    w, bV, bU = (torch.randn(L, device=dev, requires_grad=True) for _ in range(3))
+    dz = torch.randn(len(lengths), D, device=dev)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def call(workload):
         if workload == "infer":
@@ -89,32 +109,88 @@ def measure(args) -> dict:
         z.backward(dz)
 
     rows = []
-    for path, custom in (("eager Function", False), ("custom ops", True)):
-        with stubbed_kernels(custom):
+    for path, context in _paths(args.device):
+        with context():
             for workload in args.workloads:
                 for _ in range(args.warmup):
                     call(workload)
-                times = []
+                times, walls = [], []
                 for _ in range(args.reps):
+                    sync()
                     t0 = time.perf_counter()
                     call(workload)
                     times.append(time.perf_counter() - t0)
-                rows.append({"path": path, "workload": workload,
-                             "median_us": statistics.median(times) * 1e6,
-                             "p10_us": statistics.quantiles(times, n=10)[0] * 1e6})
-                print(f"{path:<15} {workload:<6} {rows[-1]['median_us']:7.1f} µs", flush=True)
+                    sync()
+                    walls.append(time.perf_counter() - t0)
+                row = {"path": path, "workload": workload,
+                       "median_us": statistics.median(times) * 1e6,
+                       "p10_us": statistics.quantiles(times, n=10)[0] * 1e6}
+                if cuda:
+                    row["wall_median_us"] = statistics.median(walls) * 1e6
+                rows.append(row)
+                wall = f", wall {row['wall_median_us']:7.1f} µs" if cuda else ""
+                print(f"{path:<17} {workload:<6} host {row['median_us']:7.1f} µs{wall}",
+                      flush=True)
+        if args.profile and path == _paths(args.device)[0][0]:
+            _profile(args, context, lambda: call(args.workloads[0]), sync)
     from .timing import git_commit
 
     shape = (f"{args.bags} bags of {args.min_len}–{args.max_len} (T={sum(lengths)}), D={D}, "
              f"L={L}, fp32, offsets on the host")
-    return {"shape": shape, "rows": rows, "torch": torch.__version__,
+    device = torch.cuda.get_device_name() if cuda else "CPU (kernels stubbed)"
+    return {"shape": shape, "rows": rows, "torch": torch.__version__, "device": device,
             "fastmil_commit": git_commit(), "reps": args.reps}
 
 
+def _profile(args, context, call, sync) -> None:
+    """cProfile's table of ``args.reps`` calls (the GPU drained after each), sorted by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    with context():
+        for _ in range(args.reps):
+            prof.enable()
+            call()
+            prof.disable()
+            sync()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(40)
+    stats.sort_stats("cumulative").print_stats(40)
+    with open(args.profile, "w") as fh:
+        fh.write(f"{args.reps} calls of {args.workloads[0]}\n" + out.getvalue())
+
+
+_WORKLOAD_LABELS = {"e2e": "end-to-end fwd+bwd", "infer": "inference fwd (with the attention)"}
+
+
+def _markdown_cuda(result: dict) -> str:
+    paths = list(dict.fromkeys(r["path"] for r in result["rows"]))
+    lines = [f"# Host time per call, real kernels on {result['device']}", "",
+             f"`python -m benchmarks.host_time --device cuda`, {result['shape']}; median of "
+             f"{result['reps']} calls, the GPU drained before each; fastmil "
+             f"{result['fastmil_commit']}, torch {result['torch']}. host: until the call "
+             "returns; wall: until the GPU has finished it.", "",
+             "| workload | " + " | ".join(f"{p}: host / wall" for p in paths) + " |",
+             "| :--- |" + " ---: |" * len(paths)]
+    for w in dict.fromkeys(r["workload"] for r in result["rows"]):
+        cells = []
+        for p in paths:
+            r = next((r for r in result["rows"] if (r["path"], r["workload"]) == (p, w)), None)
+            cells.append("—" if r is None else
+                         f"{r['median_us']:.0f} / {r['wall_median_us']:.0f} µs")
+        lines.append(f"| {_WORKLOAD_LABELS.get(w, w)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(result: dict) -> str:
+    if any("wall_median_us" in r for r in result["rows"]):  # --device cuda
+        return _markdown_cuda(result)
     by = {(r["path"], r["workload"]): r["median_us"] for r in result["rows"]}
     workloads = list(dict.fromkeys(r["workload"] for r in result["rows"]))
-    label = {"e2e": "end-to-end fwd+bwd", "infer": "inference fwd (with the attention)"}
+    label = _WORKLOAD_LABELS
     lines = ["# Host time per call, Triton kernels stubbed out", "",
              f"`python -m benchmarks.host_time`, {result['shape']}; one CPU thread, median of "
              f"{result['reps']} calls; fastmil {result['fastmil_commit']}, torch "
@@ -142,9 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", default="e2e,infer")
     ap.add_argument("--json", default=None, help="write the numbers here")
     ap.add_argument("--md", default=None, help="write a markdown table here")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cpu: kernels stubbed; cuda: the real kernels on the GPU")
+    ap.add_argument("--profile", default=None, help="write cProfile's table here")
     args = ap.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
-    os.environ.pop("TRITON_INTERPRET", None)  # the kernels never run: no interpreter needed
+    os.environ.pop("TRITON_INTERPRET", None)  # CPU: the kernels never run; CUDA: real ones
     result = measure(args)
     if args.json:
         from .timing import write_json

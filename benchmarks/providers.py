@@ -45,22 +45,34 @@ class Provider:
 
 # ------------------------------------------------------------------------------------ fastmil
 
-# recompute=None is each backend's default; the triton columns name the mode they time
-_RECOMPUTE = {"fastmil_triton": True, "fastmil_triton_save": False, "fastmil_triton_cublas": False,
-              "fastmil_torch": None}
+# The fastmil columns: (projection, recompute) each times, named outright rather than left to
+# the library's defaults, so that a column means the same at every commit: the projection from
+# one cuBLAS GEMM (True; the default since 2026-11-26) or inside the fused kernel (False), and
+# recompute (True: only the scores kept for the backward). fastmil torch runs its defaults.
+FASTMIL_VARIANTS = {"fastmil_triton": (False, True), "fastmil_triton_save": (False, False),
+                    "fastmil_triton_cublas": (True, False),
+                    "fastmil_triton_cublas_recompute": (True, True),
+                    "fastmil_torch": (None, None)}
+
+
+def recompute_option(name: str) -> dict:
+    """``{"recompute": ...}`` of a fastmil column (``{}``: the backend's default)."""
+    recompute = FASTMIL_VARIANTS[name][1]
+    return {} if recompute is None else {"recompute": recompute}
 
 
 @contextlib.contextmanager
-def _cublas_projection(on: bool):
-    """fastmil's kernels read the projections from one cuBLAS GEMM (kernel module's
-    CUBLAS_PROJECTION) while the block runs: a design timed beside the fused projection."""
-    if not on:
+def projection(name: str):
+    """While the block runs, fastmil's kernels take their projections as the column ``name``
+    says (the kernel module's CUBLAS_PROJECTION); nothing changes for fastmil torch."""
+    cublas = FASTMIL_VARIANTS.get(name, (None, None))[0]
+    if cublas is None:
         yield
         return
     from fastmil.kernels import attention_pool as kernels
 
     before = kernels.CUBLAS_PROJECTION
-    kernels.CUBLAS_PROJECTION = True
+    kernels.CUBLAS_PROJECTION = cublas
     try:
         yield
     finally:
@@ -69,7 +81,6 @@ def _cublas_projection(on: bool):
 
 def _fastmil(name: str):
     backend = name.split("_")[1]
-    recompute = _RECOMPUTE[name]
 
     def build(case: Case, W: Weights, device: torch.device, interpret: bool = False
               ) -> Provider:
@@ -87,12 +98,11 @@ def _fastmil(name: str):
                 raise Unavailable(f"fastmil backend='triton' not implemented: {e}") from e
             if reason is not None:
                 raise Unavailable(f"fastmil backend='triton' cannot run here: {reason}")
-        options = {} if recompute is None else {"recompute": recompute}
-        cublas = name == "fastmil_triton_cublas"  # recompute=False: the backward reads p, q
+        options = recompute_option(name)
 
         def fn(s: InputSet, attention: bool = False):
             offsets = None if case.B == 1 else s.host_offsets()  # as fastmil.collate gives
-            with _cublas_projection(cublas):
+            with projection(name):  # the backward makes p and q as its forward did
                 return fastmil.attention_pool(s.x, W.V, W.U, W.w, attn_bias=W.bV,
                                               gate_bias=W.bU, offsets=offsets,
                                               return_attention=attention, backend=backend,
@@ -139,8 +149,14 @@ def _graphed(name: str):
                 raise NotImplementedError("the CUDA graphs are captured for end-to-end "
                                           "training (x with grad, no attention returned)")
             if "graphed" not in state:  # warm-up and capture: in the harness's untimed warm-up
+                # fresh leaves: tensors that earlier calls used on the default stream carry
+                # autograd nodes bound to it, which a backward capture on the side stream must
+                # not touch ("operation would make the legacy stream depend on a capturing
+                # blocking stream"); the graphed callable copies the real inputs in per call
+                sample = [t.detach().clone().requires_grad_(t.requires_grad)
+                          for t in (x, *leaves)]
                 state["graphed"] = torch.cuda.make_graphed_callables(
-                    pool, (x, *leaves, layout), allow_unused_input=True)
+                    pool, (*sample, layout), allow_unused_input=True)
             return state["graphed"](x, *leaves, layout).clone()  # z lives in a static buffer
 
         return Provider(name, fn, uses_padded=eager,
@@ -275,6 +291,7 @@ _BUILDERS = {
     "fastmil_triton": _fastmil("fastmil_triton"),
     "fastmil_triton_save": _fastmil("fastmil_triton_save"),
     "fastmil_triton_cublas": _fastmil("fastmil_triton_cublas"),
+    "fastmil_triton_cublas_recompute": _fastmil("fastmil_triton_cublas_recompute"),
     "fastmil_triton_graph": _graphed("fastmil_triton_graph"),
     "eager_graph": _graphed("eager_graph"),
     "fastmil_torch": _fastmil("fastmil_torch"),

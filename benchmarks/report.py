@@ -21,15 +21,16 @@ import sys
 from collections import defaultdict
 
 # also the order in which a case's providers run: the slow-to-compile ones last
-PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas", "fastmil_torch",
-             "eager", "compile_default", "compile_max_autotune", "torchmil", "pyg",
+PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas",
+             "fastmil_triton_cublas_recompute", "fastmil_torch", "eager", "compile_default", "compile_max_autotune", "torchmil", "pyg",
              # CUDA graphs last: no profiler session of another provider runs while a captured
              # graph is alive (tearing CUPTI down under live graphs has crashed processes)
              "fastmil_triton_graph", "eager_graph")
 LABELS = {
-    "fastmil_triton": "fastmil triton (recompute=True)",
-    "fastmil_triton_save": "fastmil triton (recompute=False)",
-    "fastmil_triton_cublas": "fastmil triton, cuBLAS projection (recompute=False)",
+    "fastmil_triton": "fastmil triton, fused projection (recompute=True)",
+    "fastmil_triton_save": "fastmil triton, fused projection (recompute=False)",
+    "fastmil_triton_cublas": "fastmil triton, cuBLAS projection (recompute=False; the default)",
+    "fastmil_triton_cublas_recompute": "fastmil triton, cuBLAS projection (recompute=True)",
     "fastmil_torch": "fastmil torch",
     "eager": "eager (fastmil.reference)",
     "fastmil_triton_graph": "fastmil triton, fwd+bwd replayed as CUDA graphs",
@@ -40,8 +41,10 @@ LABELS = {
     "pyg": "PyG AttentionalAggregation",
 }
 SHORT = {
-    "fastmil_triton": "triton recompute", "fastmil_triton_save": "triton save",
-    "fastmil_triton_cublas": "triton cuBLAS", "fastmil_torch": "fastmil torch", "eager": "eager",
+    "fastmil_triton": "triton fused recompute", "fastmil_triton_save": "triton fused save",
+    "fastmil_triton_cublas": "triton cuBLAS (default)",
+    "fastmil_triton_cublas_recompute": "triton cuBLAS recompute",
+    "fastmil_torch": "fastmil torch", "eager": "eager",
     "fastmil_triton_graph": "triton graphed", "eager_graph": "eager graphed",
     "compile_default": "compile", "compile_max_autotune": "compile max-AT",
     "torchmil": "torchmil", "pyg": "PyG",
@@ -203,9 +206,11 @@ TARGETS = [
     {"workload": "inference, fwd", "shape": "B=1, N=100k, D=1536, L=256, bf16",
      "role": "wsi-100k-d1536", "mode": "infer", "speed": [("eager", 2.0)], "floor": 0.6},
     {"workload": "memory kept for backward", "shape": "N=100k, D=1024, L=256 (frozen features)",
-     "role": "wsi-100k-d1024", "mode": "frozen", "memory": 0.1, "subjects": ["fastmil_triton"]},
+     "role": "wsi-100k-d1024", "mode": "frozen", "memory": 0.1,
+     "subjects": ["fastmil_triton", "fastmil_triton_cublas_recompute"]},
 ]
-TARGET_SUBJECTS = ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas")
+TARGET_SUBJECTS = ("fastmil_triton_cublas", "fastmil_triton_cublas_recompute", "fastmil_triton",
+                   "fastmil_triton_save")
 
 
 def _target_text(t: dict) -> str:
@@ -371,8 +376,9 @@ def case_section(res: Results, name: str, subjects: list[str]) -> str:
 
 # ------------------------------------------------------------------------- where the time goes
 
-BREAKDOWN_PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas", "eager",
-                       "compile_default", "fastmil_triton_graph", "eager_graph")
+BREAKDOWN_PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas",
+                       "fastmil_triton_cublas_recompute", "eager", "compile_default",
+                       "fastmil_triton_graph", "eager_graph")
 GEMM_LABELS = {"proj": "projection x [T, D] @ W [D, 2L]", "dw": "weight gradient dpqᵀ @ x",
                "dx": "input gradient dpq @ Wᵀ"}
 
@@ -383,7 +389,8 @@ def gemm_counts(provider: str, mode: str) -> dict[str, int]:
     of fastmil triton with recompute=True; the weight gradient in every backward; the input
     gradient end to end."""
     backward = mode in ("bwd", "fwd_bwd", "frozen")
-    counts = {"proj": (mode != "bwd") + (backward and provider == "fastmil_triton"),
+    recompute = provider in ("fastmil_triton", "fastmil_triton_cublas_recompute")
+    counts = {"proj": (mode != "bwd") + (backward and recompute),
               "dw": backward, "dx": mode in ("bwd", "fwd_bwd")}
     return {k: int(n) for k, n in counts.items() if n}
 
@@ -640,7 +647,7 @@ def plot(res: Results, path: str) -> bool:
     for ax in axes.flat[len(keys):]:
         ax.set_visible(False)
     colors = {p: plt.get_cmap("tab20")(i) for i, p in enumerate(PROVIDERS)}
-    markers = dict(zip(PROVIDERS, "oPXs^*hDv<>", strict=True))
+    markers = dict(zip(PROVIDERS, "oPXds^*hDv<>", strict=True))
     for ax, key in zip(axes.flat, keys, strict=False):
         names = sorted(panels[key], key=lambda n: res.cases[n]["N"])
         for p in PROVIDERS:
@@ -820,8 +827,8 @@ def render(res: Results, plot_name: str | None, notes: list[str] | None = None,
     if breakdown:
         out += ["## Where the time goes", "", breakdown, ""]
     out += ["## Environment", "", env_table(res), ""]
-    subjects = [s for s in ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas",
-                            "fastmil_torch")
+    subjects = [s for s in ("fastmil_triton_cublas", "fastmil_triton", "fastmil_triton_save",
+                            "fastmil_triton_cublas_recompute", "fastmil_torch")
                 if any(res.time(n, s, m) is not None for n in res.case_names() for m in MODES)]
     out += ["## Speedups", ""]
     if not subjects:

@@ -115,17 +115,21 @@ def test_targets_table_from_a_gpu_like_run(tmp_path):
     res = report.Results([_gpu_like_run(tmp_path)])
     rows = {(r[0], r[3].strip("`")): r for r in report.target_rows(res)}
     wsi, mnist, infer, batched = (c.name for c, _ in SUITES["gpu-check"])
+    col = {s: 4 + i for i, s in enumerate(report.TARGET_SUBJECTS)}  # the subjects' columns
+    recompute, save = col["fastmil_triton"], col["fastmil_triton_save"]
     frozen = rows[("frozen features, fwd+bwd", wsi)]
     # recompute: 2.5× eager but only 1.2× compile; save: 3.1× eager, 1.5× compile
-    assert "2.50× eager" in frozen[4] and "1.20× compile" in frozen[4]
-    assert frozen[-1] == "met by triton save"
-    assert rows[("frozen features, fwd+bwd", batched)][-1] == "met by triton recompute"  # OOM
+    assert "2.50× eager" in frozen[recompute] and "1.20× compile" in frozen[recompute]
+    assert frozen[col["fastmil_triton_cublas"]] == "n/a"  # not in this run
+    assert frozen[-1] == "met by triton fused save"
+    assert rows[("frozen features, fwd+bwd", batched)][-1] == "met by triton fused recompute"
     assert rows[("end-to-end, fwd+bwd", mnist)][-1] == "**not met**"  # 4×
-    assert "failed" in rows[("end-to-end, fwd+bwd", mnist)][5]
-    assert "70% of the floor" in rows[("inference, fwd", infer)][4]
-    assert rows[("inference, fwd", infer)][-1] == "met by triton recompute"
+    assert "failed" in rows[("end-to-end, fwd+bwd", mnist)][save]
+    assert "70% of the floor" in rows[("inference, fwd", infer)][recompute]
+    assert rows[("inference, fwd", infer)][-1] == "met by triton fused recompute"
     memory = rows[("memory kept for backward", wsi)]
-    assert "0.7% of eager's" in memory[4] and memory[-1] == "met by triton recompute"
+    assert "0.7% of eager's" in memory[recompute]
+    assert memory[-1] == "met by triton fused recompute"
     assert report.plot(res, str(tmp_path / "plot.png"))
     text = report.render(res, None, ["a note"], None)
     assert "## Targets (NVIDIA H100 80GB HBM3)" in text and "CPU smoke run" not in text
@@ -322,11 +326,11 @@ def test_where_the_time_goes_from_a_profiled_run(tmp_path):
     assert "fp32 matmul precision 'highest'" in heads[1] and "input gradient dpq @ Wᵀ 0.006" \
         in heads[1]
     # measured 1.0 = kernels 0.9 + memset 0.01 + rest 0.09; GEMMs 2 × 0.2 + 0.15 (recompute)
-    assert ("| fastmil triton (recompute=True) | 1.00 | 0.900 (3) | 0 / 1 (0.010 ms) | "
+    assert ("| fastmil triton, fused projection (recompute=True) | 1.00 | 0.900 (3) | 0 / 1 (0.010 ms) | "
             "0.090 (9.0%) | 0.550 | 1.64× | `_fwd_kernel` 0.600 (67%); `_bwd_kernel` 0.250 (28%); "
             "`_merge_kernel` 0.050 (5.6%) |") in lines
-    assert "⚠ fastmil triton (recompute=False): the lead-in kernel is missing." in lines
-    assert ("| fastmil triton (recompute=False) ⚠ | 0.800 | 0.600 (2) | 0 / 0 | 0.200 (25%) | "
+    assert "⚠ fastmil triton, fused projection (recompute=False): the lead-in kernel is missing." in lines
+    assert ("| fastmil triton, fused projection (recompute=False) ⚠ | 0.800 | 0.600 (2) | 0 / 0 | 0.200 (25%) | "
             "0.350 | 1.71× | `_fwd_kernel` 0.400 (67%); `_bwd_kernel` 0.200 (33%) |") in lines
     assert ("| eager (fastmil.reference) | 2.50 | 1.50 (5) | 0 / 0 | 1.00 (40%) | 0.350 | 4.29× | "
             f"`{_CUBLAS[:59]}…` 0.800 (53%) ×2; `vectorized_elementwise_kernel<4, "
@@ -336,16 +340,16 @@ def test_where_the_time_goes_from_a_profiled_run(tmp_path):
             "profile failed: RuntimeError: no CUPTI |") in lines
     # MNIST: 10 kernels, the JSON keeps 8 + "(other)"; the table shows 4 and the 6 others;
     # GEMMs end to end with recompute: 2 × 0.01 + 0.008 + 0.006
-    assert ("| fastmil triton (recompute=True) | 0.100 | 0.028 (10) | 0 / 0 | 0.072 (72%) | "
+    assert ("| fastmil triton, fused projection (recompute=True) | 0.100 | 0.028 (10) | 0 / 0 | 0.072 (72%) | "
             "0.034 | 0.82× | `_fwd_kernel` 0.012 (43%); `_bwd_kernel` 0.008 (29%); `aten_k0` "
             "0.001 (3.6%); `aten_k1` 0.001 (3.6%); 6 more 0.006 (21%) |") in lines
-    assert ("- fastmil triton (recompute=True): `_fwd_kernel` 0.012 ms = 1.20× cuBLAS's 0.010 ms "
+    assert ("- fastmil triton, fused projection (recompute=True): `_fwd_kernel` 0.012 ms = 1.20× cuBLAS's 0.010 ms "
             "for the projection; `_bwd_kernel` 0.008 ms = 0.33× cuBLAS's 0.024 ms for the "
             "backward's GEMMs.") in lines
-    assert ("- fastmil triton (recompute=True): `_fwd_kernel` 0.600 ms = 3.00× cuBLAS's 0.200 ms "
+    assert ("- fastmil triton, fused projection (recompute=True): `_fwd_kernel` 0.600 ms = 3.00× cuBLAS's 0.200 ms "
             "for the projection; `_bwd_kernel` 0.250 ms = 0.71× cuBLAS's 0.350 ms for the "
             "backward's GEMMs.") in lines
-    assert ("- fastmil triton (recompute=False): `_fwd_kernel` 0.400 ms = 2.00× cuBLAS's 0.200 ms "
+    assert ("- fastmil triton, fused projection (recompute=False): `_fwd_kernel` 0.400 ms = 2.00× cuBLAS's 0.200 ms "
             "for the projection; `_bwd_kernel` 0.200 ms = 1.33× cuBLAS's 0.150 ms for the "
             "backward's GEMMs.") in lines
     full = report.render(res, None, None, None)
@@ -353,9 +357,9 @@ def test_where_the_time_goes_from_a_profiled_run(tmp_path):
         "## Environment")
     summary = report.summary(res).splitlines()
     split = [ln for ln in summary if ln.startswith("time split")]
-    assert split[0] == (f"time split, {wsi} frozen fwd+bwd: triton recompute 1.00 ms = kernels "
+    assert split[0] == (f"time split, {wsi} frozen fwd+bwd: triton fused recompute 1.00 ms = kernels "
                         "0.900 (_fwd_kernel 67%, _bwd_kernel 28%) + memcpy / memset 0.010 + rest "
-                        "0.090, cuBLAS GEMMs 0.550; triton save 0.800 ms = kernels 0.600 "
+                        "0.090, cuBLAS GEMMs 0.550; triton fused save 0.800 ms = kernels 0.600 "
                         "(_fwd_kernel 67%, _bwd_kernel 33%) + rest 0.200, cuBLAS GEMMs 0.350")
     assert len(split) == 2 and split[1].startswith(f"time split, {mnist} fwd+bwd: triton ")
     assert f"kernel profile failed (1×): compile on {wsi}: RuntimeError: no CUPTI" in summary
@@ -428,7 +432,7 @@ def test_host_time_runs_both_paths_and_restores_the_kernels():
     before = (kernels._fwd_kernel, kernels._bwd_kernel, kernels._merge_kernel, ops._pool_fwd,
               ops.triton_unavailable_reason)
     args = types.SimpleNamespace(bags=16, min_len=1, max_len=9, D=1, L=1, reps=3, warmup=1,
-                                 workloads=["e2e", "infer"])
+                                 workloads=["e2e", "infer"], device="cpu", profile=None)
     threads = torch.get_num_threads()
     try:
         result = host_time.measure(args)

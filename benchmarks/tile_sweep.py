@@ -3,13 +3,15 @@
     python -m benchmarks.tile_sweep --out out/tile_sweep          # CUDA, ~5 min on an H100
     python -m benchmarks.tile_sweep --dry-run --out out/tile_sweep # CPU: interpreter, plumbing only
 
-A class is (D, L, K, dtype, gated) and a kernel (``fwd`` or ``bwd``), timed on one shape that
-stands for it (never keyed on bag lengths). For each candidate of
+A class is (D, L, K, dtype, gated) and a kernel, timed on one shape that stands for it (never
+keyed on bag lengths). Kernels (``--kinds``, the default path's first): ``fwd_pq`` and
+``bwd_pq``, the forward and backward of the default path (projections from cuBLAS, kept for the
+backward), then ``fwd`` and ``bwd``, those of the fused projection (recompute=True). For each candidate of
 ``fastmil.kernels.attention_pool.TILE_CANDIDATES[kind]`` — a tuple ``(BLOCK_N, BLOCK_D,
 BLOCK_L, num_warps, num_stages)`` — the sweep sets ``TILE_OVERRIDE[kind]`` to it (the CUDA
 launchers then use it), checks z (fwd) or every gradient (bwd) against fastmil's torch backend
-in float32, and times the kernel's pass with CUDA events (median, L2 flushed): ``fwd`` = the
-training forward (``recompute=True``), ``bwd`` = ``backward()`` alone in the class's workload
+in float32, and times the kernel's pass with CUDA events (median, L2 flushed): ``fwd*`` = the
+training forward, ``bwd*`` = ``backward()`` alone in the class's workload
 (frozen features for the whole-slide classes, end-to-end for MNIST-bags). A candidate that does
 not compile or launch (shared memory, registers) or gives wrong numbers is listed and never
 chosen.
@@ -37,7 +39,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-KINDS = ("fwd", "bwd")
+KINDS = ("fwd_pq", "bwd_pq", "fwd", "bwd")  # the default path's kernels first
 TOLERANCE = {"fp32": 5e-3, "fp16": 3e-2, "bf16": 3e-2}  # as the benchmark suite's
 
 
@@ -107,28 +109,37 @@ def _run(c, x, offsets, w, dz, backend, kind, upcast=False):
         t = t.detach().float() if upcast else t.detach()
         return t.requires_grad_()
 
+    from fastmil.kernels import attention_pool as kernels
+
+    pq = kind.endswith("_pq")  # the default path: cuBLAS projection, p and q kept
+
     def forward():
         leaves = {n: prep(t) for n, t in w.items()}
         xin = x.detach().float() if upcast else x.detach()
-        xin.requires_grad_(c.grad_x and kind == "bwd")
-        extra = {"recompute": True} if backend == "triton" else {}
-        z = fastmil.attention_pool(xin, leaves["V"], leaves["U"], leaves["w"],
-                                   attn_bias=leaves["bV"], gate_bias=leaves["bU"],
-                                   offsets=None if len(c.lengths) == 1 else offsets,
-                                   backend=backend, **extra)
+        xin.requires_grad_(c.grad_x and kind.startswith("bwd"))
+        extra = {"recompute": not pq} if backend == "triton" else {}
+        before = kernels.CUBLAS_PROJECTION
+        kernels.CUBLAS_PROJECTION = pq  # the backward makes p and q as its forward did
+        try:
+            z = fastmil.attention_pool(xin, leaves["V"], leaves["U"], leaves["w"],
+                                       attn_bias=leaves["bV"], gate_bias=leaves["bU"],
+                                       offsets=None if len(c.lengths) == 1 else offsets,
+                                       backend=backend, **extra)
+        finally:
+            kernels.CUBLAS_PROJECTION = before
         return z, xin, leaves
 
     def check():
         z, xin, leaves = forward()
         out = {"z": z.detach().float()}
-        if kind == "bwd":
+        if kind.startswith("bwd"):
             z.backward(dz.to(z.dtype).reshape(z.shape))
             grads = {"x": xin} if c.grad_x else {}
             grads.update({n: t for n, t in leaves.items() if t is not None})
             out.update({f"d{n}": t.grad.detach().float() for n, t in grads.items()})
         return out
 
-    if kind == "fwd":
+    if kind.startswith("fwd"):
         return (lambda: (), lambda: forward()), check
     state = {}
 
@@ -171,7 +182,7 @@ def table_key(kernels, c: TileClass, kind: str) -> tuple:
     return kernels.tile_key(kind, c.torch_dtype, c.D, c.L, c.K, c.gated)
 
 
-def sweep_class(c: TileClass, kernels, device, rep_ms: float, log) -> dict:
+def sweep_class(c: TileClass, kernels, device, rep_ms: float, log, kinds=KINDS) -> dict:
     import torch
 
     cuda = device.type == "cuda"
@@ -179,7 +190,7 @@ def sweep_class(c: TileClass, kernels, device, rep_ms: float, log) -> dict:
     out = {"class": asdict(c), "kinds": {}}
     for kind in KINDS:
         kernels.TILE_OVERRIDE.pop(kind, None)
-    for kind in KINDS:
+    for kind in kinds:
         ref = _run(c, x, offsets, w, dz, "torch", kind, upcast=True)[1]()
         rows = []
         for tile in kernels.TILE_CANDIDATES[kind]:
@@ -227,8 +238,9 @@ def markdown(result: dict) -> str:
            + (" **(CPU dry run: the interpreter ignores TILE_OVERRIDE; not a measurement)**"
               if env["dry_run"] else "") + ".", "",
            "Tiles are `(BLOCK_N, BLOCK_D, BLOCK_L, num_warps, num_stages)`; times are the "
-           "median of CUDA-event-timed calls (fwd: the training forward, recompute=True; bwd: "
-           "backward() alone); rel. err is the worst of z / the gradients vs fastmil's torch "
+           "median of CUDA-event-timed calls (fwd_pq / bwd_pq: the default path, cuBLAS "
+           "projection kept for the backward; fwd / bwd: the fused projection, recompute=True; "
+           "fwd*: the training forward, bwd*: backward() alone); rel. err is the worst of z / the gradients vs fastmil's torch "
            "backend in float32. ✗ = wrong numbers or failed to compile / launch.", ""]
     for entry in result["classes"]:
         c = entry["class"]
@@ -315,11 +327,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="CPU: tiny classes in Triton's interpreter (checks the plumbing)")
     ap.add_argument("--classes", default=None,
                     help="comma-separated class names (default: all of the mode)")
+    ap.add_argument("--kinds", default=",".join(KINDS),
+                    help=f"comma-separated kernels to sweep (default {','.join(KINDS)})")
     ap.add_argument("--budget-s", type=float, default=300.0,
                     help="start no class after this many seconds (default 300)")
     ap.add_argument("--rep-ms", type=float, default=60.0,
                     help="CUDA: milliseconds of timed calls per candidate (default 60)")
     args = ap.parse_args(argv)
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if not kinds or set(kinds) - set(KINDS):
+        ap.error(f"--kinds: expected a comma-separated subset of {','.join(KINDS)}, "
+                 f"got {args.kinds!r}")
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -369,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         log(f"{c.name}:")
         try:
-            result["classes"].append(sweep_class(c, kernels, device, args.rep_ms, log))
+            result["classes"].append(sweep_class(c, kernels, device, args.rep_ms, log, kinds))
         except Exception as e:  # e.g. out of memory building the inputs: go on with the next
             log(f"  {c.name} failed: {type(e).__name__}: {e}")
             result["not_run"].append(f"{c.name} (failed: {type(e).__name__})")

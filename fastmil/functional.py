@@ -227,8 +227,9 @@ def attention_pool(x, attn_weight, gate_weight, score_weight, *, attn_bias=None,
             bytes per instance) and recompute the projections in backward (one more ``4·L·D``
             flop per instance). ``False``: save the projections (triton: ``p, q`` in x's dtype,
             ``2·L`` values per instance; torch: autograd's usual intermediates) and skip that
-            GEMM. ``None`` (default): triton recomputes, torch saves. Only the backward's cost
-            changes, never the numbers.
+            GEMM. ``None`` (default): save (both backends; triton keeps ``2·L`` values per
+            instance, less than eager PyTorch's intermediates, and the backward is faster).
+            Only the backward's cost changes, never the numbers.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:

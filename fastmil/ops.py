@@ -267,7 +267,7 @@ def attention_pool_triton(x, attn_weight, attn_bias, gate_weight, gate_bias, sco
     seed = None
     if dropout_p > 0:  # from PyTorch's generator of x's device: torch.manual_seed reproduces
         seed = torch.randint(0, 2**31 - 1, (2,), device=x.device, dtype=torch.int64)
-    save_pq = recompute is False and torch.is_grad_enabled()
+    save_pq = recompute is not True and torch.is_grad_enabled()  # None: save
     z32, s, lse, _, meta = _pool_fwd(
         rows, starts, lengths, row_mask, contig(attn_weight), contig(attn_bias),
         contig(gate_weight), contig(gate_bias), contig(score_weight), score_bias, seed,

@@ -51,8 +51,8 @@ Kernels:
   weighted sum ``acc = Σ exp(s - m) h`` kept in an fp32 buffer. Writes the raw scores s [R, K]
   (−inf at masked rows), optionally p and q (``SAVE_PQ``, for a backward without the projection
   GEMM), and per-chunk (m, l, acc). With ``LOAD_PQ`` (``CUBLAS_PROJECTION``) it reads p and q
-  from one cuBLAS GEMM made before the launch instead of projecting (a design to time against
-  the fused projection on a GPU). With ``SINGLE`` (every bag fits one chunk, known on the host)
+  from one cuBLAS GEMM made before the launch instead of projecting (``CUBLAS_PROJECTION``, the
+  default: faster on an H100 than the fused projection's tl.dot tiles). With ``SINGLE`` (every bag fits one chunk, known on the host)
   a program owns a whole bag and writes z and lse itself: no merge launch.
 * ``_merge_kernel``: per bag and D block, merges its chunks' states in chunk order
   (deterministic): ``z = Σ_c e^{m_c - M} acc_c / Σ_c e^{m_c - M} l_c``, ``lse = M + log l``.
@@ -319,35 +319,41 @@ def _fwd_kernel(
 def _merge_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, meta_ptr, z_ptr, lse_ptr,
     B, C, D,
-    K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1)
     c0 = tl.minimum(tl.maximum(tl.load(meta_ptr + 2 * B + i_b), 0), C)
     c1 = tl.minimum(tl.maximum(c0 + tl.load(meta_ptr + 3 * B + i_b), c0), C)
-    o_k = tl.arange(0, BLOCK_K)
-    m_k = o_k < K
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
     m_d = o_d < D
-    b_max = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)
-    for c in range(c0, c1):
-        b_max = tl.maximum(b_max, tl.load(part_m_ptr + c * K + o_k, mask=m_k, other=float("-inf")))
-    b_max = tl.where(b_max == float("-inf"), 0.0, b_max)
-    b_l = tl.zeros([BLOCK_K], dtype=tl.float32)
-    b_acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    for c in range(c0, c1):
-        b_scale = tl.exp(tl.load(part_m_ptr + c * K + o_k, mask=m_k, other=float("-inf")) - b_max)
-        b_l += b_scale * tl.load(part_l_ptr + c * K + o_k, mask=m_k, other=0.0)
-        p_acc = part_acc_ptr + c * K * D + o_k[:, None] * D + o_d[None, :]
-        b_part = tl.load(p_acc, mask=m_k[:, None] & m_d[None, :], other=0.0)
-        b_acc += b_scale[:, None] * b_part
-    b_has = b_l > 0
-    b_z = tl.where(b_has[:, None], b_acc / tl.where(b_has, b_l, 1.0)[:, None], 0.0)
-    tl.store(z_ptr + i_b * K * D + o_k[:, None] * D + o_d[None, :], b_z,
-             mask=m_k[:, None] & m_d[None, :])
-    b_lse = tl.where(b_has, b_max + tl.log(tl.where(b_has, b_l, 1.0)), 0.0)
-    k_lim = tl.where(i_d == 0, K, 0)  # only the first D block writes lse
-    tl.store(lse_ptr + i_b * K + o_k, b_lse, mask=o_k < k_lim)
+    for k in tl.static_range(K):
+        # the bag's chunks BLOCK_C at a time: a few wide loads instead of one per chunk
+        b_max = tl.full([BLOCK_C], float("-inf"), dtype=tl.float32)
+        for cb in range(c0, c1, BLOCK_C):
+            o_c = cb + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+            b_max = tl.maximum(b_max, tl.load(part_m_ptr + o_c.to(tl.int64) * K + k,
+                                              mask=o_c < c1, other=float("-inf")))
+        b_top = tl.max(b_max, axis=0)
+        b_top = tl.where(b_top == float("-inf"), 0.0, b_top)
+        b_l = tl.zeros([BLOCK_C], dtype=tl.float32)
+        b_acc = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+        for cb in range(c0, c1, BLOCK_C):
+            o_c = cb + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+            m_c = o_c < c1
+            o_ck = o_c.to(tl.int64) * K + k
+            b_scale = tl.exp(tl.load(part_m_ptr + o_ck, mask=m_c, other=float("-inf")) - b_top)
+            b_l += b_scale * tl.load(part_l_ptr + o_ck, mask=m_c, other=0.0)
+            p_acc = part_acc_ptr + o_ck[:, None] * D + o_d[None, :]  # [BLOCK_C, BLOCK_D]
+            b_part = tl.load(p_acc, mask=m_c[:, None] & m_d[None, :], other=0.0)
+            b_acc += b_scale[:, None] * b_part
+        b_lsum = tl.sum(b_l, axis=0)
+        b_has = b_lsum > 0
+        b_z = tl.sum(b_acc, axis=0) / tl.where(b_has, b_lsum, 1.0)  # [BLOCK_D]
+        tl.store(z_ptr + (i_b * K + k) * D + o_d, tl.where(b_has, b_z, 0.0), mask=m_d)
+        if i_d == 0:  # only the first D block writes lse
+            tl.store(lse_ptr + i_b * K + k,
+                     tl.where(b_has, b_top + tl.log(tl.where(b_has, b_lsum, 1.0)), 0.0))
 
 
 @triton.jit(do_not_specialize=["B", "R", "CHUNK", "p_drop"])
@@ -477,25 +483,42 @@ def _pow2(n: int, lo: int = 16) -> int:
 # TILE_OVERRIDE (kind -> tile) overrides everything, for the sweep itself. TILE_CANDIDATES are
 # the tiles a sweep may pick: tests run each in the interpreter and compile each for sm_90.
 # Kinds: "fwd" (the forward with its fused projection), "fwd_pq" (the forward reading p and q
-# from a cuBLAS GEMM, CUBLAS_PROJECTION: no projection loop, other tiles fit) and "bwd".
+# from a cuBLAS GEMM, CUBLAS_PROJECTION: no projection loop; BLOCK_D is then the width of the
+# weighted sum's x tiles), "bwd" (the backward projecting again inside, recompute=True with the
+# fused projection) and "bwd_pq" (the backward reading p and q, saved or from cuBLAS: BLOCK_D is
+# the width of the (h - z)·dz loop's x tiles).
 GPU_TILES = {
     ("fwd", "16-bit"): (64, 32, 64, 8, 3),
     ("fwd", "fp32"): (64, 32, 32, 8, 3),
     ("fwd_pq", "16-bit"): (128, 32, 64, 8, 3),
     ("fwd_pq", "fp32"): (128, 32, 64, 8, 3),
-    ("bwd", "16-bit"): (64, 32, 16, 8, 3),
-    ("bwd", "fp32"): (64, 32, 16, 8, 3),
+    ("bwd", "16-bit"): (32, 32, 64, 4, 3),
+    ("bwd", "fp32"): (32, 32, 64, 4, 3),
+    ("bwd_pq", "16-bit"): (32, 32, 64, 4, 3),
+    ("bwd_pq", "fp32"): (32, 32, 64, 4, 3),
 }
 TILE_CANDIDATES = {
     "fwd": [(64, 32, 64, 8, 3), (64, 32, 32, 8, 3), (64, 64, 64, 8, 3), (128, 32, 64, 8, 3),
             (64, 32, 128, 8, 3), (64, 16, 64, 8, 3)],
-    "fwd_pq": [(128, 32, 64, 8, 3)],
+    "fwd_pq": [(128, 32, 64, 8, 3), (64, 128, 64, 4, 3), (64, 256, 64, 8, 3),
+               (128, 128, 64, 8, 3), (32, 256, 128, 4, 3), (16, 128, 128, 4, 2)],
     "bwd": [(64, 32, 16, 8, 3), (64, 32, 32, 4, 2), (32, 32, 64, 4, 3)],
+    "bwd_pq": [(32, 32, 64, 4, 3), (32, 128, 64, 4, 3), (16, 256, 64, 4, 3),
+               (32, 256, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 128, 8, 3)],
 }
-MEASURED_TILES: dict = {}
+# Measured on an NVIDIA H100 80GB HBM3 (torch 2.11, Triton 3.6; benchmarks/tile_sweep.py in the
+# GPU check of 2026-11-26, fastmil 75bf919): each entry's speed-up over the default then.
+MEASURED_TILES: dict = {
+    # (kind, dtype class, gated, D class, L, K): (BLOCK_N, BLOCK_D, BLOCK_L, num_warps, stages)
+    ('fwd', '16-bit', True, 1024, 256, 1): (128, 32, 64, 8, 3),  # wsi-d1024-l256-bf16 1.29x
+    ('fwd', 'fp32', True, 512, 128, 1): (64, 32, 64, 8, 3),  # mnist-d500-l128-fp32 1.11x
+    ('fwd', '16-bit', True, 2048, 256, 1): (64, 64, 64, 8, 3),  # wsi-d1536-l256-bf16 1.18x
+    ('fwd', '16-bit', True, 1024, 256, 4): (128, 32, 64, 8, 3),  # clam-mb-d1024-l256-k4 1.27x
+    ('fwd', '16-bit', False, 1024, 256, 1): (64, 32, 128, 8, 3),  # plain-d1024-l256-bf16 1.28x
+}
 TILE_OVERRIDE: dict = {}
 INTERPRETER_TILES = {"fwd": (32, 64, 128, 4, 1), "fwd_pq": (32, 64, 128, 4, 1),
-                     "bwd": (32, 64, 128, 4, 1)}
+                     "bwd": (32, 64, 128, 4, 1), "bwd_pq": (32, 64, 128, 4, 1)}
 TILES_ENV = "FASTMIL_TILES"
 
 
@@ -534,7 +557,8 @@ def load_tiles(path: str) -> dict:
             ok = False
         if not ok:
             raise ValueError(f"{TILES_ENV}={path!r}: entry {i} of 'measured_tiles' is {entry!r}; "
-                             "expected {'key': [kind ('fwd'|'fwd_pq'|'bwd'), dtype class ('16-bit'|"
+                             "expected {'key': [kind ('fwd'|'fwd_pq'|'bwd'|'bwd_pq'), "
+                             "dtype class ('16-bit'|"
                              "'fp32'), gated, D class, L, K], 'tile': [BLOCK_N, BLOCK_D, "
                              "BLOCK_L, num_warps (powers of two), num_stages]}")
         table[(kind, cls, bool(gated), int(dcls), int(L), int(K))] = tile
@@ -556,9 +580,9 @@ def _file_tiles() -> dict:
 
 
 def gpu_tiles(kind: str, dtype: torch.dtype, D: int, L: int, K: int, gated: bool) -> tuple:
-    """The GPU tile of a kernel ("fwd", "fwd_pq" or "bwd") for a class of calls (never for bag
-    lengths): TILE_OVERRIDE, else the FASTMIL_TILES file's table, else MEASURED_TILES, else the
-    default."""
+    """The GPU tile of a kernel ("fwd", "fwd_pq", "bwd" or "bwd_pq") for a class of calls (never
+    for bag lengths): TILE_OVERRIDE, else the FASTMIL_TILES file's table, else MEASURED_TILES,
+    else the default."""
     if kind in TILE_OVERRIDE:
         return TILE_OVERRIDE[kind]
     key = tile_key(kind, dtype, D, L, K, gated)
@@ -568,12 +592,14 @@ def gpu_tiles(kind: str, dtype: torch.dtype, D: int, L: int, K: int, gated: bool
     return GPU_TILES[(kind, dtype_class(dtype))]
 
 
-# Where the forward's projections p, q come from: False, inside the fused kernel (tl.dot tiles,
-# nothing stored); True, one cuBLAS GEMM before the launch, ``project``, whose [R, GL] result the
-# kernels read instead (kept for the backward when recompute=False, else made again there).
-# The cuBLAS GEMM runs at library speed but writes and reads R·GL values more and needs them in
-# memory at once; which is faster is for a GPU to tell (the benchmarks' fastmil_triton_cublas).
-CUBLAS_PROJECTION = False
+# Where the forward's projections p, q come from: True (the default), one cuBLAS GEMM before the
+# launch, ``project``, whose [R, GL] result the kernels read (kept for the backward unless
+# recompute=True, else made again there); False, inside the fused kernel (tl.dot tiles, nothing
+# stored). The GEMM writes and reads R·GL values more and needs them in memory at once, but runs
+# at library speed: on an H100 (2026-11-26, Triton 3.6) the fused projection's tl.dot tiles ran
+# at a fifth of cuBLAS's rate (fp32 MNIST-bags: a thirtieth), and the cuBLAS design was the
+# faster in every target workload (benchmarks/RESULTS.md, "fastmil triton, cuBLAS projection").
+CUBLAS_PROJECTION = True
 
 
 def _stacked(v, u):
@@ -713,10 +739,12 @@ def attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w, seed, p_dr
         PRECISION=_precision(x), num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
-        merge_d = min(_pow2(D), 256)
+        merge_d = min(_pow2(D), 256)  # narrower D blocks until bags × blocks fill the GPU
+        while merge_d > 32 and B * _cdiv(D, merge_d) < 256:
+            merge_d //= 2
         _merge_kernel[(B, _cdiv(D, merge_d))](
             part_m, part_l, part_acc, meta, z32, lse, B, C, D,
-            K=K, BLOCK_K=block_k, BLOCK_D=merge_d, num_warps=4,
+            K=K, BLOCK_C=32, BLOCK_D=merge_d, num_warps=4,
         )
     if load_pq and not save_pq:  # recompute: the backward projects again
         pq = pq.new_empty(0)
@@ -749,12 +777,13 @@ def attention_pool_bwd(dz32, glse, gs, x, row_mask, meta, v, bv, u, bu, w, seed,
     alloc = torch.zeros if row_mask is not None else _empty
     dh0 = alloc((R, D), dtype=dt, device=dev) if need_dx else None
     dpq = alloc((R, GL), dtype=dt, device=dev) if need_dpq else None
-    block_n, block_d, block_l, block_k, num_warps, num_stages = _config(x, D, L, K, gated, "bwd")
+    if project_pq and pq.numel() == 0:  # recompute p and q as the forward made them
+        pq = project(x, v, bv, u, bu)
+    block_n, block_d, block_l, block_k, num_warps, num_stages = _config(
+        x, D, L, K, gated, "bwd_pq" if pq.numel() > 0 else "bwd")
     C = meta.shape[0] - 4 * B
     PW = K * L + GL
     part = _empty((C, PW), dtype=torch.float32, device=dev) if (need_dw or need_db) else None
-    if project_pq and pq.numel() == 0:  # recompute p and q as the forward made them
-        pq = project(x, v, bv, u, bu)
     dummy = x
     _bwd_kernel[(C,)](
         x, dummy if row_mask is None else row_mask, meta,
