@@ -2,7 +2,9 @@
 
 Everything here is backend-agnostic: tests take the ``backend`` fixture (or parametrize over
 :data:`BACKENDS`) and pass it to :func:`fastmil.attention_pool`, so the same tests run against
-every backend listed in :data:`BACKENDS`.
+every backend listed in :data:`BACKENDS`. They build their tensors and modules on the ``device``
+fixture (:func:`backend_device`): CUDA for the triton backend on a machine with a GPU, else the
+CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastmil
+
+CUDA = torch.cuda.is_available()
 
 # The backends the generic tests run on: both, wherever Triton is installed (on CPU its kernels
 # run in the interpreter; skip_unsupported skips the dtypes a backend cannot take there).
@@ -50,11 +54,26 @@ def backend(request):
     return request.param
 
 
-def skip_unsupported(backend, dtype, device="cpu"):
-    """Skip the test where ``backend`` cannot run ``dtype`` here (e.g. float64 or, in Triton's
-    CPU interpreter, bfloat16 on backend="triton"), with the backend's own reason."""
+def backend_device(backend):
+    """The device the tests of ``backend`` put their tensors and modules on: "cuda" for
+    backend="triton" on a machine with a GPU (the compiled kernels take CUDA tensors only), else
+    "cpu" (the torch backend, and the triton backend in Triton's interpreter)."""
+    return "cuda" if backend == "triton" and CUDA else "cpu"
+
+
+@pytest.fixture
+def device(backend):
+    """:func:`backend_device` of the test's backend."""
+    return backend_device(backend)
+
+
+def skip_unsupported(backend, dtype, device=None):
+    """Skip the test where ``backend`` cannot run ``dtype`` on ``device`` (default: the backend's
+    :func:`backend_device`), e.g. float64 or, in Triton's CPU interpreter, bfloat16 on
+    backend="triton", with the backend's own reason."""
     if backend in ("torch", "auto"):
         return
+    device = backend_device(backend) if device is None else device
     why = getattr(fastmil.ops, f"{backend}_unavailable_reason", None)
     reason = None if why is None else why(torch.empty(0, dtype=dtype, device=device))
     if reason is not None:
@@ -159,7 +178,7 @@ def make_layout(layout, lengths, D, dtype=torch.float32, *, scale=1.0, device="c
     if layout == "padded":
         assert len(set(lengths)) <= 1, "padded layout without mask needs equal bag lengths"
         N = lengths[0] if lengths else 0
-        return torch.stack(bags) if bags else torch.zeros(0, N, D, dtype=dtype), {}
+        return torch.stack(bags) if bags else torch.zeros(0, N, D, dtype=dtype, device=device), {}
     x, offsets = fastmil.pack(bags) if bags else (
         torch.zeros(0, D, dtype=dtype, device=device),
         torch.zeros(1, dtype=torch.int64, device=device))

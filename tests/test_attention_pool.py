@@ -38,7 +38,7 @@ def _run_both(backend, x, weights, kwargs, *, dtype_ref=None):
     x2 = x.detach().clone().requires_grad_()
     w2 = clone_weights(weights)
     z_ref, a_ref = call(attention_pool_reference, x2, w2, return_attention=True, **kwargs)
-    g = torch.randn(z_ref.shape, dtype=torch.float64).to(z_ref.dtype)
+    g = torch.randn(z_ref.shape, dtype=torch.float64).to(z_ref.device, z_ref.dtype)
     names = [n for n, _ in weight_tensors(weights)]
     got = grads(z, g, [x1] + [w1[n] for n in names])
     want = grads(z_ref, g, [x2] + [w2[n] for n in names])
@@ -50,10 +50,10 @@ def _run_both(backend, x, weights, kwargs, *, dtype_ref=None):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 @pytest.mark.parametrize(("layout", "lengths"), layout_cases())
-def test_matches_reference(backend, layout, lengths, gated, bias, K):
+def test_matches_reference(backend, device, layout, lengths, gated, bias, K):
     D, L = 16, 8
-    x, kw = make_layout(layout, lengths, D)
-    weights = make_weights(D, L, K, gated, bias)
+    x, kw = make_layout(layout, lengths, D, device=device)
+    weights = make_weights(D, L, K, gated, bias, device=device)
     z, a, g, z_ref, a_ref, g_ref = _run_both(backend, x, weights, kw)
 
     assert z.dtype == x.dtype and a.dtype == torch.float32
@@ -110,12 +110,12 @@ def test_gradgradcheck_float64_torch_backend(layout, recompute):
 @pytest.mark.parametrize("K", [None, 3], ids=["K1", "K3"])
 @pytest.mark.parametrize("layout", ["padded_mask", "packed", "single"])
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_dtypes_match_reference(backend, dtype, layout, K):
+def test_dtypes_match_reference(backend, device, dtype, layout, K):
     skip_unsupported(backend, dtype)
     D, L = 32, 16
     lengths = [300] if layout == "single" else [3, 0, 1, 7, 300]
-    x, kw = make_layout(layout, lengths, D, dtype)
-    weights = make_weights(D, L, K, gated=True, bias=True, dtype=dtype)
+    x, kw = make_layout(layout, lengths, D, dtype, device=device)
+    weights = make_weights(D, L, K, gated=True, bias=True, dtype=dtype, device=device)
     z, a, g, z_ref, a_ref, g_ref = _run_both(backend, x, weights, kw)
 
     assert z.dtype == dtype and a.dtype == torch.float32
@@ -132,11 +132,11 @@ def test_dtypes_match_reference(backend, dtype, layout, K):
     ("padded", [0, 0]), ("single", [0]),
 ])
 @pytest.mark.parametrize("K", [None, 3], ids=["K1", "K3"])
-def test_empty_bags_pool_to_zero(backend, layout, lengths, K):
+def test_empty_bags_pool_to_zero(backend, device, layout, lengths, K):
     D, L = 6, 4
-    x, kw = make_layout(layout, lengths, D)
+    x, kw = make_layout(layout, lengths, D, device=device)
     x.requires_grad_()
-    weights = make_weights(D, L, K, requires_grad=True)
+    weights = make_weights(D, L, K, requires_grad=True, device=device)
     z, a = call(attention_pool, x, weights, return_attention=True, backend=backend, **kw)
     inputs = [x] + [t for _, t in weight_tensors(weights)]
     gs = grads(z, torch.randn_like(z), inputs)
@@ -162,12 +162,12 @@ def test_empty_bags_pool_to_zero(backend, layout, lengths, K):
 @pytest.mark.parametrize("case", ["big_x", "big_weights"])
 @pytest.mark.parametrize("layout", ["padded_mask", "packed"])
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_numeric_stability(backend, dtype, layout, case):
+def test_numeric_stability(backend, device, dtype, layout, case):
     skip_unsupported(backend, dtype)
     D, L, K = 16, 8, 2
     x_scale, w_scale = (1e4, 1.0) if case == "big_x" else (1.0, 1e3)
-    x, kw = make_layout(layout, [5, 1, 0, 200], D, dtype, scale=x_scale)
-    weights = make_weights(D, L, K, dtype=dtype, scale=w_scale)
+    x, kw = make_layout(layout, [5, 1, 0, 200], D, dtype, scale=x_scale, device=device)
+    weights = make_weights(D, L, K, dtype=dtype, scale=w_scale, device=device)
     z, a, g, z_ref, a_ref, g_ref = _run_both(backend, x, weights, kw)
 
     for name, t in [("z", z), ("attention", a)] + [(f"grad {n}", t) for n, t in g.items()]:
@@ -182,13 +182,13 @@ def test_numeric_stability(backend, dtype, layout, case):
                          ids=str)
 @pytest.mark.parametrize("K", [None, 1, 3], ids=["K=None", "K1", "K3"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_output_shapes_and_dtypes(backend, layout, K, dtype):
+def test_output_shapes_and_dtypes(backend, device, layout, K, dtype):
     skip_unsupported(backend, dtype)
     D, L = 6, 4
     lengths = {"single": [5], "padded": [4, 4, 4], "padded_mask": [4, 2, 1],
                "packed": [4, 2, 1]}[layout]
-    x, kw = make_layout(layout, lengths, D, dtype)
-    weights = make_weights(D, L, K, dtype=dtype)
+    x, kw = make_layout(layout, lengths, D, dtype, device=device)
+    weights = make_weights(D, L, K, dtype=dtype, device=device)
     z, a = call(attention_pool, x, weights, return_attention=True, backend=backend, **kw)
     z_only = call(attention_pool, x, weights, backend=backend, **kw)
 
@@ -202,33 +202,34 @@ def test_output_shapes_and_dtypes(backend, layout, K, dtype):
     assert isinstance(z_only, torch.Tensor) and torch.equal(z_only, z)
 
 
-def test_score_bias_0d_for_single_branch(backend):
-    x, kw = make_layout("packed", [3, 4], 6)
-    weights = make_weights(6, 4, None)
+def test_score_bias_0d_for_single_branch(backend, device):
+    x, kw = make_layout("packed", [3, 4], 6, device=device)
+    weights = make_weights(6, 4, None, device=device)
     z1 = call(attention_pool, x, weights, backend=backend, **kw)
     weights["score_bias"] = weights["score_bias"].reshape(())
     z0 = call(attention_pool, x, weights, backend=backend, **kw)
     torch.testing.assert_close(z0, z1, rtol=0, atol=1e-6)
 
 
-def test_attention_is_a_distribution(backend):
-    x, kw = make_layout("padded_mask", [3, 0, 1, 7, 100], 8)
-    weights = make_weights(8, 4, 3)
+def test_attention_is_a_distribution(backend, device):
+    x, kw = make_layout("padded_mask", [3, 0, 1, 7, 100], 8, device=device)
+    weights = make_weights(8, 4, 3, device=device)
     _, a = call(attention_pool, x, weights, return_attention=True, backend=backend, **kw)
     sums = a.sum(1)  # [B, K]
-    torch.testing.assert_close(sums[[0, 2, 3, 4]], torch.ones(4, 3), rtol=0, atol=1e-6)
-    assert torch.equal(sums[1], torch.zeros(3))
+    torch.testing.assert_close(sums[[0, 2, 3, 4]], torch.ones(4, 3, device=device), rtol=0,
+                               atol=1e-6)
+    assert torch.equal(sums[1], torch.zeros(3, device=device))
     assert (a >= 0).all()
 
 
 @pytest.mark.parametrize("layout", ["padded_mask", "packed"])
-def test_autocast_bf16(backend, layout):
+def test_autocast_bf16(backend, device, layout):
     skip_unsupported(backend, torch.bfloat16)
     D, L, K = 32, 16, 2
-    x, kw = make_layout(layout, [3, 0, 9, 150], D)
-    weights = make_weights(D, L, K)
+    x, kw = make_layout(layout, [3, 0, 9, 150], D, device=device)
+    weights = make_weights(D, L, K, device=device)
     x1, w1 = x.clone().requires_grad_(), clone_weights(weights)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         z, a = call(attention_pool, x1, w1, return_attention=True, backend=backend, **kw)
     # like nn.Linear under autocast: the output is bf16; the attention stays float32
     assert z.dtype == torch.bfloat16
@@ -300,13 +301,13 @@ def test_eager_matches_reference(masked, gated, K):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 @pytest.mark.parametrize("branches", [None, 3])
-def test_module_matches_functional(backend, branches, gated, bias):
+def test_module_matches_functional(backend, device, branches, gated, bias):
     pool = fastmil.AttentionPool(12, 5, branches=branches, gated=gated, bias=bias,
-                                 backend=backend)
+                                 backend=backend).to(device)
     assert pool.gated is gated and (pool.gate is None) is (not gated)
     assert (pool.attn.bias is None) is (not bias) and (pool.score.bias is None) is (not bias)
     assert pool.score.weight.shape == (branches or 1, 5)
-    x, kw = make_layout("packed", [4, 0, 6], 12)
+    x, kw = make_layout("packed", [4, 0, 6], 12, device=device)
     z, a = pool(x, return_attention=True, **kw)
     weights = {
         "attn_weight": pool.attn.weight, "attn_bias": pool.attn.bias,

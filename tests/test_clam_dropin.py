@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from clam_models import CLAM_MB, CLAM_SB, Attn_Net, Attn_Net_Gated, FastCLAM_MB, FastCLAM_SB
-from conftest import assert_close, skip_unsupported
+from conftest import assert_close, backend_device, skip_unsupported
 
 import fastmil
 from fastmil.compat import clam_to_fastmil_state_dict, fastmil_to_clam_state_dict
@@ -23,11 +23,12 @@ EMBED = 24  # instance features; the "tiny" size then gives fc 24 -> 32, attenti
 
 def _pair(cls, backend, *, gate=True, dropout=0.0, n_classes=3, size_arg="tiny", k_sample=4):
     """A CLAM model and its fastmil twin holding the same weights (loaded through the key
-    mapping, as a CLAM checkpoint would be)."""
+    mapping, as a CLAM checkpoint would be), both on the backend's device."""
     kwargs = dict(gate=gate, size_arg=size_arg, dropout=dropout, k_sample=k_sample,
                   n_classes=n_classes, embed_dim=EMBED)
-    clam = cls(**kwargs)
-    twin = TWINS[cls](**kwargs, backend=backend)
+    device = backend_device(backend)
+    clam = cls(**kwargs).to(device)
+    twin = TWINS[cls](**kwargs, backend=backend).to(device)
     twin.load_state_dict(clam_to_fastmil_state_dict(clam.state_dict()))  # strict
     return clam, twin
 
@@ -61,14 +62,14 @@ CHECKPOINT_CASES = [  # (class, gated, dropout): Attn_Net's score layer is modul
 @pytest.mark.parametrize("cls, gate, dropout", [
     pytest.param(*c, id=f"{c[0].__name__}-{'gated' if c[1] else 'plain'}-p{c[2]}")
     for c in CHECKPOINT_CASES])
-def test_checkpoint_round_trip(backend, cls, gate, dropout):
+def test_checkpoint_round_trip(backend, device, cls, gate, dropout):
     """A CLAM state_dict loads into the twin (strict), which then gives CLAM's outputs in eval
     mode; the twin's state_dict maps back to exactly CLAM's keys and tensors."""
     skip_unsupported(backend, torch.float32)
     clam, twin = _pair(cls, backend, gate=gate, dropout=dropout)
     clam.eval(), twin.eval()
     assert twin.attention_pool.dropout == (0.25 if dropout else 0.0)  # CLAM's p carried over
-    h, label = torch.randn(30, EMBED), torch.tensor([1])
+    h, label = torch.randn(30, EMBED).to(device), torch.tensor([1], device=device)
     expected = _outputs(clam, h, label)
     _assert_same_outputs(_outputs(twin, h, label), expected, "twin vs CLAM")
     assert expected["A_raw"].shape == (1 if cls is CLAM_SB else 3, 30)
@@ -79,7 +80,7 @@ def test_checkpoint_round_trip(backend, cls, gate, dropout):
     for key, value in theirs.items():
         assert torch.equal(back[key], value), key
     fresh = cls(gate=gate, size_arg="tiny", dropout=dropout, k_sample=4, n_classes=3,
-                embed_dim=EMBED).eval()
+                embed_dim=EMBED).to(device).eval()
     fresh.load_state_dict(back)
     _assert_same_outputs(_outputs(fresh, h, label), expected, "CLAM from the twin's checkpoint")
 
@@ -139,7 +140,7 @@ def test_state_dict_mapping_errors():
 
 @pytest.mark.parametrize("cls, gate", [(CLAM_SB, True), (CLAM_SB, False), (CLAM_MB, True)],
                          ids=["SB-gated", "SB-plain", "MB-gated"])
-def test_training_trajectory_matches_clam(backend, cls, gate):
+def test_training_trajectory_matches_clam(backend, device, cls, gate):
     """30 steps of CLAM's training loop (utils/core_utils.py train_loop_clam: one bag per step,
     instance evaluation on, total loss 0.7·bag CE + 0.3·instance loss, Adam lr 1e-4 with
     weight decay 1e-5, CLAM's defaults) give the same loss at every step, dropout off."""
@@ -151,6 +152,7 @@ def test_training_trajectory_matches_clam(backend, cls, gate):
     gen = torch.Generator().manual_seed(5)
     bags = [(torch.randn(int(torch.randint(8, 40, (), generator=gen)), EMBED, generator=gen),
              torch.randint(0, 3, (1,), generator=gen)) for _ in range(30)]
+    bags = [(h.to(device), label.to(device)) for h, label in bags]
     losses = {}
     for name, model in (("clam", clam), ("twin", twin)):
         model.train()
@@ -218,13 +220,13 @@ def dropout_draws(clam, twin, h, R):
         A_raw = A.view(R, N)
         M = (F.softmax(A_raw, dim=1)[:, None, :] @ feats.view(R, N, -1))[:, 0]
         feats = twin.attention_net(rows)
-        offsets = torch.arange(R + 1) * N
+        offsets = torch.arange(R + 1, device=h.device) * N
         z, scores = twin.attention_pool(feats, offsets=offsets, return_scores=True)
     return (M, A_raw), (z, scores.view(R, N))
 
 
 @pytest.mark.parametrize("gate", [True, False], ids=["gated", "plain"])
-def test_dropout_matches_clam_in_distribution(backend, gate):
+def test_dropout_matches_clam_in_distribution(backend, device, gate):
     """With CLAM's attention dropout on (p = 0.25 after the tanh and, gated, after the sigmoid,
     independent masks), z and the raw scores of the twin have CLAM's mean and variance, feature by
     feature, over many draws (assert_same_distribution); in eval mode they equal CLAM's.
@@ -246,12 +248,12 @@ def test_dropout_matches_clam_in_distribution(backend, gate):
     # CLAM's dropout=0.25 also drops features in its first layer (the same nn.Dropout in both
     # models): off here, so that the randomness of z is the attention dropout's alone
     clam.attention_net[2].p = twin.attention_net[2].p = 0.0
-    h = torch.randn(6, EMBED)
+    h = torch.randn(6, EMBED).to(device)
     R = 4000 if backend == "torch" else 200  # the Triton interpreter runs one bag per program
     (M, A_raw), (z, scores) = dropout_draws(clam, twin, h, R)
     assert_same_distribution(z, M, what="z")
     assert_same_distribution(scores, A_raw, what="raw scores")
     clam.eval(), twin.eval()
     with torch.no_grad():
-        _assert_same_outputs(_outputs(twin, h, torch.tensor([0])),
-                             _outputs(clam, h, torch.tensor([0])), "eval mode")
+        label = torch.tensor([0], device=device)
+        _assert_same_outputs(_outputs(twin, h, label), _outputs(clam, h, label), "eval mode")

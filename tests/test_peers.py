@@ -18,19 +18,19 @@ from fastmil import AttentionPool
 
 @pytest.mark.parametrize("masked", [True, False], ids=["mask", "nomask"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
-def test_torchmil_attention_pool(backend, gated, masked):
+def test_torchmil_attention_pool(backend, device, gated, masked):
     tm = pytest.importorskip("torchmil.nn.attention",
                              reason="torchmil (pip install torchmil) is needed for this test")
     D, L = 16, 8
-    peer = tm.AttentionPool(in_dim=D, att_dim=L, act="tanh", gated=gated).eval()
+    peer = tm.AttentionPool(in_dim=D, att_dim=L, act="tanh", gated=gated).to(device).eval()
     with torch.no_grad():  # torchmil's fc2 has default init; make scores spread out
         peer.fc2.weight.mul_(4)
     pool = AttentionPool.from_torchmil(peer, backend=backend)
     assert pool.gated is gated
 
     # torchmil returns NaN for a fully masked bag, so every bag here has an instance
-    x, kw = make_layout("padded_mask", [3, 1, 7, 40], D) if masked else \
-        make_layout("padded", [9, 9, 9], D)
+    x, kw = make_layout("padded_mask", [3, 1, 7, 40], D, device=device) if masked else \
+        make_layout("padded", [9, 9, 9], D, device=device)
     mask = kw.get("mask")
     z_peer, f_peer = peer(x, mask=mask, return_att=True)
     z, a = pool(x, mask=mask, return_attention=True)
@@ -42,11 +42,11 @@ def test_torchmil_attention_pool(backend, gated, masked):
     assert a.max() > 2 * a[a > 0].min()  # not uniform: the scores matter
 
 
-def test_torchmil_lazy_module_after_first_call(backend):
+def test_torchmil_lazy_module_after_first_call(backend, device):
     tm = pytest.importorskip("torchmil.nn.attention",
                              reason="torchmil (pip install torchmil) is needed for this test")
-    peer = tm.AttentionPool(in_dim=None, att_dim=8, gated=True).eval()
-    x = torch.randn(2, 6, 12)
+    peer = tm.AttentionPool(in_dim=None, att_dim=8, gated=True).to(device).eval()
+    x = torch.randn(2, 6, 12).to(device)
     z_peer = peer(x)  # materializes the lazy layers
     pool = AttentionPool.from_torchmil(peer, backend=backend)
     assert pool.in_dim == 12 and pool.attn_dim == 8
@@ -67,15 +67,15 @@ def clam_pool(net, h):
 
 @pytest.mark.parametrize("n_classes", [1, 3])
 @pytest.mark.parametrize("net_cls", [Attn_Net_Gated, Attn_Net])
-def test_clam(backend, net_cls, n_classes):
+def test_clam(backend, device, net_cls, n_classes):
     feat, hidden = 32, 16
-    net = net_cls(L=feat, D=hidden, dropout=True, n_classes=n_classes).eval()
+    net = net_cls(L=feat, D=hidden, dropout=True, n_classes=n_classes).to(device).eval()
     pool = AttentionPool.from_clam(net, backend=backend).eval()
     assert pool.dropout == 0.25  # CLAM's dropout=True, applied in training mode only
     assert pool.gated is (net_cls is Attn_Net_Gated)
     assert pool.branches == (None if n_classes == 1 else n_classes)
 
-    bags = make_bags([1, 9, 300], feat)
+    bags = make_bags([1, 9, 300], feat, device=device)
     x, offsets = fastmil.pack(bags)
     with torch.no_grad():
         z_packed, a_packed = pool(x, offsets=offsets, return_attention=True)
@@ -107,15 +107,16 @@ def _scores(x, w):
 
 @pytest.mark.parametrize("K", [None, 3], ids=["K1", "K3"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
-def test_pyg_segment_softmax(backend, gated, K):
+def test_pyg_segment_softmax(backend, device, gated, K):
     pyg = pytest.importorskip("torch_geometric.utils",
                               reason="torch-geometric (pip install torch-geometric) is needed")
     D, L = 16, 8
     lengths = [4, 0, 1, 37, 250, 0]
-    w = make_weights(D, L, K, gated)
-    x, offsets = fastmil.pack(make_bags(lengths, D))
+    w = make_weights(D, L, K, gated, device=device)
+    x, offsets = fastmil.pack(make_bags(lengths, D, device=device))
     B = len(lengths)
-    index = torch.repeat_interleave(torch.arange(B), torch.tensor(lengths))
+    index = torch.repeat_interleave(torch.arange(B, device=device),
+                                    torch.tensor(lengths, device=device))
 
     a_pyg = pyg.softmax(_scores(x, w), index, num_nodes=x.shape[0])  # [T, K]
     z_pyg = torch.stack([pyg.scatter(a_pyg[:, k, None] * x, index, dim=0, dim_size=B,
@@ -132,13 +133,13 @@ def test_pyg_segment_softmax(backend, gated, K):
 
 
 @pytest.mark.parametrize("use_ptr", [False, True], ids=["index", "ptr"])
-def test_pyg_attentional_aggregation(backend, use_ptr):
+def test_pyg_attentional_aggregation(backend, device, use_ptr):
     aggr = pytest.importorskip("torch_geometric.nn.aggr",
                                reason="torch-geometric (pip install torch-geometric) is needed")
     D, L = 16, 8
     lengths = [4, 0, 1, 37, 250]
-    w = make_weights(D, L, None, gated=True)
-    x, offsets = fastmil.pack(make_bags(lengths, D))
+    w = make_weights(D, L, None, gated=True, device=device)
+    x, offsets = fastmil.pack(make_bags(lengths, D, device=device))
     B = len(lengths)
 
     class Gate(nn.Module):
@@ -149,9 +150,10 @@ def test_pyg_attentional_aggregation(backend, use_ptr):
     if use_ptr:
         z_pyg = peer(x, ptr=offsets, dim_size=B)
     else:
-        index = torch.repeat_interleave(torch.arange(B), torch.tensor(lengths))
+        index = torch.repeat_interleave(torch.arange(B, device=device),
+                                        torch.tensor(lengths, device=device))
         z_pyg = peer(x, index=index, dim_size=B)
-    pool = AttentionPool(D, L, backend=backend)
+    pool = AttentionPool(D, L, backend=backend).to(device)
     with torch.no_grad():
         pool.attn.weight.copy_(w["attn_weight"])
         pool.attn.bias.copy_(w["attn_bias"])

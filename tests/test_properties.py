@@ -24,24 +24,26 @@ LENGTHS = [5, 0, 1, 33, 8]
 
 @pytest.mark.parametrize("K", [None, 3], ids=["K1", "K3"])
 @pytest.mark.parametrize("layout", ["packed", "padded_mask", "single"])
-def test_permuting_instances_permutes_attention(backend, layout, K):
+def test_permuting_instances_permutes_attention(backend, device, layout, K):
     D, L = 8, 6
-    weights = make_weights(D, L, K)
-    x, kw = make_layout(layout, [33] if layout == "single" else LENGTHS, D)
+    weights = make_weights(D, L, K, device=device)
+    x, kw = make_layout(layout, [33] if layout == "single" else LENGTHS, D, device=device)
     z, a = call(attention_pool, x, weights, return_attention=True, backend=backend, **kw)
 
     if layout == "packed":  # a random permutation inside each bag's segment
         off = kw["offsets"].tolist()
         perm = torch.cat([s + torch.randperm(e - s) for s, e in zip(off[:-1], off[1:], strict=True)])
+        perm = perm.to(device)
         xp, kwp = x[perm], kw
         expected_a = a[perm]
     elif layout == "padded_mask":  # permute every row's slots, padding included
         perm = torch.stack([torch.randperm(x.shape[1]) for _ in range(x.shape[0])])  # [B, N]
-        rows = torch.arange(x.shape[0])[:, None]
+        perm = perm.to(device)
+        rows = torch.arange(x.shape[0], device=device)[:, None]
         xp, kwp = x[rows, perm], {"mask": kw["mask"][rows, perm]}
         expected_a = a[rows, perm]
     else:
-        perm = torch.randperm(x.shape[0])
+        perm = torch.randperm(x.shape[0]).to(device)
         xp, kwp = x[perm], kw
         expected_a = a[perm]
     assert not torch.equal(xp, x)  # the permutation did move instances
@@ -51,14 +53,14 @@ def test_permuting_instances_permutes_attention(backend, layout, K):
 
 
 @pytest.mark.parametrize("K", [None, 3], ids=["K1", "K3"])
-def test_extra_masked_padding_changes_nothing(backend, K):
+def test_extra_masked_padding_changes_nothing(backend, device, K):
     D, L, extra = 8, 6, 13
-    weights = make_weights(D, L, K)
-    x, kw = make_layout("padded_mask", LENGTHS, D)
+    weights = make_weights(D, L, K, device=device)
+    x, kw = make_layout("padded_mask", LENGTHS, D, device=device)
     B, N, _ = x.shape
-    garbage = torch.randn(B, extra, D) * 100
+    garbage = (torch.randn(B, extra, D) * 100).to(device)
     x2 = torch.cat([x, garbage], dim=1)
-    mask2 = torch.cat([kw["mask"], torch.zeros(B, extra, dtype=torch.bool)], dim=1)
+    mask2 = torch.cat([kw["mask"], torch.zeros(B, extra, dtype=torch.bool, device=device)], dim=1)
 
     def run(xx, mask):
         xx, ww = xx.clone().requires_grad_(), clone_weights(weights)
@@ -78,11 +80,11 @@ def test_extra_masked_padding_changes_nothing(backend, K):
 
 
 @pytest.mark.parametrize("fill", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_padding_is_ignored(backend, fill):
+def test_non_finite_padding_is_ignored(backend, device, fill):
     """Masked slots may hold anything (e.g. torch.empty padding): z and grads stay finite."""
     D, L = 8, 6
-    weights = make_weights(D, L, 2, requires_grad=True)
-    x, kw = make_layout("padded_mask", [3, 0, 4], D)
+    weights = make_weights(D, L, 2, requires_grad=True, device=device)
+    x, kw = make_layout("padded_mask", [3, 0, 4], D, device=device)
     clean = x.masked_fill(~kw["mask"][..., None], 0)
     dirty = x.masked_fill(~kw["mask"][..., None], fill).requires_grad_()
     z = call(attention_pool, dirty, weights, backend=backend, **kw)
@@ -93,11 +95,12 @@ def test_non_finite_padding_is_ignored(backend, fill):
         assert torch.isfinite(g).all()
 
 
-def test_mask_all_true_equals_no_mask(backend):
-    weights = make_weights(8, 6, 3)
-    x, _ = make_layout("padded", [9, 9, 9], 8)
+def test_mask_all_true_equals_no_mask(backend, device):
+    weights = make_weights(8, 6, 3, device=device)
+    x, _ = make_layout("padded", [9, 9, 9], 8, device=device)
     z0, a0 = call(attention_pool, x, weights, return_attention=True, backend=backend)
-    z1, a1 = call(attention_pool, x, weights, mask=torch.ones(3, 9, dtype=torch.bool),
+    z1, a1 = call(attention_pool, x, weights,
+                  mask=torch.ones(3, 9, dtype=torch.bool, device=device),
                   return_attention=True, backend=backend)
     assert_close(z1, z0, what="z")
     assert_close(a1, a0, what="attention")
@@ -105,14 +108,14 @@ def test_mask_all_true_equals_no_mask(backend):
 
 @pytest.mark.parametrize("K", [None, 3], ids=["K1", "K3"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
-def test_packed_padded_and_per_bag_agree(backend, gated, K):
+def test_packed_padded_and_per_bag_agree(backend, device, gated, K):
     D, L = 8, 6
-    weights = make_weights(D, L, K, gated)
-    bags = make_bags([5, 0, 1, 33, 200], D)
+    weights = make_weights(D, L, K, gated, device=device)
+    bags = make_bags([5, 0, 1, 33, 200], D, device=device)
     x, offsets = pack(bags)
     xp, mask = pad(x, offsets)
 
-    u = torch.randn((D,) if K is None else (K, D))  # one upstream gradient for every bag
+    u = torch.randn((D,) if K is None else (K, D)).to(device)  # one upstream gradient, every bag
 
     def run(xx, **kw):
         xx, ww = xx.clone().requires_grad_(), clone_weights(weights)
@@ -132,11 +135,11 @@ def test_packed_padded_and_per_bag_agree(backend, gated, K):
         assert_close(sum(s[2][i] for s in singles), g_packed[i], what="per-bag vs packed grad")
 
 
-def test_one_packed_bag_equals_single_bag(backend):
-    weights = make_weights(8, 6, 2)
-    (bag,) = make_bags([17], 8)
+def test_one_packed_bag_equals_single_bag(backend, device):
+    weights = make_weights(8, 6, 2, device=device)
+    (bag,) = make_bags([17], 8, device=device)
     z1, a1 = call(attention_pool, bag, weights, return_attention=True, backend=backend)
-    z2, a2 = call(attention_pool, bag, weights, offsets=torch.tensor([0, 17]),
+    z2, a2 = call(attention_pool, bag, weights, offsets=torch.tensor([0, 17], device=device),
                   return_attention=True, backend=backend)
     assert_close(z2[0], z1, what="z")
     assert_close(a2, a1, what="attention")

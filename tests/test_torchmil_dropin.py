@@ -64,12 +64,12 @@ def fused_calls(monkeypatch):
     return calls
 
 
-def _bags(lengths, D, dtype):
+def _bags(lengths, D, dtype, device="cpu"):
     """Padded X [B, N, D] with garbage (not zeros) in the padding, and the bool mask [B, N]."""
     N = max(lengths)
-    X = torch.randn(len(lengths), N, D, dtype=torch.float64).to(dtype)
+    X = torch.randn(len(lengths), N, D, dtype=torch.float64).to(device, dtype)
     mask = torch.arange(N)[None, :] < torch.tensor(lengths)[:, None]
-    return X, mask
+    return X, mask.to(device)
 
 
 def _run(pool, X, mask, return_att, upstream):
@@ -90,7 +90,7 @@ def _run(pool, X, mask, return_att, upstream):
 @pytest.mark.parametrize("mask_kind", [None, "bool", "uint8"])
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("act", ["tanh", "relu", "gelu"])
-def test_outputs_and_gradients_match_torchmil(backend, act, gated, mask_kind, dtype,
+def test_outputs_and_gradients_match_torchmil(backend, device, act, gated, mask_kind, dtype,
                                               fused_calls):
     """z, the raw scores f (padded slots included) and the gradients of X and of every
     parameter, with and without return_att, equal unpatched torchmil's."""
@@ -99,12 +99,13 @@ def test_outputs_and_gradients_match_torchmil(backend, act, gated, mask_kind, dt
         pytest.skip("bool and uint8 masks differ only in fastmil.compat's conversion, which the "
                     "torch backend checks; the kernels see the same bool mask")
     D, L = 12, 8
-    pool = TorchmilPool(D, L, act, gated).to(dtype)
+    pool = TorchmilPool(D, L, act, gated).to(device, dtype)
     with torch.no_grad():  # torchmil's fc2 init is small: make the scores spread out
         pool.fc2.weight.mul_(4)
-    X, mask = _bags([9, 3, 1, 6], D, dtype)
+    X, mask = _bags([9, 3, 1, 6], D, dtype, device)
     mask = {None: None, "bool": mask, "uint8": mask.to(torch.uint8)}[mask_kind]
-    upstream = [torch.randn(4, D, dtype=dtype), torch.randn(4, 9, dtype=dtype)]
+    upstream = [torch.randn(4, D, dtype=dtype).to(device),
+                torch.randn(4, 9, dtype=dtype).to(device)]
     for return_att in (False, True):
         expected = _run(pool, X, mask, return_att, upstream)
         fastmil.patch_torchmil(backend=backend)
@@ -120,27 +121,27 @@ def test_outputs_and_gradients_match_torchmil(backend, act, gated, mask_kind, dt
     assert len(fused_calls) == 2 and fused_calls[0]["activation"] == act
 
 
-def test_all_masked_bag_pools_to_zeros(backend, patched):
+def test_all_masked_bag_pools_to_zeros(backend, device, patched):
     """The deliberate difference: torchmil gives NaN for a bag without real instances (a softmax
     over nothing), fastmil zeros with zero gradients; the other bags are unchanged and the raw
     scores are torchmil's everywhere (its models rank instances by them)."""
     D = 6
-    pool = TorchmilPool(D, 4, gated=True)
-    X, mask = _bags([4, 3, 1], D, torch.float32)
+    pool = TorchmilPool(D, 4, gated=True).to(device)
+    X, mask = _bags([4, 3, 1], D, torch.float32, device)
     mask[1] = False
-    through_z = [torch.randn(3, D).index_fill(0, torch.tensor([1]), 0), None]
-    through_f = [None, torch.randn(3, 4)]
+    through_z = [torch.randn(3, D).index_fill(0, torch.tensor([1]), 0).to(device), None]
+    through_f = [None, torch.randn(3, 4).to(device)]
     actual = [_run(pool, X, mask, True, u) for u in (through_z, through_f)]
     fastmil.unpatch_torchmil()
     expected = [_run(pool, X, mask, True, u) for u in (through_z, through_f)]
     (z, f), grads = actual[0]
     (z_ref, f_ref), grads_ref = expected[0]
     assert torch.isnan(z_ref[1]).all() and torch.isnan(grads_ref["X"][1]).all()
-    assert torch.equal(z[1], torch.zeros(D))
+    assert torch.equal(z[1], torch.zeros(D, device=device))
     assert_close(z[[0, 2]], z_ref[[0, 2]], what="z of the other bags")
     assert_close(f, f_ref, what="raw scores f")
     # through z: zero gradient for the empty bag's rows (torchmil: NaN), torchmil's elsewhere
-    assert torch.equal(grads["X"][1], torch.zeros(4, D))
+    assert torch.equal(grads["X"][1], torch.zeros(4, D, device=device))
     assert_close(grads["X"][[0, 2]], grads_ref["X"][[0, 2]], what="grad X via z, other bags")
     # through f: torchmil's gradients everywhere, the empty bag's padded rows included
     for name, g in expected[1][1].items():
@@ -158,7 +159,7 @@ def _model_grads(model, loss_fn):
 
 
 @pytest.mark.parametrize("name", ["ABMIL", "CLAM_SB"])
-def test_torchmil_models_match(backend, name):
+def test_torchmil_models_match(backend, device, name):
     """A torchmil model's training loss and every parameter gradient, on padded bags with
     torchmil's uint8 masks, equal unpatched torchmil's. torchmil's CLAM_SB picks instances by
     top-k over the raw scores without the mask, so its loss checks the padded slots too."""
@@ -167,13 +168,13 @@ def test_torchmil_models_match(backend, name):
     from torchmil.data.collate import pad_tensors
 
     D = 10
-    model = getattr(models, name)(in_shape=(D,), att_dim=8, gated=True)
+    model = getattr(models, name)(in_shape=(D,), att_dim=8, gated=True).to(device)
     if name == "CLAM_SB":
         model.k_sample = 3
-    bags = [torch.randn(n, D) for n in (12, 4, 7)]
+    bags = [torch.randn(n, D).to(device) for n in (12, 4, 7)]
     X, mask = pad_tensors(bags)
     assert mask.dtype == torch.uint8  # torchmil's collate
-    Y = torch.tensor([1.0, 0.0, 1.0])
+    Y = torch.tensor([1.0, 0.0, 1.0], device=device)
 
     def loss_fn():
         _, losses = model.compute_loss(Y, X, mask)
@@ -202,17 +203,19 @@ def _torchmil_tests_dir():
     return tests
 
 
-def test_torchmil_own_tests_pass_under_the_patch(backend, tmp_path):
+def test_torchmil_own_tests_pass_under_the_patch(backend, device, tmp_path):
     """torchmil's own tests of AttentionPool and its models, run by pytest in a subprocess with
     tests/torchmil_patch_plugin.py, which applies the patch and checks that the calls were fused
-    and gave torchmil's numbers."""
+    and gave torchmil's numbers. The plugin makes the backend's device the default device, so
+    that the tests' tensors and modules are where the backend runs."""
     skip_unsupported(backend, torch.float32)
     tests = _torchmil_tests_dir()
     files = TORCHMIL_TESTS + (TORCHMIL_MODEL_TESTS if backend == "torch" else [])
     report = tmp_path / "report.json"
     (tmp_path / "pytest.ini").write_text("[pytest]\n")  # not fastmil's settings
     here = pathlib.Path(__file__).resolve().parent
-    env = dict(os.environ, FASTMIL_PATCH_BACKEND=backend, FASTMIL_PATCH_REPORT=str(report),
+    env = dict(os.environ, FASTMIL_PATCH_BACKEND=backend, FASTMIL_PATCH_DEVICE=device,
+               FASTMIL_PATCH_REPORT=str(report),
                OMP_NUM_THREADS="1",  # tiny ops, as the one_thread fixture
                PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
@@ -263,22 +266,22 @@ def test_import_fastmil_does_not_import_torchmil():
     assert out.stdout.strip() == "False"
 
 
-def test_state_dict_and_checkpoints_unchanged(patched):
+def test_state_dict_and_checkpoints_unchanged(patched, device):
     """Same keys, same tensors; a checkpoint saved without the patch loads with it (and back)
     and gives torchmil's outputs."""
     models = pytest.importorskip("torchmil.models")
     fastmil.unpatch_torchmil()
     torch.manual_seed(1)
-    plain = models.ABMIL(in_shape=(6,), att_dim=4, gated=True)
+    plain = models.ABMIL(in_shape=(6,), att_dim=4, gated=True).to(device)
     keys = list(plain.state_dict())
     buf = io.BytesIO()
     torch.save(plain.state_dict(), buf)
-    X = torch.randn(2, 5, 6)
+    X = torch.randn(2, 5, 6).to(device)
     expected = plain(X, return_att=True)
 
     fastmil.patch_torchmil(backend=patched)
     torch.manual_seed(2)
-    model = models.ABMIL(in_shape=(6,), att_dim=4, gated=True)
+    model = models.ABMIL(in_shape=(6,), att_dim=4, gated=True).to(device)
     assert list(model.state_dict()) == keys
     assert "pool.fc1.module.weight" in keys and "pool.fc2.weight" in keys
     buf.seek(0)
@@ -318,10 +321,11 @@ def _fallback_cases():
 
 
 @pytest.mark.parametrize("case", list(_fallback_cases()))
-def test_fallback_runs_torchmil_code(patched, fused_calls, case):
+def test_fallback_runs_torchmil_code(patched, device, fused_calls, case):
     """What fastmil cannot fuse runs torchmil's own forward: bit-identical outputs, a reason."""
     pool, why = _fallback_cases()[case]()
-    X, mask = _bags([5, 2], 6, torch.float32)
+    pool = pool.to(device)
+    X, mask = _bags([5, 2], 6, torch.float32, device)
     reason = compat.torchmil_fallback_reason(pool, X, mask, patched)
     assert reason is not None and why in reason, reason
     z, f = pool(X, mask, True)
@@ -333,11 +337,11 @@ def test_fallback_runs_torchmil_code(patched, fused_calls, case):
 
 
 @pytest.mark.parametrize("case", ["mask_broadcast", "mask_complex", "X_2d", "dtype_mismatch"])
-def test_fallback_on_input_fastmil_does_not_take(patched, fused_calls, case):
+def test_fallback_on_input_fastmil_does_not_take(patched, device, fused_calls, case):
     """Input torchmil takes (or rejects) but fastmil does not: torchmil's result, or torchmil's
     own error, never a different number."""
-    pool = TorchmilPool(6, 4, gated=True)
-    X, mask = _bags([5, 5], 6, torch.float32)
+    pool = TorchmilPool(6, 4, gated=True).to(device)
+    X, mask = _bags([5, 5], 6, torch.float32, device)
     mask = mask[:1] if case == "mask_broadcast" else mask  # [1, N]: torchmil broadcasts it
     mask = mask.to(torch.complex64) if case == "mask_complex" else mask
     X = X[0] if case == "X_2d" else X
@@ -354,13 +358,13 @@ def test_fallback_on_input_fastmil_does_not_take(patched, fused_calls, case):
     assert not fused_calls
 
 
-def test_autocast(backend, fused_calls):
-    """Inside CPU autocast (bfloat16) the patched pool computes in bfloat16 as torchmil's layers
-    do, and returns z and f in bfloat16, close to torchmil's; where the backend cannot take
-    bfloat16 (Triton's interpreter) it runs torchmil's code."""
-    pool = TorchmilPool(16, 8, gated=True)
-    X, mask = _bags([7, 3], 16, torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def test_autocast(backend, device, fused_calls):
+    """Inside autocast (bfloat16, on the backend's device) the patched pool computes in bfloat16
+    as torchmil's layers do, and returns z and f in bfloat16, close to torchmil's; where the
+    backend cannot take bfloat16 (Triton's interpreter) it runs torchmil's code."""
+    pool = TorchmilPool(16, 8, gated=True).to(device)
+    X, mask = _bags([7, 3], 16, torch.float32, device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         expected = TORCHMIL_FORWARD(pool, X, mask, True)
         fastmil.patch_torchmil(backend=backend)
         reason = compat.torchmil_fallback_reason(pool, X, mask, backend)
@@ -372,11 +376,11 @@ def test_autocast(backend, fused_calls):
         assert_close(a, e, what=f"{name} under autocast")
 
 
-def test_float_mask_is_fused_with_torchmil_meaning(patched):
+def test_float_mask_is_fused_with_torchmil_meaning(patched, device):
     """torchmil treats mask == 0 as padding whatever the dtype: a float mask of 0 / 1 is fused as
     that (fastmil's own API rejects float masks as ambiguous)."""
-    pool = TorchmilPool(6, 4, gated=True)
-    X, mask = _bags([5, 2], 6, torch.float32)
+    pool = TorchmilPool(6, 4, gated=True).to(device)
+    X, mask = _bags([5, 2], 6, torch.float32, device)
     assert compat.torchmil_fallback_reason(pool, X, mask.float(), patched) is None
     actual = pool(X, mask.float(), True)
     expected = TORCHMIL_FORWARD(pool, X, mask.float(), True)

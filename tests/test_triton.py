@@ -34,11 +34,21 @@ def _poison(monkeypatch):
 def chunk_mode(request, monkeypatch):
     """The two launch paths: one program per bag without a merge (lengths on the host, every bag
     within a chunk), and the general chunk map with merges, as built on the GPU, with chunks of
-    16 rows so that small bags span several programs."""
+    16 rows so that small bags span several programs. Pass the layout's kwargs through
+    :func:`_chunk_mode_kwargs`."""
     if request.param == "general":
         monkeypatch.setattr(kernels, "SINGLE_CHUNK", False)
         monkeypatch.setattr(kernels, "CHUNK_ALIGN", 16)
     return request.param
+
+
+def _chunk_mode_kwargs(kwargs, chunk_mode):
+    """The layout's kwargs for ``chunk_mode``: "host-single" takes its path only with the lengths
+    on the host, so packed offsets go on the CPU there (x stays on DEVICE; a mask stays on x's
+    device, where the lengths are then derived, and takes the general path)."""
+    if chunk_mode == "host-single" and "offsets" in kwargs:
+        return kwargs | {"offsets": kwargs["offsets"].cpu()}
+    return kwargs
 
 
 def _run(fn, x, weights, *, seed=1, **kwargs):
@@ -96,7 +106,7 @@ def test_matches_reference(layout, lengths, K, gated, bias, chunk_mode):
     D, L = 40, 24  # neither a power of two
     x, kw = make_layout(layout, lengths, D, device=DEVICE)
     w = make_weights(D, L, K, gated, bias, device=DEVICE)
-    _check(x, w, torch.float32, **kw)
+    _check(x, w, torch.float32, **_chunk_mode_kwargs(kw, chunk_mode))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -127,7 +137,7 @@ def test_cublas_projection_matches_reference(layout, lengths, gated, bias, recom
     D, L = 40, 24
     x, kw = make_layout(layout, lengths, D, device=DEVICE)
     w = make_weights(D, L, 3, gated, bias, device=DEVICE)
-    _check(x, w, torch.float32, {"recompute": recompute}, **kw)
+    _check(x, w, torch.float32, {"recompute": recompute}, **_chunk_mode_kwargs(kw, chunk_mode))
     # one GEMM in the forward; the backward makes it again unless it was kept (recompute=False)
     assert len(cublas_projection) == (2 if recompute else 1), cublas_projection
 
@@ -189,6 +199,8 @@ def test_long_bag_is_split_across_programs():
 
 
 def test_small_bags_take_one_program_each_without_merge(monkeypatch):
+    """Bags within a chunk, lengths on the host: one program per bag and no merge launch. The
+    offsets are passed on the CPU (only host lengths take this path); x is on DEVICE."""
     lengths = torch.tensor([3, 0, 17])
     R, B = 20, 3
     meta, single = kernels._chunk_map(torch.tensor([0, 3, 3]), lengths, R,
@@ -199,7 +211,8 @@ def test_small_bags_take_one_program_each_without_merge(monkeypatch):
     monkeypatch.setattr(kernels, "_merge_kernel", type("Spy", (), {
         "__getitem__": lambda self, grid: merges.append(grid) or real[grid]})())
     x, kw = make_layout("packed", lengths.tolist(), 16, device=DEVICE)
-    _check(x, make_weights(16, 8, 2, device=DEVICE), torch.float32, **kw)
+    _check(x, make_weights(16, 8, 2, device=DEVICE), torch.float32,
+           offsets=kw["offsets"].cpu())
     assert merges == []
 
 
@@ -452,17 +465,18 @@ def test_fp32_honours_tf32_setting(monkeypatch):
 @needs_cuda
 def test_no_recompilation_per_bag_count_or_length():
     """Two forward variants in all (one program per bag, or chunks and a merge), never one per
-    bag count or length."""
+    bag count or length. The offsets are on the host, as fastmil.collate makes them: only there
+    do bags within a chunk take one program each."""
     D, L = 64, 32
     w = make_weights(D, L, None, device=DEVICE)
     for lengths in ([5, 7], [5000]):
         x, kw = make_layout("packed", lengths, D, device=DEVICE)
-        call(fastmil.attention_pool, x, w, backend="triton", **kw)
+        call(fastmil.attention_pool, x, w, backend="triton", offsets=kw["offsets"].cpu())
     sizes = {k: len(k.device_caches[0][0]) if hasattr(k, "device_caches") else len(k.cache)
              for k in (kernels._fwd_kernel, kernels._merge_kernel)}
     for lengths in ([1], [100, 3, 17], [33] * 40, [2000]):
         x, kw = make_layout("packed", lengths, D, device=DEVICE)
-        call(fastmil.attention_pool, x, w, backend="triton", **kw)
+        call(fastmil.attention_pool, x, w, backend="triton", offsets=kw["offsets"].cpu())
     after = {k: len(k.device_caches[0][0]) if hasattr(k, "device_caches") else len(k.cache)
              for k in sizes}
     assert after == sizes

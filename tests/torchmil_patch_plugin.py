@@ -1,8 +1,10 @@
 """pytest plugin that runs torchmil's own tests under :func:`fastmil.patch_torchmil`.
 
 ``tests/test_torchmil_dropin.py`` starts pytest on torchmil's test files in a subprocess with
-``-p torchmil_patch_plugin`` and two variables: ``FASTMIL_PATCH_BACKEND`` (the backend passed to
-``patch_torchmil``) and ``FASTMIL_PATCH_REPORT`` (where this plugin writes its JSON report).
+``-p torchmil_patch_plugin`` and three variables: ``FASTMIL_PATCH_BACKEND`` (the backend passed to
+``patch_torchmil``), ``FASTMIL_PATCH_DEVICE`` (made the default device, so that torchmil's tests
+build their tensors and modules where that backend runs; default "cpu") and
+``FASTMIL_PATCH_REPORT`` (where this plugin writes its JSON report).
 
 Besides patching, the plugin watches every call of ``AttentionPool.forward``: it counts the fused
 calls and the fallbacks (by reason), and runs torchmil's own forward on the same input to compare
@@ -38,6 +40,9 @@ def pytest_configure(config):
 
     original = AttentionPool.forward
     backend = os.environ["FASTMIL_PATCH_BACKEND"]
+    device = os.environ.get("FASTMIL_PATCH_DEVICE", "cpu")
+    if device != "cpu":  # "cuda" for backend="triton" on a GPU: CPU tensors would fall back
+        torch.set_default_device(device)
     fastmil.patch_torchmil(backend=backend)
     patched = AttentionPool.forward
 
