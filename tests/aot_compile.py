@@ -17,8 +17,9 @@ backward; every candidate tile of ``TILE_CANDIDATES`` on the key shape; every en
 measured tile tables (``MEASURED_TILES``, and the ``FASTMIL_TILES`` file's when that is set); a
 row stride that is not a multiple of 16 elements (the JIT's second variant); and the optional
 paths (gelu, dropout, saved projections, one program per bag, a backward for frozen x).
-``fwd_pq`` is the forward that reads its projections from a cuBLAS GEMM (``CUBLAS_PROJECTION``),
-with its own tiles.
+``fwd_pq`` is the forward that reads its projections from a cuBLAS GEMM (``CUBLAS_PROJECTION``,
+the default), ``bwd_pq`` the backward that reads them (saved, or from cuBLAS), each with its own
+tiles.
 """
 
 from __future__ import annotations
@@ -88,21 +89,23 @@ def _variants():
     base = dict(ACT=0, DROPOUT=False, SAVE_PQ=False, LOAD_PQ=False, SINGLE=False, SAVED_PQ=False,
                 HAS_GLSE=True, HAS_GS=True, NEED_DX=True, NEED_DPQ=True, NEED_DW=True,
                 NEED_DB=True, PRECISION="ieee")
+    # fwd_pq / bwd_pq read p and q (from a cuBLAS GEMM, or saved): no projection loop to
+    # pipeline
+    pq_flags = {"fwd_pq": dict(LOAD_PQ=True), "bwd_pq": dict(SAVED_PQ=True)}
     out = []
     for dt, gated, masked, K in itertools.product(DTYPES, (True, False), (True, False), (1, 4)):
-        for kind in ("fwd", "fwd_pq", "bwd"):
+        for kind in ("fwd", "fwd_pq", "bwd", "bwd_pq"):
             tiles = k.gpu_tiles(kind, DTYPES[dt], 1024, 256, K, gated)
             name = f"{kind} {dt} {'gated' if gated else 'plain'} " \
                    f"{'mask' if masked else 'nomask'} K={K} tiles={tiles}"
-            # fwd_pq reads p and q from a cuBLAS GEMM: no projection loop to pipeline
-            flags, pipelined = (base | dict(LOAD_PQ=True), False) if kind == "fwd_pq" else (
-                base, True)
-            out.append((name, kind, dt, 1024, 256, K, gated, masked, tiles, flags, pipelined))
+            flags = base | pq_flags.get(kind, {})
+            out.append((name, kind, dt, 1024, 256, K, gated, masked, tiles, flags,
+                        kind not in pq_flags))
     for kind, candidates in k.TILE_CANDIDATES.items():
-        pq = kind == "fwd_pq"
         for tiles in candidates:
             out.append((f"{kind} bf16 gated nomask K=1 candidate tiles={tiles}", kind, "bf16",
-                        1024, 256, 1, True, False, tiles, base | dict(LOAD_PQ=pq), not pq))
+                        1024, 256, 1, True, False, tiles, base | pq_flags.get(kind, {}),
+                        kind not in pq_flags))
     for kind in ("fwd", "bwd"):
         tiles = k.gpu_tiles(kind, torch.float32, 1024, 256, 1, True)
         out.append((f"{kind} fp32 tf32 gated nomask K=1 tiles={tiles}", kind, "fp32", 1024, 256,
@@ -117,10 +120,9 @@ def _variants():
     for key, tiles in {**k.MEASURED_TILES, **k._file_tiles()}.items():
         kind, cls, gated, D, L, K = key
         dt = "fp32" if cls == "fp32" else "bf16"
-        pq = kind == "fwd_pq"
         out.append((f"{kind} {dt} {'gated' if gated else 'plain'} nomask K={K} D={D} L={L} "
                     f"measured tiles={tiles}", kind, dt, D, L, K, gated, False, tiles,
-                    base | dict(LOAD_PQ=pq), dt != "fp32" and not pq))
+                    base | pq_flags.get(kind, {}), dt != "fp32" and kind not in pq_flags))
     extras = {
         "gelu+dropout+save": dict(ACT=2, DROPOUT=True, SAVE_PQ=True, SAVED_PQ=True),
         "one program per bag": dict(SINGLE=True),
@@ -198,14 +200,21 @@ def _compile_merge(arch):
 
     f32 = torch.empty(64, 4, 1024, dtype=torch.float32)
     meta = torch.empty(80, dtype=torch.int64)
-    try:
-        k._merge_kernel.warmup(f32, f32, f32, meta, f32, f32, 4, 64, 1024, K=4, BLOCK_K=16,
-                               BLOCK_D=256, grid=(1,), num_warps=4)
-    except Exception as e:  # noqa: BLE001
-        print(f"sm_{arch} merge: FAILED {type(e).__name__}: {e}")
-        return False
-    print(f"sm_{arch} merge: ok")
-    return True
+    ok = True
+    for K, block_d in itertools.product((1, 4), (32, 256)):  # the launcher's narrowest, widest
+        name = f"sm_{arch} merge K={K} BLOCK_D={block_d}"
+        try:
+            compiled = k._merge_kernel.warmup(f32, f32, f32, meta, f32, f32, 4, 64, 1024, K=K,
+                                              BLOCK_C=32, BLOCK_D=block_d, grid=(1,),
+                                              num_warps=4)
+            regs, stack = _cuobjdump(compiled.asm["cubin"])
+        except Exception as e:  # noqa: BLE001
+            print(f"{name}: FAILED {type(e).__name__}: {e}")
+            ok = False
+            continue
+        print(f"{name}: registers {regs}, stack {stack} B" + ("  <- spills" if stack else ""))
+        ok = ok and not stack
+    return ok
 
 
 def main(arch: int = 90) -> int:

@@ -267,6 +267,7 @@ def test_tile_table_precedence(tmp_path, monkeypatch):
     default = kernels.GPU_TILES[("fwd", "16-bit")]
     a, b, c = kernels.TILE_CANDIDATES["fwd"][1:4]
     monkeypatch.delenv(kernels.TILES_ENV, raising=False)
+    monkeypatch.setattr(kernels, "MEASURED_TILES", {})  # whatever the GPU runs pasted there
     assert kernels.gpu_tiles(*args) == default
     monkeypatch.setitem(kernels.MEASURED_TILES, key, a)
     assert kernels.gpu_tiles(*args) == a
