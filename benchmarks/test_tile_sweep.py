@@ -56,3 +56,29 @@ def test_shared_key_gets_smallest_summed_slowdown_and_round_trips(tmp_path, monk
     monkeypatch.setenv(kernels.TILES_ENV, str(path))
     assert kernels.gpu_tiles("fwd", torch.float16, 1000, 256, 1, True) == B
     assert tile_sweep.default_tile(kernels, tile_sweep.CLASSES[0], "bwd") == P
+
+
+def test_kernel_ms_adds_up_the_kinds_own_kernels_per_call(monkeypatch):
+    """The tile is chosen by the device time of the kind's own kernels: a forward's merge
+    counts, the backward's forward (its set-up) and cuBLAS do not; per call over the reps."""
+    from . import timing
+
+    calls = []
+    breakdown = {"kernels": [{"name": "_bwd_kernel", "count": 5, "ms": 2.0},
+                             {"name": "_fwd_kernel", "count": 5, "ms": 1.0},
+                             {"name": "_merge_kernel", "count": 5, "ms": 0.5},
+                             {"name": "nvjet_sm90_tst_128x256", "count": 5, "ms": 4.0}]}
+
+    def fake_profile(setup, step, top=8):
+        assert top > len(breakdown["kernels"])  # no kernel of ours hides in "(other)"
+        step(*setup())
+        return breakdown
+
+    monkeypatch.setattr(timing, "profile_kernels", fake_profile)
+    monkeypatch.setattr(timing, "_l2_flush", lambda: lambda: calls.append("flush"))
+    setup, step = (lambda: calls.append("setup")), (lambda: calls.append("step"))
+    assert tile_sweep.kernel_ms(setup, step, "bwd_pq", reps=5) == pytest.approx(0.4)
+    assert calls == ["setup", "flush", "step"] * 5
+    assert tile_sweep.kernel_ms(setup, step, "fwd", reps=5) == pytest.approx(0.3)
+    breakdown["kernels"] = breakdown["kernels"][3:]
+    assert tile_sweep.kernel_ms(setup, step, "fwd_pq", reps=5) is None  # the profiler saw none

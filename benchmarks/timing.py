@@ -313,11 +313,14 @@ def launch_us(n: int = 200, repeats: int = 3) -> float:
     return best
 
 
-def profile_kernels(setup: Callable[[], tuple], step: Callable, *, attempts: int = 3) -> dict:
+def profile_kernels(setup: Callable[[], tuple], step: Callable, *, attempts: int = 3,
+                    top: int = 8) -> dict:
     """Where the device time of one ``step(*setup())`` goes (CUDA, warmed up already): the
     fields of ``kernel_breakdown``, ``kernels_attempts``, and ``launch_us_after_profile``
     (``launch_us`` once the profiler is closed). Never raises: a failure gives
     ``{"kernels_error": "..."}`` (``kernels_teardown_error`` when only the closing failed).
+
+    ``top``: how many kernel names ``kernel_breakdown`` keeps before "(other)".
 
     One torch.profiler session (CPU and CUDA activity) around one call, after an L2 flush as in
     ``cuda_bench``. The session launches a short spin kernel (``torch.cuda._sleep``) first, which
@@ -336,7 +339,7 @@ def profile_kernels(setup: Callable[[], tuple], step: Callable, *, attempts: int
     try:
         with _environ("TEARDOWN_CUPTI", "0" if manage else None):
             out = _profile_call(setup, step, attempts, lambda: profile(activities=activities),
-                                _l2_flush())
+                                _l2_flush(), top)
     except Exception as e:  # a profile is extra information: it never fails a test
         out = {"kernels_error": error_text(e)}
     if torch.cuda.is_available():
@@ -351,7 +354,7 @@ def profile_kernels(setup: Callable[[], tuple], step: Callable, *, attempts: int
 
 
 def _profile_call(setup: Callable[[], tuple], step: Callable, attempts: int,
-                  session: Callable, flush: Callable) -> dict:
+                  session: Callable, flush: Callable, top: int = 8) -> dict:
     """``profile_kernels`` minus its set-up: ``session()`` opens a profiler, ``flush()`` evicts
     the L2 cache."""
     sleep = getattr(torch.cuda, "_sleep", None)
@@ -373,7 +376,7 @@ def _profile_call(setup: Callable[[], tuple], step: Callable, attempts: int,
     if not mine:
         return {"kernels_error": "the profiler recorded no device kernel of the call",
                 "kernels_attempts": attempt}
-    out = {**kernel_breakdown(mine), "kernels_attempts": attempt}
+    out = {**kernel_breakdown(mine, top), "kernels_attempts": attempt}
     if not seen:
         out["kernels_note"] = ("the lead-in kernel is missing from the profile: the call's first "
                                "kernels may be missing too")
