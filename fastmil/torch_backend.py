@@ -7,11 +7,13 @@ score product and the softmax in float32, zeroes padding so that garbage there c
 handles packed bags with a segment softmax (scatter / index_add) instead of a Python loop over
 bags.
 
-Precision: every softmax normalises along the last dimension (``[B, K, N]``), and the packed
-path sums its normaliser in float64 and its weighted sum in slices of ``POOL_ROWS`` rows, so a
-float32 bag of 10⁶ instances stays as close to float64 as a GEMM-based formulation. Memory: the
-packed weighted sum forms its ``a·x`` products one slice at a time, forward and backward, never
-a ``[T, D]`` temporary beyond the gradient of x itself.
+Precision: every softmax normalises along the last dimension (``[B, K, N]``); on float32 input
+longer than ``POOL_ROWS`` rows, the softmax normaliser is summed in float64, and the weighted
+sum and the weight gradients in slices of at most ``POOL_ROWS`` rows (the BLAS would otherwise
+run one float32 sum along all rows, as precise as its thread count happens to make it), so a
+float32 bag of 10⁶ instances stays closer to float64 than the eager formulation on any machine.
+Memory: the packed weighted sum forms its ``a·x`` products one slice at a time, forward and
+backward, never a ``[T, D]`` temporary beyond the gradient of x itself.
 
 Inputs arrive validated and canonical (see :mod:`fastmil.functional`): ``score_weight`` is 2-D
 ``[K, L]`` (the score bias, which the softmax ignores, stays with the caller), ``x`` is padded
@@ -32,7 +34,13 @@ __all__ = ["attention_pool_torch", "attention_scores", "segment_ids", "POOL_ROWS
 
 # Rows per slice of the packed weighted sum: bounds its temporary memory to
 # POOL_ROWS·K·D values and its sequential (index_add) summation to POOL_ROWS terms per slice.
+# Also, for float32 inputs of more than POOL_ROWS rows, the longest float32 running sum over
+# rows that the weight gradients and the padded weighted sum may take (their GEMMs go slice by
+# slice), and the length above which the padded softmax sums its normaliser in float64. Up to
+# POOL_ROWS rows these are one GEMM each and torch.softmax.
 POOL_ROWS = 8192
+# Rows per slice of a small weight gradient (see _sliced_weight_grad).
+SUM_ROWS = 1024
 
 
 def segment_ids(lengths: torch.Tensor, total: int) -> torch.Tensor:
@@ -43,6 +51,67 @@ def segment_ids(lengths: torch.Tensor, total: int) -> torch.Tensor:
 
 def _dropout(t, p):
     return t if p == 0 else F.dropout(t, p)
+
+
+def _long_float32(x, rows):
+    """Whether the row reductions of ``x`` (float32, more than POOL_ROWS rows) run in slices."""
+    return x.dtype == torch.float32 and rows > POOL_ROWS
+
+
+def _sliced_weight_grad(dy, x):
+    """``dy [T, O]``, ``x [T, I]`` -> ``dy^T x [O, I]`` with no float32 running sum over more
+    than POOL_ROWS rows. A small product (O·I <= 64·(O+I): memory-bound, and BLASes sum such
+    shapes as long dot products) goes as one bmm over SUM_ROWS-row slices, whose partials
+    (at most 1/16 of the inputs' size) torch.sum adds up, cascaded. A large one goes as one
+    multithreaded GEMM per POOL_ROWS-row slice, the slices added up in float64."""
+    T, O = dy.shape
+    I = x.shape[1]
+    if O * I <= 64 * (O + I):
+        S = SUM_ROWS
+        head = T // S * S
+        w = torch.bmm(dy[:head].reshape(-1, S, O).transpose(1, 2),
+                      x[:head].reshape(-1, S, I)).sum(0)  # [O, I]
+        return w + dy[head:].t() @ x[head:] if T > head else w
+    w = dy.new_zeros(O, I, dtype=torch.float64)
+    for dy_c, x_c in zip(dy.split(POOL_ROWS), x.split(POOL_ROWS), strict=True):
+        w = w + dy_c.t() @ x_c
+    return w.to(dy.dtype)
+
+
+class _RowSlicedLinear(torch.autograd.Function):
+    """``F.linear`` whose weight gradient sums its rows in slices (_sliced_weight_grad).
+
+    A float32 GEMM runs its reduction dimension as float32 running sums, in an order the BLAS
+    picks by shape and thread count: one ``[O, T] @ [T, I]`` over T = 10⁶ rows came 3·10⁻⁵ off
+    (relative) with one thread and 5·10⁻⁷ with 32 (MKL splits T between threads), so the same
+    gradient had a different precision on every machine. Slices bound every running sum to
+    POOL_ROWS terms on any BLAS and thread count. The input and bias gradients are
+    F.linear's. Differentiable twice."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])  # [T, O]
+        dx = dy @ weight if need_x else None
+        dw = _sliced_weight_grad(dy2, x.reshape(-1, x.shape[-1])) if need_w else None
+        db = dy2.sum(0) if need_b else None
+        return dx, dw, db
+
+
+def _linear(x, weight, bias=None):
+    """``F.linear``; for a long float32 ``x`` whose weight needs a gradient, with that gradient
+    summed in slices (_RowSlicedLinear). Other dtypes accumulate in float32 or wider inside the
+    GEMM already, and up to POOL_ROWS rows keep the one GEMM of F.linear."""
+    if (weight.requires_grad and torch.is_grad_enabled()
+            and _long_float32(x, x.shape[:-1].numel())):
+        return _RowSlicedLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight,
@@ -59,7 +128,7 @@ def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_we
     L = attn_weight.shape[0]
     act = ACTIVATIONS[activation]
     if gate_weight is None:
-        hidden = _dropout(act(F.linear(x, attn_weight, attn_bias)), dropout_p)  # [..., L]
+        hidden = _dropout(act(_linear(x, attn_weight, attn_bias)), dropout_p)  # [..., L]
     else:
         weight = torch.cat([attn_weight, gate_weight])  # [2L, D]
         if attn_bias is None and gate_bias is None:
@@ -68,24 +137,48 @@ def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_we
             zeros = attn_weight.new_zeros(L)
             bias = torch.cat([zeros if attn_bias is None else attn_bias,
                               zeros if gate_bias is None else gate_bias])  # [2L]
-        p, q = F.linear(x, weight, bias).split(L, dim=-1)  # [..., L] each (split: its
+        p, q = _linear(x, weight, bias).split(L, dim=-1)  # [..., L] each (split: its
         # backward is one cat, where slicing would zero-fill and copy [.., 2L] twice)
         hidden = _dropout(act(p), dropout_p) * _dropout(torch.sigmoid(q), dropout_p)  # [..., L]
     if hidden.dtype == acc or score_weight.shape[0] > 1:
-        return F.linear(hidden.to(acc), score_weight.to(acc))  # [..., K]
+        return _linear(hidden.to(acc), score_weight.to(acc))  # [..., K]
     # one branch of 16-bit input: products in x's dtype, summed in float32 (about twice as fast
     # on CPU as upcasting hidden to float32 first)
     return (hidden * score_weight[0]).sum(-1, keepdim=True, dtype=acc)  # [..., 1]
+
+
+def _softmax_lastdim(st):
+    """``torch.softmax(st, -1)``; for long float32 rows with the normaliser summed in float64,
+    as the packed path does: torch.softmax runs it (and its backward's Σ a·g) as float32
+    running sums, 10⁻⁶ off on 10⁶ instances, an error that every gradient then carries."""
+    if not _long_float32(st, st.shape[-1]):
+        return torch.softmax(st, dim=-1)
+    m = st.detach().amax(-1, keepdim=True)  # -inf for an all-masked row: NaN there, as softmax
+    e = torch.exp(st - m)
+    return (e / e.sum(-1, keepdim=True, dtype=torch.float64)).to(st.dtype)
+
+
+def _sliced_bmm(a, x):
+    """``a [B, K, N] @ x [B, N, D]``; for long float32 bags one bmm per POOL_ROWS-row slice of
+    N, the slices added up in float64, so that no float32 running sum is longer than a slice
+    (see _RowSlicedLinear)."""
+    if not _long_float32(x, a.shape[-1]):
+        return torch.bmm(a, x)
+    z = None
+    for a_c, x_c in zip(a.split(POOL_ROWS, -1), x.split(POOL_ROWS, 1), strict=True):
+        part = torch.bmm(a_c, x_c).double()  # [B, K, D]
+        z = part if z is None else z + part
+    return z.to(x.dtype)
 
 
 def _pool_padded(x, s, mask):
     """x [B, N, D], s [B, N, K] -> z [B, K, D], a [B, N, K]."""
     st = s.transpose(1, 2)  # [B, K, N]: the softmax runs along the last dim, where it is exact
     if mask is None:
-        a = torch.softmax(st, dim=-1)
+        a = _softmax_lastdim(st)
     else:
         keep = mask[:, None, :]  # [B, 1, N]
-        a = torch.softmax(st.masked_fill(~keep, float("-inf")), dim=-1)
+        a = _softmax_lastdim(st.masked_fill(~keep, float("-inf")))
         # An all-masked bag gives NaN rows in softmax; zero them. The gradient reaching s there
         # is zeroed by the masked_fill above, so no NaN leaks backward either.
         a = a.masked_fill(~keep, 0.0)
@@ -93,7 +186,7 @@ def _pool_padded(x, s, mask):
     # for large h. bfloat16 has float32's range and stays in bfloat16 (float32 accumulation
     # inside the GEMM), which halves the time of this step on CPU.
     dtype = x.dtype if x.dtype == torch.bfloat16 else a.dtype
-    z = torch.bmm(a.to(dtype), x.to(dtype))  # [B, K, D]
+    z = _sliced_bmm(a.to(dtype), x.to(dtype))  # [B, K, D]
     return z, a.transpose(1, 2)
 
 
