@@ -133,11 +133,11 @@ def _variants():
         for kind in ("fwd", "bwd"):
             if kind == "fwd" and label in ("frozen x", "relu, only dw"):
                 continue
+            if kind == "bwd" and flags.get("SAVED_PQ"):
+                kind = "bwd_pq"  # as the launcher picks: p and q read back, no GEMM to pipeline
             tiles = k.gpu_tiles(kind, torch.bfloat16, 1024, 256, 1, True)
-            # a backward that reads p and q back runs no projection GEMM to pipeline
-            pipelined = not (kind == "bwd" and flags.get("SAVED_PQ"))
             out.append((f"{kind} bf16 gated nomask K=1 {label}", kind, "bf16", 1024, 256, 1,
-                        True, False, tiles, base | flags, pipelined))
+                        True, False, tiles, base | flags, kind != "bwd_pq"))
     return out
 
 

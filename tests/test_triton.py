@@ -98,11 +98,19 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["cublas", "fused"])
+def projection(request, monkeypatch):
+    """Both designs of the projections: one cuBLAS GEMM the kernels read (the default), and
+    the fused kernels' own tl.dot tiles (CUBLAS_PROJECTION = False)."""
+    monkeypatch.setattr(kernels, "CUBLAS_PROJECTION", request.param == "cublas")
+    return request.param
+
+
 @pytest.mark.parametrize("layout,lengths", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("K", [None, 3], ids=["K1", "K3"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_matches_reference(layout, lengths, K, gated, bias, chunk_mode):
+def test_matches_reference(layout, lengths, K, gated, bias, chunk_mode, projection):
     D, L = 40, 24  # neither a power of two
     x, kw = make_layout(layout, lengths, D, device=DEVICE)
     w = make_weights(D, L, K, gated, bias, device=DEVICE)
@@ -227,10 +235,15 @@ def test_every_gpu_tile_candidate(kind, tiles, monkeypatch):
     else:
         monkeypatch.setitem(kernels.INTERPRETER_TILES, kind, tiles)
     monkeypatch.setattr(kernels, "SINGLE_CHUNK", False)
-    monkeypatch.setattr(kernels, "CUBLAS_PROJECTION", kind == "fwd_pq")
+    pq = kind.endswith("_pq")  # the default path: cuBLAS projection, p and q kept for backward
+    monkeypatch.setattr(kernels, "CUBLAS_PROJECTION", pq)
+    kinds = []
+    real = kernels._config
+    monkeypatch.setattr(kernels, "_config", lambda *a: kinds.append(a[-1]) or real(*a))
     D, L = 2 * tiles[1] + 7, 2 * tiles[2] + 5
     x, kw = make_layout("packed", [tiles[0] + 3, 0, 2], D, device=DEVICE)
-    _check(x, make_weights(D, L, 2, device=DEVICE), torch.float32, **kw)
+    _check(x, make_weights(D, L, 2, device=DEVICE), torch.float32, {"recompute": not pq}, **kw)
+    assert kind in kinds, kinds  # the kernel these tiles are for ran
 
 
 def test_tile_key_classes():

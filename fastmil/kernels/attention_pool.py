@@ -45,15 +45,18 @@ describe x give wrong numbers, never an out-of-bounds access.
 
 Kernels:
 
-* ``_fwd_kernel``: per chunk, over tiles of BLOCK_N rows: projections p, q as ``tl.dot`` tiles
-  (L in BLOCK_L blocks, D in BLOCK_D blocks, fp32 accumulation), activation, dropout, gate and
-  the scores in registers, an online masked softmax (running max m, sum l), and the rescaled
-  weighted sum ``acc = Σ exp(s - m) h`` kept in an fp32 buffer. Writes the raw scores s [R, K]
-  (−inf at masked rows), optionally p and q (``SAVE_PQ``, for a backward without the projection
-  GEMM), and per-chunk (m, l, acc). With ``LOAD_PQ`` (``CUBLAS_PROJECTION``) it reads p and q
-  from one cuBLAS GEMM made before the launch instead of projecting (``CUBLAS_PROJECTION``, the
-  default: faster on an H100 than the fused projection's tl.dot tiles). With ``SINGLE`` (every bag fits one chunk, known on the host)
-  a program owns a whole bag and writes z and lse itself: no merge launch.
+* ``_fwd_kernel``: per chunk, in two passes. Pass 1, over tiles of BLOCK_N rows: projections
+  p, q as ``tl.dot`` tiles (L in BLOCK_L blocks, D in BLOCK_D blocks, fp32 accumulation),
+  activation, dropout, gate and the scores in registers, and the chunk's running max m and sum
+  l of ``exp(s - m)`` (masked rows excluded); it writes the raw scores s [R, K] (−inf at masked
+  rows) and optionally p and q (``SAVE_PQ``, for a backward without the projection GEMM).
+  Pass 2, per D block of BLOCK_D columns: ``acc = Σ exp(s - m) h`` over the chunk's rows, s read
+  back, accumulated in registers by ``tl.dot`` (a streaming loop, no rescaling: m is final).
+  Writes per-chunk (m, l, acc). With ``LOAD_PQ`` it reads p and q from one cuBLAS GEMM made
+  before the launch instead of projecting (``CUBLAS_PROJECTION``, the default: faster on an
+  H100 than the fused projection's tl.dot tiles); x is then read once, in pass 2. With
+  ``SINGLE`` (every bag fits one chunk, known on the host) a program owns a whole bag and writes
+  z = acc / l and lse itself: no merge launch.
 * ``_merge_kernel``: per bag and D block, merges its chunks' states in chunk order
   (deterministic): ``z = Σ_c e^{m_c - M} acc_c / Σ_c e^{m_c - M} l_c``, ``lse = M + log l``.
   Empty bags give z = 0.
@@ -245,10 +248,9 @@ def _fwd_kernel(
 
     o_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     m_k = o_k < K
-    b_m = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)  # running max per branch
-    b_l = tl.zeros([BLOCK_K], dtype=tl.float32)  # running sum of exp(s - m)
-    # SINGLE: this program owns bag i_b and accumulates straight into z (part_acc is z)
-    p_acc = part_acc_ptr + (i_b if SINGLE else i_c) * K * D
+    # pass 1: the scores of the chunk's rows (stored), their running max m and sum l of exp(s - m)
+    b_m = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_K], dtype=tl.float32)
     for n0 in range(row_lo, row_hi, BLOCK_N):
         o_row, m_row, m_real = _tile_rows(row_mask_ptr, n0, row_hi, HAS_MASK, BLOCK_N)
         # scores [BLOCK_N, BLOCK_K], one attention block of BLOCK_L columns at a time
@@ -273,41 +275,38 @@ def _fwd_kernel(
             b_s = tl.dot(b_e, b_wt, b_s, input_precision="ieee")
         b_s = tl.where(m_real[:, None], b_s, float("-inf"))
         tl.store(s_ptr + o_row[:, None] * K + o_k[None, :], b_s, mask=m_row[:, None] & m_k[None, :])
-
-        # online softmax: rescale the running state to the new max
         b_m_new = tl.maximum(b_m, tl.max(b_s, axis=0))  # [BLOCK_K]
         b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_alpha = tl.exp(b_m - b_m_safe)  # [BLOCK_K]; 0 on the first tile
-        b_a = tl.exp(b_s - b_m_safe[None, :])  # [BLOCK_N, BLOCK_K]; 0 at masked rows
-        b_l = b_l * b_alpha + tl.sum(b_a, axis=0)
+        b_l = b_l * tl.exp(b_m - b_m_safe) + tl.sum(tl.exp(b_s - b_m_safe[None, :]), axis=0)
         b_m = b_m_new
-        b_at = tl.trans(b_a)  # [BLOCK_K, BLOCK_N]
-        first = n0 == row_lo
-        for d0 in range(0, D, BLOCK_D):
-            o_d = d0 + tl.arange(0, BLOCK_D)
-            m_d = o_d < D
+    # the scores stored above are read back below, by threads of other layouts
+    tl.debug_barrier()
+
+    # pass 2: acc = Σ exp(s - m) h with the chunk's final m, one D block at a time, accumulated
+    # in registers over the chunk's rows (a streaming loop the compiler pipelines); with SINGLE
+    # (the program owns bag i_b) normalised by l and written straight into z (part_acc is z)
+    b_m_safe = tl.where(b_m == float("-inf"), 0.0, b_m)  # [BLOCK_K]
+    b_has = b_l > 0
+    b_scale = tl.full([BLOCK_K], 1.0, dtype=tl.float32)
+    if SINGLE:  # an empty bag gets z = 0, lse = 0
+        b_scale = tl.where(b_has, 1.0 / tl.where(b_has, b_l, 1.0), 0.0)
+    p_acc = part_acc_ptr + (i_b if SINGLE else i_c) * K * D
+    m_kl = o_k < tl.where(live, K, 0)  # [BLOCK_K]: idle programs write nothing
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+        m_d = o_d < D
+        b_acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+        for n0 in range(row_lo, row_hi, BLOCK_N):
+            o_row, m_row, m_real = _tile_rows(row_mask_ptr, n0, row_hi, HAS_MASK, BLOCK_N)
+            b_s = tl.load(s_ptr + o_row[:, None] * K + o_k[None, :],
+                          mask=m_row[:, None] & m_k[None, :], other=float("-inf"))
+            b_a = tl.exp(b_s - b_m_safe[None, :])  # [BLOCK_N, BLOCK_K]; 0 at masked rows
             p_x = x_ptr + o_row[:, None] * stride_x + o_d[None, :]
             b_x = tl.load(p_x, mask=m_real[:, None] & m_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-            o_a = o_k[:, None] * D + o_d[None, :]  # [BLOCK_K, BLOCK_D]
-            m_a = m_k[:, None] & m_d[None, :]
-            b_acc = tl.where(first, 0.0, tl.load(p_acc + o_a, mask=m_a, other=0.0))
-            b_acc = tl.dot(b_at.to(b_x.dtype), b_x, b_acc * b_alpha[:, None],
-                           input_precision=PRECISION)
-            tl.store(p_acc + o_a, b_acc, mask=m_a)
+            b_acc = tl.dot(tl.trans(b_a).to(b_x.dtype), b_x, b_acc, input_precision=PRECISION)
+        o_a = o_k[:, None] * D + o_d[None, :]  # [BLOCK_K, BLOCK_D]
+        tl.store(p_acc + o_a, b_acc * b_scale[:, None], mask=m_kl[:, None] & m_d[None, :])
     if SINGLE:
-        # normalise in place: z = acc / l, lse = m + log l; an empty bag gets z = 0, lse = 0.
-        # The barrier makes every thread's last acc stores visible to the threads that read
-        # them back here (a different layout may map an element to another thread).
-        tl.debug_barrier()
-        b_has = b_l > 0
-        b_inv = tl.where(b_has, 1.0 / tl.where(b_has, b_l, 1.0), 0.0)  # [BLOCK_K]
-        m_kl = o_k < tl.where(live, K, 0)  # [BLOCK_K]: idle programs write nothing
-        for d0 in range(0, D, BLOCK_D):
-            o_d = d0 + tl.arange(0, BLOCK_D)
-            o_a = o_k[:, None] * D + o_d[None, :]
-            m_a = m_kl[:, None] & (o_d < D)[None, :]
-            b_acc = tl.load(p_acc + o_a, mask=m_a & b_has[:, None], other=0.0)
-            tl.store(p_acc + o_a, b_acc * b_inv[:, None], mask=m_a)
         b_lse = tl.where(b_has, b_m + tl.log(tl.where(b_has, b_l, 1.0)), 0.0)
         tl.store(lse_ptr + i_b * K + o_k, b_lse, mask=m_kl)
     else:
@@ -490,8 +489,8 @@ def _pow2(n: int, lo: int = 16) -> int:
 GPU_TILES = {
     ("fwd", "16-bit"): (64, 32, 64, 8, 3),
     ("fwd", "fp32"): (64, 32, 32, 8, 3),
-    ("fwd_pq", "16-bit"): (128, 32, 64, 8, 3),
-    ("fwd_pq", "fp32"): (128, 32, 64, 8, 3),
+    ("fwd_pq", "16-bit"): (64, 64, 64, 4, 3),
+    ("fwd_pq", "fp32"): (64, 64, 64, 4, 3),
     ("bwd", "16-bit"): (64, 32, 16, 8, 3),
     ("bwd", "fp32"): (64, 32, 16, 8, 3),
     ("bwd_pq", "16-bit"): (64, 32, 16, 8, 3),
@@ -500,8 +499,8 @@ GPU_TILES = {
 TILE_CANDIDATES = {
     "fwd": [(64, 32, 64, 8, 3), (64, 32, 32, 8, 3), (64, 64, 64, 8, 3), (128, 32, 64, 8, 3),
             (64, 32, 128, 8, 3), (64, 16, 64, 8, 3)],
-    "fwd_pq": [(128, 32, 64, 8, 3), (32, 128, 64, 4, 2), (64, 128, 64, 4, 3),
-               (64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (32, 256, 128, 4, 3)],
+    "fwd_pq": [(64, 64, 64, 4, 3), (128, 32, 64, 8, 3), (128, 32, 64, 4, 3), (32, 64, 64, 4, 3),
+               (64, 128, 64, 4, 3), (64, 256, 64, 8, 3)],
     "bwd": [(64, 32, 16, 8, 3), (64, 32, 32, 4, 2), (32, 32, 64, 4, 3)],
     "bwd_pq": [(64, 32, 16, 8, 3), (32, 64, 64, 8, 3), (64, 64, 64, 8, 3), (32, 128, 64, 8, 3),
                (32, 256, 64, 8, 3), (16, 256, 64, 4, 3)],
