@@ -269,8 +269,12 @@ def attention_pool_torch(x, attn_weight, attn_bias, gate_weight, gate_bias, scor
     # The inputs arrive already cast to the autocast dtype (fastmil.functional); disable autocast
     # here so that it does not also downcast the float32 score product, softmax and pooling.
     device_type = x.device.type
-    no_autocast = (torch.autocast(device_type, enabled=False)
-                   if torch.amp.is_autocast_available(device_type) else contextlib.nullcontext())
+    # CPU and CUDA always have autocast: asking torch.amp only for other devices keeps
+    # torch._C._is_autocast_available, which Dynamo cannot trace (torch 2.11), out of
+    # torch.compile's way
+    has_autocast = device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)
+    no_autocast = (torch.autocast(device_type, enabled=False) if has_autocast
+                   else contextlib.nullcontext())
     with no_autocast:
         if mask is not None:  # padding may hold anything (NaN, inf): keep it out of the math
             x = x.masked_fill(~mask[..., None], 0)

@@ -380,6 +380,37 @@ def test_torch_packed_weighted_sum_in_slices(monkeypatch, lengths):
     _assert_matches_reference("torch", "packed", lengths, 6, 4, 2, return_attention=True)
 
 
+@pytest.mark.parametrize(("layout", "lengths", "D", "L"), [
+    ("packed", [3, 40, 0, 21], 6, 4), ("padded_mask", [37, 5, 0], 6, 4), ("single", [45], 6, 4),
+    ("packed", [30, 19], 200, 100),  # weight gradients large enough for one GEMM per slice
+], ids=["packed", "padded_mask", "single", "packed-large-weights"])
+def test_torch_long_float32_sums_in_slices(monkeypatch, layout, lengths, D, L):
+    """The torch backend's float32 sums over more rows than POOL_ROWS (weight gradients, the
+    padded weighted sum, the softmax normaliser) run in slices: with slices of 16 (and 4) rows,
+    every output and gradient still matches the float64 reference, and a second derivative
+    through the sliced weight gradient does too."""
+    import fastmil.torch_backend as tb
+
+    monkeypatch.setattr(tb, "POOL_ROWS", 16)
+    monkeypatch.setattr(tb, "SUM_ROWS", 4)
+    sliced = []
+    real = tb._sliced_weight_grad
+    monkeypatch.setattr(tb, "_sliced_weight_grad", lambda *a: sliced.append(1) or real(*a))
+    _assert_matches_reference("torch", layout, lengths, D, L, 2, return_attention=True)
+    assert sliced  # the sliced weight gradient ran
+
+    x, lay = make_layout(layout, lengths, D)
+    weights = clone_weights(make_weights(D, L, None))
+    w64 = clone_weights(weights, dtype=torch.float64)
+    second = []
+    for w, xx, fn in ((weights, x, attention_pool), (w64, x.double(), attention_pool_reference)):
+        extra = {"backend": "torch"} if fn is attention_pool else {}
+        z = call(fn, xx, w, **lay, **extra)
+        (g,) = torch.autograd.grad(z.square().sum(), [w["attn_weight"]], create_graph=True)
+        second.append(torch.autograd.grad(g.square().sum(), [w["gate_weight"]])[0])
+    assert_close(second[0], second[1], torch.float32, what="d/dU |d/dV sum z²|²")
+
+
 # ---------------------------------------------------------------- precision on long bags
 
 
