@@ -38,6 +38,6 @@ def test_kernels_compile_for_hopper_without_spills_and_pipelined():
     report = out.stdout + out.stderr[-3000:]
     assert out.returncode == 0, report
     total = int(report.rsplit(" variants, 0 failed", 1)[0].rsplit("\n", 1)[-1])
-    # every variant but the merge kernel reports its resources: all spill-free
-    assert report.count("stack 0 B") == total - 1 >= 48, report
-    assert "<-" not in report and "sm_90 merge: ok" in report, report
+    # every variant reports its resources: all spill-free; the merge kernel at four shapes
+    assert report.count("stack 0 B") == total >= 48, report
+    assert "<-" not in report and report.count("sm_90 merge K=") == 4, report
