@@ -176,6 +176,21 @@ def test_bad_offsets(offsets, exc, match):
     _raises(exc, match, x, w, offsets=offsets)
 
 
+def test_check_offsets_values_directly():
+    """The public check (numpy on the host): fine offsets of either int dtype and any stride
+    pass; every kind of bad offsets names what is wrong."""
+    from fastmil.bags import check_offsets_values
+
+    check_offsets_values(torch.tensor([0, 3, 3, 7]), 7)
+    check_offsets_values(torch.tensor([0, 3, 3, 7], dtype=torch.int32), 7)
+    check_offsets_values(torch.tensor([0, 9, 3, 9, 7])[::2], 7)  # [0, 3, 7], strided
+    for offsets, match in [([], "got an empty tensor"), ([2, 7], "start at 0"),
+                           ([0, 4, 3, 7], r"offsets\[2\] = 3 < offsets\[1\] = 4"),
+                           ([0, 3, 6], "end at x.shape")]:
+        with pytest.raises(ValueError, match=match):
+            check_offsets_values(torch.tensor(offsets, dtype=torch.int64), 7)
+
+
 def test_int32_offsets_accepted():
     x, w, kw = _inputs("packed")
     z64 = call(attention_pool, x, w, backend="torch", **kw)
