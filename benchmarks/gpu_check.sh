@@ -19,12 +19,16 @@
 #      False, and the cuBLAS-projection design) vs eager vs torch.compile (default) vs fastmil
 #      torch, one process, with memory and where each call's device time goes per kernel.
 #   4. kernel launches of one call at the MNIST-bags shape, per workload (torch.profiler), and
-#      the host time of one such call with cProfile's table of where it goes (benchmarks.host_time).
-#   5. report: OUT_DIR/RESULTS.md, then the targets and launch tables printed last.
+#      the host time of one such call with cProfile's table of where it goes (benchmarks.host_time);
+#      where Nsight Compute is installed, why the kernels of one call take their time: ncu's
+#      speed of light, memory, occupancy and warp-stall sections for the cases NCU_CASES
+#      (benchmarks.ncu_target; default "wsi mnist").
+#   5. report: the targets and launch tables printed last (RESULTS.md kept in the cache folder:
+#      it is made again from bench.json and launches.json back here).
 #
 # Files, in OUT_DIR ($OUT_DIR, else $OUT, the device tool's folder, else out/gpu_check):
 #   gpu_check.log (everything), tile_sweep.json, tile_sweep.md, bench.json, launches.json,
-#   host_time.json, host_profile.txt, RESULTS.md (8: the device tool's limit).
+#   host_time.json, host_profile.txt, ncu.txt (8: the device tool's limit).
 # Back here, merge them into benchmarks/RESULTS.md (with any other run's JSON):
 #   python -m benchmarks.report OUT_DIR/bench.json --launches OUT_DIR/launches.json
 # and paste tile_sweep.md's MEASURED_TILES into fastmil/kernels/attention_pool.py.
@@ -32,12 +36,13 @@
 # Environment: FASTMIL_COMMIT (the commit to record where the tree has no .git: write
 # FASTMIL_COMMIT=<git rev-parse --short HEAD> into the remote command), TESTS (pytest paths of
 # stage 1), TEST_TIMEOUT (s, default 120), SWEEP (1), SWEEP_KINDS (the sweep's --kinds: all),
-# SWEEP_BUDGET (s after which no tile class starts, 80), SWEEP_TIMEOUT (hard limit, 130),
-# BENCH_BUDGET (s after which no benchmark starts, 185), BENCH_TIMEOUT (hard limit, 220),
-# LAUNCH_TIMEOUT (40), HOST_TIMEOUT (30), XDIST (pytest-xdist workers, 8), PYTHON (python3).
-# With the defaults every stage ends within its limit: at most 120 + 130 + 220 + 40 + 30 s plus
-# ~20 s of start-up and report, 560 s: one device call (timeout_s=590; 600 at most). The run of
-# 2026-11-26 on an H100 took 177 s in all.
+# SWEEP_BUDGET (s after which no tile class starts, 65), SWEEP_TIMEOUT (hard limit, 110),
+# BENCH_BUDGET (s after which no benchmark starts, 160), BENCH_TIMEOUT (hard limit, 190),
+# LAUNCH_TIMEOUT (30), HOST_TIMEOUT (25), NCU_CASES ("wsi mnist"), NCU_TIMEOUT (s per case,
+# 30), XDIST (pytest-xdist workers, 8), PYTHON (python3). With the defaults every stage ends
+# within its limit: at most 120 + 110 + 190 + 30 + 25 + 60 s plus ~20 s of start-up and report,
+# 555 s: one device call (timeout_s=590; 600 at most). The runs of 2026-11-26 on an H100 took
+# 177 and 203 s in all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -120,12 +125,12 @@ grep -E '^(FAILED|ERROR) ' "$CACHE/tests.log" | head -n 20
 sweep_rc=0
 sweep_line="skipped (SWEEP=0): default tiles"
 if [ "${SWEEP:-1}" != 0 ]; then
-  say "== 2/5 tile sweep (budget ${SWEEP_BUDGET:-80} s, limit ${SWEEP_TIMEOUT:-130} s)"
+  say "== 2/5 tile sweep (budget ${SWEEP_BUDGET:-65} s, limit ${SWEEP_TIMEOUT:-110} s)"
   start=$(date +%s)
-  SWEEP_ARGS=(--out "$OUT_DIR" --budget-s "${SWEEP_BUDGET:-80}")
+  SWEEP_ARGS=(--out "$OUT_DIR" --budget-s "${SWEEP_BUDGET:-65}")
   if [ -n "${SWEEP_KINDS:-}" ]; then SWEEP_ARGS+=(--kinds "$SWEEP_KINDS"); fi
   if [ "$DRY" = 1 ]; then SWEEP_ARGS+=(--dry-run); fi
-  stage sweep "${SWEEP_TIMEOUT:-130}" "$PYTHON" -m benchmarks.tile_sweep "${SWEEP_ARGS[@]}"
+  stage sweep "${SWEEP_TIMEOUT:-110}" "$PYTHON" -m benchmarks.tile_sweep "${SWEEP_ARGS[@]}"
   sweep_rc=$?
   sweep_line="exit status $sweep_rc ($(( $(date +%s) - start )) s)"
   if "$PYTHON" -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1]))['measured_tiles'] else 1)" \
@@ -140,12 +145,12 @@ if [ "${SWEEP:-1}" != 0 ]; then
 fi
 
 # -- 3. benchmarks ---------------------------------------------------------------------------
-say "== 3/5 benchmarks: pytest benchmarks/ --suite $SUITE (budget ${BENCH_BUDGET:-185} s)"
+say "== 3/5 benchmarks: pytest benchmarks/ --suite $SUITE (budget ${BENCH_BUDGET:-160} s)"
 start=$(date +%s)
 rm -f "$OUT_DIR/bench.json"
-stage bench "${BENCH_TIMEOUT:-220}" "$PYTHON" -m pytest benchmarks/test_attention_pool.py -q \
+stage bench "${BENCH_TIMEOUT:-190}" "$PYTHON" -m pytest benchmarks/test_attention_pool.py -q \
   -p no:cacheprovider -rfE --suite "$SUITE" --fastmil-json "$OUT_DIR/bench.json" \
-  --bench-budget-s "${BENCH_BUDGET:-185}" --bench-rep-ms 100 --bench-rounds 2
+  --bench-budget-s "${BENCH_BUDGET:-160}" --bench-rep-ms 100 --bench-rounds 2
 bench_rc=$?
 say "benchmarks: $(summary_line bench) ($(( $(date +%s) - start )) s, exit status $bench_rc)"
 grep -E '^(FAILED|ERROR) ' "$CACHE/bench.log" | head -n 20
@@ -153,7 +158,9 @@ grep -E '^(FAILED|ERROR) ' "$CACHE/bench.log" | head -n 20
 # -- 4. kernel launches ----------------------------------------------------------------------
 say "== 4/5 kernel launches at the MNIST-bags shape"
 start=$(date +%s)
-stage launches "${LAUNCH_TIMEOUT:-40}" "$PYTHON" -m benchmarks.launch_count "${LAUNCH_ARGS[@]}" \
+# (the dry run's interpreter takes longer than the GPU: 26 s against 11-15 s)
+stage launches "${LAUNCH_TIMEOUT:-$([ "$DRY" = 1 ] && echo 90 || echo 30)}" \
+  "$PYTHON" -m benchmarks.launch_count "${LAUNCH_ARGS[@]}" \
   --json "$OUT_DIR/launches.json"
 launch_rc=$?
 say "launches: exit status $launch_rc ($(( $(date +%s) - start )) s)"
@@ -161,17 +168,35 @@ say "launches: exit status $launch_rc ($(( $(date +%s) - start )) s)"
 # on CPU benchmarks.host_time stubs the kernels, a different measurement)
 if [ "$DRY" = 0 ]; then
   start=$(date +%s)
-  stage host_time "${HOST_TIMEOUT:-30}" "$PYTHON" -m benchmarks.host_time --device cuda \
+  stage host_time "${HOST_TIMEOUT:-25}" "$PYTHON" -m benchmarks.host_time --device cuda \
     --D 500 --L 128 --reps 200 --json "$OUT_DIR/host_time.json" \
     --profile "$OUT_DIR/host_profile.txt"
   host_rc=$?
   say "host time: exit status $host_rc ($(( $(date +%s) - start )) s)"
   grep -E '^(cuBLAS|fused) projection' "$CACHE/host_time.log" | tee -a "$LOG" >/dev/null
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null \
+        | head -n 1)
+  if [ -n "$NCU" ]; then
+    start=$(date +%s)
+    : >"$OUT_DIR/ncu.txt"
+    for case in ${NCU_CASES:-wsi mnist}; do
+      echo "== ncu: benchmarks.ncu_target --case $case" >>"$OUT_DIR/ncu.txt"
+      timeout -k 5 "${NCU_TIMEOUT:-30}" "$NCU" --clock-control none --profile-from-start off \
+        -k 'regex:_(fwd|bwd|merge)_kernel' --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+        --section LaunchStats "$PYTHON" -m benchmarks.ncu_target --case "$case" \
+        >>"$OUT_DIR/ncu.txt" 2>&1
+      echo "ncu --case $case: exit status $?" >>"$OUT_DIR/ncu.txt"
+    done
+    say "ncu: ${NCU_CASES:-wsi mnist} ($(( $(date +%s) - start )) s; $OUT_DIR/ncu.txt)"
+  else
+    say "ncu: not installed here"
+  fi
 fi
 
 # -- 5. report -------------------------------------------------------------------------------
 say "== 5/5 report ($(( $(date +%s) - T0 )) s so far)"
-REPORT_ARGS=(--out "$OUT_DIR/RESULTS.md" --no-plot --summary
+REPORT_ARGS=(--out "$CACHE/RESULTS.md" --no-plot --summary
              --note "GPU check (\`benchmarks/gpu_check.sh$([ "$DRY" = 1 ] && echo ' --dry-run')\`), kernel tests (\`pytest $TESTS\`): $test_line; tile sweep: $sweep_line")
 if [ -s "$OUT_DIR/launches.json" ]; then REPORT_ARGS+=(--launches "$OUT_DIR/launches.json"); fi
 report_rc=1

@@ -420,6 +420,23 @@ def test_scripts_parse(script):
     subprocess.run(["bash", "-n", str(HERE / script)], check=True)
 
 
+def test_ncu_target_runs_each_case_in_its_targets_workload(monkeypatch):
+    """The Nsight Compute target: each case is a GPU-check case, in the workload of its target,
+    and one call runs (CPU, interpreter, tiny sizes: ``--dry-run``)."""
+    from . import ncu_target
+
+    modes = {c.name: m for c, m in SUITES["gpu-check"]}
+    workload = {"frozen": "frozen", "fwd_bwd": "e2e", "infer": "infer"}
+    for case, (name, wl) in ncu_target.CASES.items():
+        assert wl in {workload[m] for m in modes[name]}, (case, name)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for case in ncu_target.CASES:
+        call, info = ncu_target.build(case, dry_run=True)
+        out = call()
+        assert torch.isfinite(out[0] if isinstance(out, tuple) else out).all()
+        assert info["workload"] == ncu_target.CASES[case][1]
+
+
 def test_gpu_check_cases_exist():
     for c, _ in SUITES["gpu-check"]:
         assert get_case(c.name) is c
