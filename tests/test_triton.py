@@ -117,6 +117,17 @@ def test_matches_reference(layout, lengths, K, gated, bias, chunk_mode, projecti
     _check(x, w, torch.float32, **_chunk_mode_kwargs(kw, chunk_mode))
 
 
+@pytest.mark.parametrize("missing", ["attn_bias", "gate_bias"])
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save"])
+def test_one_bias_missing(missing, recompute, projection):
+    """The kernels add b_V and b_U themselves (p and q are made, stored and saved without them):
+    either alone is right, whichever projection made p and q and whether they were saved."""
+    x, kw = make_layout("packed", [7, 0, 19], 24, device=DEVICE)
+    w = make_weights(24, 16, None, device=DEVICE)
+    w[missing] = None
+    _check(x, w, torch.float32, {"recompute": recompute}, **kw)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout,lengths", CASES[:2], ids=[c[0] for c in CASES[:2]])
 def test_dtypes(dtype, layout, lengths):

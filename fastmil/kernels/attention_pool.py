@@ -49,7 +49,8 @@ Kernels:
   p, q as ``tl.dot`` tiles (L in BLOCK_L blocks, D in BLOCK_D blocks, fp32 accumulation),
   activation, dropout, gate and the scores in registers, and the chunk's running max m and sum
   l of ``exp(s - m)`` (masked rows excluded); it writes the raw scores s [R, K] (−inf at masked
-  rows) and optionally p and q (``SAVE_PQ``, for a backward without the projection GEMM).
+  rows) and optionally p and q (``SAVE_PQ``, for a backward without the projection GEMM;
+  stored, like the cuBLAS GEMM's, without their biases, which the kernels add in fp32).
   Pass 2, per D block of BLOCK_D columns: ``acc = Σ exp(s - m) h`` over the chunk's rows, s read
   back, accumulated in registers by ``tl.dot`` (a streaming loop, no rescaling: m is final).
   Writes per-chunk (m, l, acc). With ``LOAD_PQ`` it reads p and q from one cuBLAS GEMM made
@@ -117,12 +118,11 @@ def _activation(b_p, ACT: tl.constexpr):
 
 
 @triton.jit
-def _project(x_ptr, v_ptr, u_ptr, bv_ptr, bu_ptr, o_row, m_row, l0, D, L, stride_x,
-             GATED: tl.constexpr, HAS_BV: tl.constexpr, HAS_BU: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-             PRECISION: tl.constexpr):
-    """p = V h + b_V and q = U h + b_U for rows o_row and attention columns l0 .. l0+BLOCK_L:
-    two [BLOCK_N, BLOCK_L] fp32 tiles (q = 0 for plain attention)."""
+def _project(x_ptr, v_ptr, u_ptr, o_row, m_row, l0, D, L, stride_x,
+             GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_L: tl.constexpr, PRECISION: tl.constexpr):
+    """V h and U h, without the biases (``_add_bias``), for rows o_row and attention columns
+    l0 .. l0+BLOCK_L: two [BLOCK_N, BLOCK_L] fp32 tiles (q = 0 for plain attention)."""
     o_l = l0 + tl.arange(0, BLOCK_L)  # [BLOCK_L]
     m_l = o_l < L
     b_p = tl.zeros([BLOCK_N, BLOCK_L], dtype=tl.float32)
@@ -139,6 +139,16 @@ def _project(x_ptr, v_ptr, u_ptr, bv_ptr, bu_ptr, o_row, m_row, l0, D, L, stride
         if GATED:
             b_u = tl.load(u_ptr + o_w, mask=m_w, other=0.0)
             b_q = tl.dot(b_x, b_u, b_q, input_precision=PRECISION)
+    return b_p, b_q
+
+
+@triton.jit
+def _add_bias(b_p, b_q, bv_ptr, bu_ptr, l0, L, HAS_BV: tl.constexpr, HAS_BU: tl.constexpr,
+              BLOCK_L: tl.constexpr):
+    """p = V h + b_V and q = U h + b_U, in fp32, from the bias-free tiles that ``_project``
+    makes or that ``_load_pq`` reads (p and q are stored and saved without their biases)."""
+    o_l = l0 + tl.arange(0, BLOCK_L)  # [BLOCK_L]
+    m_l = o_l < L
     if HAS_BV:
         b_p += tl.load(bv_ptr + o_l, mask=m_l, other=0.0).to(tl.float32)[None, :]
     if HAS_BU:
@@ -178,7 +188,8 @@ def _hidden(b_p, b_q, seed_ptr, p_drop, o_row, l0, L,
 
 @triton.jit
 def _load_pq(pq_ptr, o_row, m_row, l0, L, GATED: tl.constexpr, BLOCK_L: tl.constexpr):
-    """p and q saved by the forward (``SAVE_PQ``), as fp32 [BLOCK_N, BLOCK_L] tiles."""
+    """V h and U h (no biases) saved by the forward (``SAVE_PQ``) or made by cuBLAS
+    (``project``), as fp32 [BLOCK_N, BLOCK_L] tiles."""
     GL = 2 * L if GATED else L
     o_l = l0 + tl.arange(0, BLOCK_L)
     m = m_row[:, None] & (o_l < L)[None, :]
@@ -256,12 +267,11 @@ def _fwd_kernel(
         # scores [BLOCK_N, BLOCK_K], one attention block of BLOCK_L columns at a time
         b_s = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for l0 in range(0, L, BLOCK_L):
-            if LOAD_PQ:  # p and q from a GEMM before the launch (cuBLAS projection)
+            if LOAD_PQ:  # V h, U h from a GEMM before the launch (cuBLAS projection)
                 b_p, b_q = _load_pq(pq_ptr, o_row, m_real, l0, L, GATED, BLOCK_L)
             else:
-                b_p, b_q = _project(x_ptr, v_ptr, u_ptr, bv_ptr, bu_ptr, o_row, m_real, l0, D,
-                                    L, stride_x, GATED, HAS_BV, HAS_BU, BLOCK_N, BLOCK_D,
-                                    BLOCK_L, PRECISION)
+                b_p, b_q = _project(x_ptr, v_ptr, u_ptr, o_row, m_real, l0, D, L, stride_x,
+                                    GATED, BLOCK_N, BLOCK_D, BLOCK_L, PRECISION)
             if SAVE_PQ and not LOAD_PQ:
                 o_l = l0 + tl.arange(0, BLOCK_L)
                 m_pq = m_row[:, None] & (o_l < L)[None, :]
@@ -269,6 +279,7 @@ def _fwd_kernel(
                 tl.store(p_pq, b_p.to(pq_ptr.dtype.element_ty), mask=m_pq)
                 if GATED:
                     tl.store(p_pq + L, b_q.to(pq_ptr.dtype.element_ty), mask=m_pq)
+            b_p, b_q = _add_bias(b_p, b_q, bv_ptr, bu_ptr, l0, L, HAS_BV, HAS_BU, BLOCK_L)
             b_e, _, _ = _hidden(b_p, b_q, seed_ptr, p_drop, o_row, l0, L, ACT, GATED, DROPOUT,
                                 BLOCK_N, BLOCK_L)
             b_wt = _load_w_t(w_ptr, l0, K, L, BLOCK_L, BLOCK_K)  # [BLOCK_L, BLOCK_K]
@@ -422,9 +433,9 @@ def _bwd_kernel(
                 if SAVED_PQ:
                     b_p, b_q = _load_pq(pq_ptr, o_row, m_real, l0, L, GATED, BLOCK_L)
                 else:
-                    b_p, b_q = _project(x_ptr, v_ptr, u_ptr, bv_ptr, bu_ptr, o_row, m_real, l0,
-                                        D, L, stride_x, GATED, HAS_BV, HAS_BU, BLOCK_N, BLOCK_D,
-                                        BLOCK_L, PRECISION)
+                    b_p, b_q = _project(x_ptr, v_ptr, u_ptr, o_row, m_real, l0, D, L,
+                                        stride_x, GATED, BLOCK_N, BLOCK_D, BLOCK_L, PRECISION)
+                b_p, b_q = _add_bias(b_p, b_q, bv_ptr, bu_ptr, l0, L, HAS_BV, HAS_BU, BLOCK_L)
                 b_e, b_dedp, b_dedq = _hidden(b_p, b_q, seed_ptr, p_drop, o_row, l0, L, ACT,
                                               GATED, DROPOUT, BLOCK_N, BLOCK_L)
                 b_wt = _load_w_t(w_ptr, l0, K, L, BLOCK_L, BLOCK_K)  # [BLOCK_L, BLOCK_K]
@@ -489,8 +500,8 @@ def _pow2(n: int, lo: int = 16) -> int:
 GPU_TILES = {
     ("fwd", "16-bit"): (64, 32, 64, 8, 3),
     ("fwd", "fp32"): (64, 32, 32, 8, 3),
-    ("fwd_pq", "16-bit"): (64, 64, 64, 4, 3),
-    ("fwd_pq", "fp32"): (64, 64, 64, 4, 3),
+    ("fwd_pq", "16-bit"): (64, 32, 64, 4, 3),
+    ("fwd_pq", "fp32"): (64, 32, 64, 4, 3),
     ("bwd", "16-bit"): (64, 32, 16, 8, 3),
     ("bwd", "fp32"): (64, 32, 16, 8, 3),
     ("bwd_pq", "16-bit"): (64, 32, 16, 8, 3),
@@ -499,8 +510,8 @@ GPU_TILES = {
 TILE_CANDIDATES = {
     "fwd": [(64, 32, 64, 8, 3), (64, 32, 32, 8, 3), (64, 64, 64, 8, 3), (128, 32, 64, 8, 3),
             (64, 32, 128, 8, 3), (64, 16, 64, 8, 3)],
-    "fwd_pq": [(64, 64, 64, 4, 3), (128, 32, 64, 8, 3), (128, 32, 64, 4, 3), (32, 64, 64, 4, 3),
-               (64, 128, 64, 4, 3), (64, 256, 64, 8, 3)],
+    "fwd_pq": [(64, 32, 64, 4, 3), (64, 64, 64, 4, 3), (128, 32, 64, 8, 3), (128, 32, 64, 4, 3),
+               (32, 64, 64, 4, 2), (64, 256, 64, 8, 3)],
     "bwd": [(64, 32, 16, 8, 3), (64, 32, 32, 4, 2), (32, 32, 64, 4, 3)],
     "bwd_pq": [(64, 32, 16, 8, 3), (32, 64, 64, 8, 3), (64, 64, 64, 8, 3), (32, 128, 64, 8, 3),
                (32, 256, 64, 8, 3), (16, 256, 64, 4, 3)],
@@ -615,16 +626,10 @@ def _stacked(v, u):
     return torch.cat([v, u]) if u is not None else v
 
 
-def project(x, v, bv, u, bu):
-    """[p | q] = x [V; U]ᵀ + [b_V; b_U] for every row, in x's dtype: [R, GL] (cuBLAS on CUDA)."""
-    weight = _stacked(v, u)  # [GL, D]
-    if bv is None and bu is None:
-        return x @ weight.t()
-    L = v.shape[0]
-    zeros = lambda: torch.zeros(L, dtype=v.dtype, device=v.device)  # noqa: E731
-    bias = bv if u is None else torch.cat([zeros() if bv is None else bv,
-                                           zeros() if bu is None else bu])
-    return torch.addmm(bias.to(x.dtype), x, weight.t())
+def project(x, v, u):
+    """[V h | U h] for every row, without the biases (the kernels add them in fp32), in x's
+    dtype: [R, GL], one GEMM (cuBLAS on CUDA)."""
+    return x @ _stacked(v, u).t()
 
 
 # Chunks are a multiple of this many rows (every BLOCK_N divides it); tests lower it to cut
@@ -706,7 +711,8 @@ def attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w, seed, p_dr
     code of ACTIVATION_CODES, save_pq whether to keep p and q for the backward.
 
     Returns z32 [B, K, D] fp32, s [R, K] fp32 (−inf at masked rows), lse [B, K] fp32,
-    pq [R, GL] in x's dtype (empty unless save_pq) and the chunk map meta (int64)."""
+    pq [R, GL] in x's dtype, V h | U h without the biases (empty unless save_pq), and the chunk
+    map meta (int64)."""
     R, D = x.shape
     L, K, B = v.shape[0], w.shape[0], lengths.shape[0]
     GL = 2 * L if u is not None else L
@@ -717,7 +723,7 @@ def attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w, seed, p_dr
     lse = _empty((B, K), dtype=torch.float32, device=dev)
     load_pq = CUBLAS_PROJECTION and B > 0 and R > 0
     if load_pq:
-        pq = project(x, v, bv, u, bu)  # [R, GL]
+        pq = project(x, v, u)  # [R, GL]
     else:
         pq = _empty((R, GL) if save_pq else (0,), dtype=x.dtype, device=dev)
     meta, single = _chunk_map(starts, lengths, R, chunk, dev)
@@ -786,7 +792,7 @@ def attention_pool_bwd(dz32, glse, gs, x, row_mask, meta, v, bv, u, bu, w, seed,
     dh0 = alloc((R, D), dtype=dt, device=dev) if need_dx else None
     dpq = alloc((R, GL), dtype=dt, device=dev) if need_dpq else None
     if project_pq and pq.numel() == 0:  # recompute p and q as the forward made them
-        pq = project(x, v, bv, u, bu)
+        pq = project(x, v, u)
     block_n, block_d, block_l, block_k, num_warps, num_stages = _config(
         x, D, L, K, gated, "bwd_pq" if pq.numel() > 0 else "bwd")
     C = meta.shape[0] - 4 * B
