@@ -22,9 +22,10 @@ measurement.
 
 On a GPU, ``--device cuda`` runs the real kernels instead (x and the weights on the GPU, the
 offsets on the host, as a data loader hands them over), for the cuBLAS projection (the default)
-and the fused one: *host* is the time until the call returns (the GPU drained before each call, so no launch waits
-on a full queue), *wall* the time until the GPU has finished it too. ``--profile FILE`` writes
-cProfile's table of where that host time goes (the first path and workload, ``--reps`` calls).
+and the fused one: *host* is the time until the call returns (the GPU drained before each call,
+so no launch waits on a full queue), *wall* the time until the GPU has finished it too.
+``--profile FILE`` writes cProfile's table of where that host time goes (the first path and
+workload, ``--reps`` calls).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def measure(args) -> dict:
         z.backward(dz)
 
     rows = []
-    for path, context in _paths(args.device):
+    for i, (path, context) in enumerate(_paths(args.device)):
         with context():
             for workload in args.workloads:
                 for _ in range(args.warmup):
@@ -131,7 +132,7 @@ def measure(args) -> dict:
                 wall = f", wall {row['wall_median_us']:7.1f} µs" if cuda else ""
                 print(f"{path:<17} {workload:<6} host {row['median_us']:7.1f} µs{wall}",
                       flush=True)
-        if args.profile and path == _paths(args.device)[0][0]:
+        if args.profile and i == 0:
             _profile(args, context, lambda: call(args.workloads[0]), sync)
     from .timing import git_commit
 
@@ -190,7 +191,6 @@ def markdown(result: dict) -> str:
         return _markdown_cuda(result)
     by = {(r["path"], r["workload"]): r["median_us"] for r in result["rows"]}
     workloads = list(dict.fromkeys(r["workload"] for r in result["rows"]))
-    label = _WORKLOAD_LABELS
     lines = ["# Host time per call, Triton kernels stubbed out", "",
              f"`python -m benchmarks.host_time`, {result['shape']}; one CPU thread, median of "
              f"{result['reps']} calls; fastmil {result['fastmil_commit']}, torch "
@@ -202,7 +202,7 @@ def markdown(result: dict) -> str:
         a, b = by.get(("eager Function", w)), by.get(("custom ops", w))
         if a is None or b is None:
             continue
-        lines.append(f"| {label.get(w, w)} | {a:.0f} µs | {b:.0f} µs | {b - a:.0f} µs |")
+        lines.append(f"| {_WORKLOAD_LABELS.get(w, w)} | {a:.0f} µs | {b:.0f} µs | {b - a:.0f} µs |")
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,7 @@ from . import host_time, launch_count, report, tile_sweep, timing
 from .cases import SUITES, get_case
 
 HERE = Path(__file__).parent
+FUSED = "fastmil triton, fused projection"  # report.LABELS of the fused-projection columns
 
 
 def test_every_target_is_measured_by_the_gpu_check_and_its_dry_run():
@@ -326,11 +327,11 @@ def test_where_the_time_goes_from_a_profiled_run(tmp_path):
     assert "fp32 matmul precision 'highest'" in heads[1] and "input gradient dpq @ Wᵀ 0.006" \
         in heads[1]
     # measured 1.0 = kernels 0.9 + memset 0.01 + rest 0.09; GEMMs 2 × 0.2 + 0.15 (recompute)
-    assert ("| fastmil triton, fused projection (recompute=True) | 1.00 | 0.900 (3) | 0 / 1 (0.010 ms) | "
+    assert (f"| {FUSED} (recompute=True) | 1.00 | 0.900 (3) | 0 / 1 (0.010 ms) | "
             "0.090 (9.0%) | 0.550 | 1.64× | `_fwd_kernel` 0.600 (67%); `_bwd_kernel` 0.250 (28%); "
             "`_merge_kernel` 0.050 (5.6%) |") in lines
-    assert "⚠ fastmil triton, fused projection (recompute=False): the lead-in kernel is missing." in lines
-    assert ("| fastmil triton, fused projection (recompute=False) ⚠ | 0.800 | 0.600 (2) | 0 / 0 | 0.200 (25%) | "
+    assert f"⚠ {FUSED} (recompute=False): the lead-in kernel is missing." in lines
+    assert (f"| {FUSED} (recompute=False) ⚠ | 0.800 | 0.600 (2) | 0 / 0 | 0.200 (25%) | "
             "0.350 | 1.71× | `_fwd_kernel` 0.400 (67%); `_bwd_kernel` 0.200 (33%) |") in lines
     assert ("| eager (fastmil.reference) | 2.50 | 1.50 (5) | 0 / 0 | 1.00 (40%) | 0.350 | 4.29× | "
             f"`{_CUBLAS[:59]}…` 0.800 (53%) ×2; `vectorized_elementwise_kernel<4, "
@@ -340,16 +341,16 @@ def test_where_the_time_goes_from_a_profiled_run(tmp_path):
             "profile failed: RuntimeError: no CUPTI |") in lines
     # MNIST: 10 kernels, the JSON keeps 8 + "(other)"; the table shows 4 and the 6 others;
     # GEMMs end to end with recompute: 2 × 0.01 + 0.008 + 0.006
-    assert ("| fastmil triton, fused projection (recompute=True) | 0.100 | 0.028 (10) | 0 / 0 | 0.072 (72%) | "
+    assert (f"| {FUSED} (recompute=True) | 0.100 | 0.028 (10) | 0 / 0 | 0.072 (72%) | "
             "0.034 | 0.82× | `_fwd_kernel` 0.012 (43%); `_bwd_kernel` 0.008 (29%); `aten_k0` "
             "0.001 (3.6%); `aten_k1` 0.001 (3.6%); 6 more 0.006 (21%) |") in lines
-    assert ("- fastmil triton, fused projection (recompute=True): `_fwd_kernel` 0.012 ms = 1.20× cuBLAS's 0.010 ms "
+    assert (f"- {FUSED} (recompute=True): `_fwd_kernel` 0.012 ms = 1.20× cuBLAS's 0.010 ms "
             "for the projection; `_bwd_kernel` 0.008 ms = 0.33× cuBLAS's 0.024 ms for the "
             "backward's GEMMs.") in lines
-    assert ("- fastmil triton, fused projection (recompute=True): `_fwd_kernel` 0.600 ms = 3.00× cuBLAS's 0.200 ms "
+    assert (f"- {FUSED} (recompute=True): `_fwd_kernel` 0.600 ms = 3.00× cuBLAS's 0.200 ms "
             "for the projection; `_bwd_kernel` 0.250 ms = 0.71× cuBLAS's 0.350 ms for the "
             "backward's GEMMs.") in lines
-    assert ("- fastmil triton, fused projection (recompute=False): `_fwd_kernel` 0.400 ms = 2.00× cuBLAS's 0.200 ms "
+    assert (f"- {FUSED} (recompute=False): `_fwd_kernel` 0.400 ms = 2.00× cuBLAS's 0.200 ms "
             "for the projection; `_bwd_kernel` 0.200 ms = 1.33× cuBLAS's 0.150 ms for the "
             "backward's GEMMs.") in lines
     full = report.render(res, None, None, None)
@@ -357,9 +358,10 @@ def test_where_the_time_goes_from_a_profiled_run(tmp_path):
         "## Environment")
     summary = report.summary(res).splitlines()
     split = [ln for ln in summary if ln.startswith("time split")]
-    assert split[0] == (f"time split, {wsi} frozen fwd+bwd: triton fused recompute 1.00 ms = kernels "
-                        "0.900 (_fwd_kernel 67%, _bwd_kernel 28%) + memcpy / memset 0.010 + rest "
-                        "0.090, cuBLAS GEMMs 0.550; triton fused save 0.800 ms = kernels 0.600 "
+    assert split[0] == (f"time split, {wsi} frozen fwd+bwd: triton fused recompute 1.00 ms = "
+                        "kernels 0.900 (_fwd_kernel 67%, _bwd_kernel 28%) + memcpy / memset "
+                        "0.010 + rest 0.090, cuBLAS GEMMs 0.550; triton fused save 0.800 ms = "
+                        "kernels 0.600 "
                         "(_fwd_kernel 67%, _bwd_kernel 33%) + rest 0.200, cuBLAS GEMMs 0.350")
     assert len(split) == 2 and split[1].startswith(f"time split, {mnist} fwd+bwd: triton ")
     assert f"kernel profile failed (1×): compile on {wsi}: RuntimeError: no CUPTI" in summary

@@ -6,8 +6,8 @@
 A class is (D, L, K, dtype, gated) and a kernel, timed on one shape that stands for it (never
 keyed on bag lengths). Kernels (``--kinds``, the default path's first): ``fwd_pq`` and
 ``bwd_pq``, the forward and backward of the default path (projections from cuBLAS, kept for the
-backward), then ``fwd`` and ``bwd``, those of the fused projection (recompute=True). For each candidate of
-``fastmil.kernels.attention_pool.TILE_CANDIDATES[kind]`` — a tuple ``(BLOCK_N, BLOCK_D,
+backward), then ``fwd`` and ``bwd``, those of the fused projection (recompute=True). For each
+candidate of ``fastmil.kernels.attention_pool.TILE_CANDIDATES[kind]`` — a tuple ``(BLOCK_N, BLOCK_D,
 BLOCK_L, num_warps, num_stages)`` — the sweep sets ``TILE_OVERRIDE[kind]`` to it (the CUDA
 launchers then use it), checks z (fwd) or every gradient (bwd) against fastmil's torch backend
 in float32, and times the kernel's pass (``fwd*`` = the training forward, ``bwd*`` =
@@ -112,24 +112,22 @@ def _run(c, x, offsets, w, dz, backend, kind, upcast=False):
         t = t.detach().float() if upcast else t.detach()
         return t.requires_grad_()
 
-    from fastmil.kernels import attention_pool as kernels
+    from .providers import projection, recompute_option
 
-    pq = kind.endswith("_pq")  # the default path: cuBLAS projection, p and q kept
+    # the benchmark column whose kernels the kind's tiles are for: the default path (cuBLAS
+    # projection, p and q kept) for fwd_pq / bwd_pq, the fused projection recomputing for the rest
+    column = "fastmil_triton_cublas" if kind.endswith("_pq") else "fastmil_triton"
 
     def forward():
         leaves = {n: prep(t) for n, t in w.items()}
         xin = x.detach().float() if upcast else x.detach()
         xin.requires_grad_(c.grad_x and kind.startswith("bwd"))
-        extra = {"recompute": not pq} if backend == "triton" else {}
-        before = kernels.CUBLAS_PROJECTION
-        kernels.CUBLAS_PROJECTION = pq  # the backward makes p and q as its forward did
-        try:
+        extra = recompute_option(column) if backend == "triton" else {}
+        with projection(column):  # the backward makes p and q as its forward did
             z = fastmil.attention_pool(xin, leaves["V"], leaves["U"], leaves["w"],
                                        attn_bias=leaves["bV"], gate_bias=leaves["bU"],
                                        offsets=None if len(c.lengths) == 1 else offsets,
                                        backend=backend, **extra)
-        finally:
-            kernels.CUBLAS_PROJECTION = before
         return z, xin, leaves
 
     def check():

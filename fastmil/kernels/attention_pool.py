@@ -485,11 +485,12 @@ def _pow2(n: int, lo: int = 16) -> int:
 # kernel and dtype class. The defaults are spill-free on sm_90 with software-pipelined
 # projection loops (asynchronous copies, wgmma kept in flight) for every dtype, gating, mask and
 # K, as tests/test_kernel_compile.py checks by compiling them ahead of time exactly as the JIT
-# does (no GPU needed); they are not yet chosen by timing on a GPU. A measured table overrides
-# them per class of calls, keyed by ``tile_key`` — (kind, dtype class, gated, D class, L, K),
-# never bag lengths: MEASURED_TILES (pasted here from a tile sweep on a GPU, benchmarks/), and
-# above it the table of the JSON file named by the environment variable FASTMIL_TILES (a tile
-# sweep's tile_sweep.json: a sweep on your own GPU applies without editing fastmil).
+# does (no GPU needed), on Triton 3.6 and 3.9; timed on a GPU only where MEASURED_TILES says
+# so (its comments). A measured table overrides them per class of calls, keyed by ``tile_key``
+# — (kind, dtype class, gated, D class, L, K), never bag lengths: MEASURED_TILES (pasted here
+# from a tile sweep on a GPU, benchmarks/), and above it the table of the JSON file named by the
+# environment variable FASTMIL_TILES (a tile sweep's tile_sweep.json: a sweep on your own GPU
+# applies without editing fastmil).
 # TILE_OVERRIDE (kind -> tile) overrides everything, for the sweep itself. TILE_CANDIDATES are
 # the tiles a sweep may pick: tests run each in the interpreter and compile each for sm_90.
 # Kinds: "fwd" (the forward with its fused projection), "fwd_pq" (the forward reading p and q
@@ -575,11 +576,11 @@ def load_tiles(path: str) -> dict:
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
+            kinds = "|".join(repr(k) for k in TILE_CANDIDATES)
             raise ValueError(f"{TILES_ENV}={path!r}: entry {i} of 'measured_tiles' is {entry!r}; "
-                             "expected {'key': [kind ('fwd'|'fwd_pq'|'bwd'|'bwd_pq'), "
-                             "dtype class ('16-bit'|"
-                             "'fp32'), gated, D class, L, K], 'tile': [BLOCK_N, BLOCK_D, "
-                             "BLOCK_L, num_warps (powers of two), num_stages]}")
+                             f"expected {{'key': [kind ({kinds}), dtype class ('16-bit'|'fp32'), "
+                             "gated, D class, L, K], 'tile': [BLOCK_N, BLOCK_D, BLOCK_L, "
+                             "num_warps (powers of two), num_stages]}")
         table[(kind, cls, bool(gated), int(dcls), int(L), int(K))] = tile
     return table
 
