@@ -49,6 +49,22 @@ WEIGHT_NAMES = ("attn_weight", "gate_weight", "score_weight", "attn_bias", "gate
                 "score_bias")
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
+
+def child_env(*paths: str, **extra: str) -> dict[str, str]:
+    """The environment of a test's subprocess (an example, torchrun, pytest): this one without
+    torchrun's variables, fastmil importable from any working directory (the repository and
+    ``paths`` first on PYTHONPATH, each absolute: a relative ``PYTHONPATH=.`` would point at the
+    child's own cwd), and ``extra`` set."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    old = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([*map(os.path.abspath, paths), ROOT, *old])
+    env.update(extra)
+    return env
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param

@@ -4,13 +4,13 @@ DistributedSampler) reach the same weights as one process on the same global bat
 from __future__ import annotations
 
 import importlib
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "mnist_bags.py"
@@ -39,10 +39,8 @@ def test_ranks_together_cover_the_single_process_global_batch():
 
 
 def _run(cmd, tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=tmp_path, env=child_env(OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import assert_close, skip_unsupported
+from conftest import assert_close, child_env, skip_unsupported
 from torch import nn
 
 import fastmil
@@ -214,10 +213,9 @@ def test_torchmil_own_tests_pass_under_the_patch(backend, device, tmp_path):
     report = tmp_path / "report.json"
     (tmp_path / "pytest.ini").write_text("[pytest]\n")  # not fastmil's settings
     here = pathlib.Path(__file__).resolve().parent
-    env = dict(os.environ, FASTMIL_PATCH_BACKEND=backend, FASTMIL_PATCH_DEVICE=device,
-               FASTMIL_PATCH_REPORT=str(report),
-               OMP_NUM_THREADS="1",  # tiny ops, as the one_thread fixture
-               PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]))
+    env = child_env(str(here), FASTMIL_PATCH_BACKEND=backend, FASTMIL_PATCH_DEVICE=device,
+                    FASTMIL_PATCH_REPORT=str(report),
+                    OMP_NUM_THREADS="1")  # tiny ops, as the one_thread fixture
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
            "-p", "torchmil_patch_plugin", "-c", str(tmp_path / "pytest.ini"),
            "--rootdir", str(tmp_path), *(str(tests / f) for f in files)]

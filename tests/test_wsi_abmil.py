@@ -463,16 +463,21 @@ def test_attention_export_sums_to_one_and_follows_the_coords(trained, h5_cohort)
         np.testing.assert_array_equal(table[:, 0], np.arange(s.n))
         np.testing.assert_array_equal(table[:, 1:3], wsi.read_coords(s.coords_path, s.n))
         assert table[:, 3].sum() == pytest.approx(1.0, abs=1e-4) and (table[:, 3] > 0).all()
-    # the exported values are the model's attention for those patches
+    # the exported values are the model's attention for those patches, computed as the run
+    # computed them: on its device (CUDA where there is one: bf16 features under bf16 autocast)
+    # and in its batch (the first two val slides, packed: --batch-slides 2)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = wsi.ABMIL(**torch.load(out / "model.pt", weights_only=False)["config"])
     model.load_state_dict(torch.load(out / "model.pt", weights_only=False)["model"])
-    model.eval()
-    s = cohort.slides["val"][0]
-    x = wsi.read_features(s.path).float()
-    with torch.no_grad():
-        _, a = model(x, torch.tensor([0, s.n]))
-    table = np.loadtxt(out / "attention" / f"{s.slide_id}.csv", delimiter=",", skiprows=1)
-    np.testing.assert_allclose(table[:, 3], a.numpy(), rtol=1e-5, atol=1e-9)
+    model.to(device).eval()
+    first, second = cohort.slides["val"][:2]
+    x = torch.cat([wsi.read_features(s.path) for s in (first, second)]).to(device, dtype)
+    with torch.no_grad(), wsi.autocast(device):
+        _, a = model(x, torch.tensor([0, first.n, first.n + second.n], device=device))
+    table = np.loadtxt(out / "attention" / f"{first.slide_id}.csv", delimiter=",", skiprows=1)
+    np.testing.assert_allclose(table[:, 3], a[:first.n].float().cpu().numpy(), rtol=1e-5,
+                               atol=1e-9)
 
 
 def test_heatmap_files_and_pixels(trained, h5_cohort):
@@ -621,12 +626,14 @@ def test_examples_take_fewer_threads_beside_a_busy_process(tmp_path, monkeypatch
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.5)  # let it start spinning
+        # on CPU (the default on a GPU machine is CUDA, which takes no threads)
         mb.main(["--dataset", "digits", "--train-bags", "16", "--val-bags", "8", "--epochs", "1",
-                 "--plot-bags", "0", "--no-progress", "--out-dir", str(tmp_path / "mnist")])
+                 "--plot-bags", "0", "--no-progress", "--device", "cpu",
+                 "--out-dir", str(tmp_path / "mnist")])
         mnist = capsys.readouterr().out
         wsi.main(["--synthetic-dir", str(tmp_path / "cohort"), "--synthetic-slides", "8",
                   "--synthetic-dim", "8", "--epochs", "1", "--batch-slides", "2", "--heatmaps",
-                  "0", "--no-progress", "--out-dir", str(tmp_path / "wsi")])
+                  "0", "--no-progress", "--device", "cpu", "--out-dir", str(tmp_path / "wsi")])
         out = capsys.readouterr().out
     finally:
         busy.kill()

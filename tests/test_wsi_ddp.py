@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import child_env
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "wsi_abmil.py"
 sys.path.insert(0, str(EXAMPLE.parent))  # the examples import their shared helpers, _common.py
@@ -33,11 +33,9 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     threads = torch.get_num_threads()
     one = wsi.main([*common, "--out-dir", str(tmp_path / "one")])
     assert torch.get_num_threads() == threads
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", str(EXAMPLE), *common, "--out-dir",
-                           str(tmp_path / "two")], cwd=tmp_path, env=env, capture_output=True,
+                           str(tmp_path / "two")], cwd=tmp_path, env=child_env(), capture_output=True,
                           text=True, timeout=240)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout}\n{proc.stderr}"
     assert "distributed: 2 processes (gloo), 2 slides each per step" in proc.stdout
