@@ -73,10 +73,10 @@ def _paths(device: str):
     if device == "cpu":
         return [("eager Function", lambda: stubbed_kernels(False)),
                 ("custom ops", lambda: stubbed_kernels(True))]
-    from .providers import projection
+    from .providers import kernel_design
 
-    return [("cuBLAS projection", lambda: projection("fastmil_triton_cublas")),
-            ("fused projection", lambda: projection("fastmil_triton_save"))]
+    return [("cuBLAS projection", lambda: kernel_design("fastmil_triton_cublas")),
+            ("fused projection", lambda: kernel_design("fastmil_triton_save"))]
 
 
 def measure(args) -> dict:

@@ -185,7 +185,7 @@ def measure(args) -> dict:
     import fastmil
     from fastmil.reference import eager_attention_pool
 
-    from .providers import projection, recompute_option
+    from .providers import kernel_design, recompute_option
     from .timing import git_commit
 
     device = torch.device(args.device)
@@ -217,7 +217,7 @@ def measure(args) -> dict:
                                               "commit")
             else:
                 extra = recompute_option(provider)
-        with projection(provider):  # the backward makes p and q as its forward did
+        with kernel_design(provider):  # the backward makes p and q as its forward did
             return fastmil.attention_pool(inp, V, U, w, attn_bias=bV, gate_bias=bU,
                                           offsets=offsets, return_attention=attention,
                                           backend=backend, **extra)

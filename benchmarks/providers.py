@@ -52,7 +52,12 @@ class Provider:
 FASTMIL_VARIANTS = {"fastmil_triton": (False, True), "fastmil_triton_save": (False, False),
                     "fastmil_triton_cublas": (True, False),
                     "fastmil_triton_cublas_recompute": (True, True),
+                    "fastmil_triton_cublas_dot": (True, False),
                     "fastmil_torch": (None, None)}
+# Other switches of the kernel module a column sets (the others keep the module's defaults):
+# "fastmil_triton_cublas_dot" is the default path with the forward's one-branch weighted sum by
+# tl.dot (DOT_WEIGHTED_SUM), as in the third H100 check, to time the FMA sum against it.
+KERNEL_FLAGS = {"fastmil_triton_cublas_dot": {"DOT_WEIGHTED_SUM": True}}
 
 
 def recompute_option(name: str) -> dict:
@@ -62,21 +67,25 @@ def recompute_option(name: str) -> dict:
 
 
 @contextlib.contextmanager
-def projection(name: str):
+def kernel_design(name: str):
     """While the block runs, fastmil's kernels take their projections as the column ``name``
-    says (the kernel module's CUBLAS_PROJECTION); nothing changes for fastmil torch."""
+    says (the kernel module's CUBLAS_PROJECTION) and its other switches (KERNEL_FLAGS); nothing
+    changes for fastmil torch."""
     cublas = FASTMIL_VARIANTS.get(name, (None, None))[0]
     if cublas is None:
         yield
         return
     from fastmil.kernels import attention_pool as kernels
 
-    before = kernels.CUBLAS_PROJECTION
-    kernels.CUBLAS_PROJECTION = cublas
+    flags = {"CUBLAS_PROJECTION": cublas, **KERNEL_FLAGS.get(name, {})}
+    before = {k: getattr(kernels, k) for k in flags}
+    for k, v in flags.items():
+        setattr(kernels, k, v)
     try:
         yield
     finally:
-        kernels.CUBLAS_PROJECTION = before
+        for k, v in before.items():
+            setattr(kernels, k, v)
 
 
 def _fastmil(name: str):
@@ -102,7 +111,7 @@ def _fastmil(name: str):
 
         def fn(s: InputSet, attention: bool = False):
             offsets = None if case.B == 1 else s.host_offsets()  # as fastmil.collate gives
-            with projection(name):  # the backward makes p and q as its forward did
+            with kernel_design(name):  # the backward makes p and q as its forward did
                 return fastmil.attention_pool(s.x, W.V, W.U, W.w, attn_bias=W.bV,
                                               gate_bias=W.bU, offsets=offsets,
                                               return_attention=attention, backend=backend,
@@ -292,6 +301,7 @@ _BUILDERS = {
     "fastmil_triton_save": _fastmil("fastmil_triton_save"),
     "fastmil_triton_cublas": _fastmil("fastmil_triton_cublas"),
     "fastmil_triton_cublas_recompute": _fastmil("fastmil_triton_cublas_recompute"),
+    "fastmil_triton_cublas_dot": _fastmil("fastmil_triton_cublas_dot"),
     "fastmil_triton_graph": _graphed("fastmil_triton_graph"),
     "eager_graph": _graphed("eager_graph"),
     "fastmil_torch": _fastmil("fastmil_torch"),

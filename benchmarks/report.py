@@ -22,7 +22,7 @@ from collections import defaultdict
 
 # also the order in which a case's providers run: the slow-to-compile ones last
 PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas",
-             "fastmil_triton_cublas_recompute", "fastmil_torch", "eager", "compile_default",
+             "fastmil_triton_cublas_recompute", "fastmil_triton_cublas_dot", "fastmil_torch", "eager", "compile_default",
              "compile_max_autotune", "torchmil", "pyg",
              # CUDA graphs last: no profiler session of another provider runs while a captured
              # graph is alive (tearing CUPTI down under live graphs has crashed processes)
@@ -32,6 +32,8 @@ LABELS = {
     "fastmil_triton_save": "fastmil triton, fused projection (recompute=False)",
     "fastmil_triton_cublas": "fastmil triton, cuBLAS projection (recompute=False; the default)",
     "fastmil_triton_cublas_recompute": "fastmil triton, cuBLAS projection (recompute=True)",
+    "fastmil_triton_cublas_dot": "fastmil triton, cuBLAS projection, one-branch sum by tl.dot "
+                                 "(recompute=False)",
     "fastmil_torch": "fastmil torch",
     "eager": "eager (fastmil.reference)",
     "fastmil_triton_graph": "fastmil triton, fwd+bwd replayed as CUDA graphs",
@@ -45,6 +47,7 @@ SHORT = {
     "fastmil_triton": "triton fused recompute", "fastmil_triton_save": "triton fused save",
     "fastmil_triton_cublas": "triton cuBLAS (default)",
     "fastmil_triton_cublas_recompute": "triton cuBLAS recompute",
+    "fastmil_triton_cublas_dot": "triton cuBLAS dot-sum",
     "fastmil_torch": "fastmil torch", "eager": "eager",
     "fastmil_triton_graph": "triton graphed", "eager_graph": "eager graphed",
     "compile_default": "compile", "compile_max_autotune": "compile max-AT",
@@ -211,7 +214,7 @@ TARGETS = [
      "subjects": ["fastmil_triton", "fastmil_triton_cublas_recompute"]},
 ]
 TARGET_SUBJECTS = ("fastmil_triton_cublas", "fastmil_triton_cublas_recompute", "fastmil_triton",
-                   "fastmil_triton_save")
+                   "fastmil_triton_save", "fastmil_triton_cublas_dot")
 
 
 def _target_text(t: dict) -> str:
@@ -378,7 +381,7 @@ def case_section(res: Results, name: str, subjects: list[str]) -> str:
 # ------------------------------------------------------------------------- where the time goes
 
 BREAKDOWN_PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas",
-                       "fastmil_triton_cublas_recompute", "eager", "compile_default",
+                       "fastmil_triton_cublas_recompute", "fastmil_triton_cublas_dot", "eager", "compile_default",
                        "fastmil_triton_graph", "eager_graph")
 GEMM_LABELS = {"proj": "projection x [T, D] @ W [D, 2L]", "dw": "weight gradient dpqᵀ @ x",
                "dx": "input gradient dpq @ Wᵀ"}
@@ -648,7 +651,7 @@ def plot(res: Results, path: str) -> bool:
     for ax in axes.flat[len(keys):]:
         ax.set_visible(False)
     colors = {p: plt.get_cmap("tab20")(i) for i, p in enumerate(PROVIDERS)}
-    markers = dict(zip(PROVIDERS, "oPXds^*hDv<>", strict=True))
+    markers = dict(zip(PROVIDERS, "oPXds^*hDv<>p", strict=True))
     for ax, key in zip(axes.flat, keys, strict=False):
         names = sorted(panels[key], key=lambda n: res.cases[n]["N"])
         for p in PROVIDERS:
@@ -829,7 +832,8 @@ def render(res: Results, plot_name: str | None, notes: list[str] | None = None,
         out += ["## Where the time goes", "", breakdown, ""]
     out += ["## Environment", "", env_table(res), ""]
     subjects = [s for s in ("fastmil_triton_cublas", "fastmil_triton", "fastmil_triton_save",
-                            "fastmil_triton_cublas_recompute", "fastmil_torch")
+                            "fastmil_triton_cublas_recompute", "fastmil_triton_cublas_dot",
+                            "fastmil_torch")
                 if any(res.time(n, s, m) is not None for n in res.case_names() for m in MODES)]
     out += ["## Speedups", ""]
     if not subjects:

@@ -112,7 +112,7 @@ def _run(c, x, offsets, w, dz, backend, kind, upcast=False):
         t = t.detach().float() if upcast else t.detach()
         return t.requires_grad_()
 
-    from .providers import projection, recompute_option
+    from .providers import kernel_design, recompute_option
 
     # the benchmark column whose kernels the kind's tiles are for: the default path (cuBLAS
     # projection, p and q kept) for fwd_pq / bwd_pq, the fused projection recomputing for the rest
@@ -123,7 +123,7 @@ def _run(c, x, offsets, w, dz, backend, kind, upcast=False):
         xin = x.detach().float() if upcast else x.detach()
         xin.requires_grad_(c.grad_x and kind.startswith("bwd"))
         extra = recompute_option(column) if backend == "triton" else {}
-        with projection(column):  # the backward makes p and q as its forward did
+        with kernel_design(column):  # the backward makes p and q as its forward did
             z = fastmil.attention_pool(xin, leaves["V"], leaves["U"], leaves["w"],
                                        attn_bias=leaves["bV"], gate_bias=leaves["bU"],
                                        offsets=None if len(c.lengths) == 1 else offsets,

@@ -117,6 +117,41 @@ def test_matches_reference(layout, lengths, K, gated, bias, chunk_mode, projecti
     _check(x, w, torch.float32, **_chunk_mode_kwargs(kw, chunk_mode))
 
 
+class _LaunchSpy:
+    """Stands in for a Triton kernel: records each launch's keyword arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("dot_sum", [False, True], ids=["fma-sum", "dot-sum"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout,lengths", CASES, ids=[c[0] for c in CASES])
+def test_one_branch_weighted_sum_both_ways(dot_sum, dtype, layout, lengths, chunk_mode,
+                                           projection, monkeypatch):
+    """Pass 2's Σ exp(s - m) h for one branch, by FMA into a register tile (the default) and by
+    tl.dot (DOT_WEIGHTED_SUM, as for K > 1): both right, and the switch picks the one that runs;
+    K > 1 always takes tl.dot."""
+    monkeypatch.setattr(kernels, "DOT_WEIGHTED_SUM", dot_sum)
+    spy = _LaunchSpy(kernels._fwd_kernel)
+    monkeypatch.setattr(kernels, "_fwd_kernel", spy)
+    D, L = 40, 24
+    x, kw = make_layout(layout, lengths, D, dtype=dtype, device=DEVICE)
+    _check(x, make_weights(D, L, None, dtype=dtype, device=DEVICE), dtype,
+           **_chunk_mode_kwargs(kw, chunk_mode))
+    assert spy.launches and all(k["DOT_SUM"] is dot_sum for k in spy.launches)
+    spy.launches.clear()
+    _check(x, make_weights(D, L, 2, dtype=dtype, device=DEVICE), dtype,
+           **_chunk_mode_kwargs(kw, chunk_mode))
+    assert spy.launches and all(k["DOT_SUM"] is True for k in spy.launches)
+
+
 @pytest.mark.parametrize("missing", ["attn_bias", "gate_bias"])
 @pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save"])
 def test_one_bias_missing(missing, recompute, projection):

@@ -52,7 +52,8 @@ Kernels:
   rows) and optionally p and q (``SAVE_PQ``, for a backward without the projection GEMM;
   stored, like the cuBLAS GEMM's, without their biases, which the kernels add in fp32).
   Pass 2, per D block of BLOCK_D columns: ``acc = Σ exp(s - m) h`` over the chunk's rows, s read
-  back, accumulated in registers by ``tl.dot`` (a streaming loop, no rescaling: m is final).
+  back, accumulated in registers (a streaming loop, no rescaling: m is final): by ``tl.dot`` for
+  K > 1 (or ``DOT_WEIGHTED_SUM``), by FMA into a ``[BLOCK_N, BLOCK_D]`` fp32 tile for K = 1.
   Writes per-chunk (m, l, acc). With ``LOAD_PQ`` it reads p and q from one cuBLAS GEMM made
   before the launch instead of projecting (``CUBLAS_PROJECTION``, the default: faster on an
   H100 than the fused projection's tl.dot tiles); x is then read once, in pass 2. With
@@ -250,7 +251,7 @@ def _fwd_kernel(
     B, R, D, L, CHUNK, stride_x, p_drop,
     K: tl.constexpr, HAS_MASK: tl.constexpr, GATED: tl.constexpr, HAS_BV: tl.constexpr,
     HAS_BU: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, SAVE_PQ: tl.constexpr,
-    LOAD_PQ: tl.constexpr, SINGLE: tl.constexpr,
+    LOAD_PQ: tl.constexpr, SINGLE: tl.constexpr, DOT_SUM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -294,9 +295,13 @@ def _fwd_kernel(
     tl.debug_barrier()
 
     # pass 2: acc = Σ exp(s - m) h with the chunk's final m, one D block at a time, accumulated
-    # in registers over the chunk's rows (a streaming loop the compiler pipelines); with SINGLE
-    # (the program owns bag i_b) normalised by l and written straight into z (part_acc is z)
+    # in registers over the chunk's rows (a streaming loop); with SINGLE (the program owns bag
+    # i_b) normalised by l and written straight into z (part_acc is z). DOT_SUM: by tl.dot of
+    # [BLOCK_K, BLOCK_N] @ [BLOCK_N, BLOCK_D] (a rounded to x's dtype); else (K == 1) by FMA
+    # into a [BLOCK_N, BLOCK_D] fp32 register tile reduced once per D block: x goes from global
+    # memory to registers, without the mma's trip through shared memory for one real row of 16.
     b_m_safe = tl.where(b_m == float("-inf"), 0.0, b_m)  # [BLOCK_K]
+    b_m1 = tl.sum(tl.where(o_k == 0, b_m_safe, 0.0), axis=0)  # branch 0's (K == 1: the) max
     b_has = b_l > 0
     b_scale = tl.full([BLOCK_K], 1.0, dtype=tl.float32)
     if SINGLE:  # an empty bag gets z = 0, lse = 0
@@ -306,15 +311,26 @@ def _fwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         o_d = d0 + tl.arange(0, BLOCK_D)  # [BLOCK_D]
         m_d = o_d < D
-        b_acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-        for n0 in range(row_lo, row_hi, BLOCK_N):
-            o_row, m_row, m_real = _tile_rows(row_mask_ptr, n0, row_hi, HAS_MASK, BLOCK_N)
-            b_s = tl.load(s_ptr + o_row[:, None] * K + o_k[None, :],
-                          mask=m_row[:, None] & m_k[None, :], other=float("-inf"))
-            b_a = tl.exp(b_s - b_m_safe[None, :])  # [BLOCK_N, BLOCK_K]; 0 at masked rows
-            p_x = x_ptr + o_row[:, None] * stride_x + o_d[None, :]
-            b_x = tl.load(p_x, mask=m_real[:, None] & m_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-            b_acc = tl.dot(tl.trans(b_a).to(b_x.dtype), b_x, b_acc, input_precision=PRECISION)
+        if DOT_SUM:
+            b_acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+            for n0 in range(row_lo, row_hi, BLOCK_N):
+                o_row, m_row, m_real = _tile_rows(row_mask_ptr, n0, row_hi, HAS_MASK, BLOCK_N)
+                b_s = tl.load(s_ptr + o_row[:, None] * K + o_k[None, :],
+                              mask=m_row[:, None] & m_k[None, :], other=float("-inf"))
+                b_a = tl.exp(b_s - b_m_safe[None, :])  # [BLOCK_N, BLOCK_K]; 0 at masked rows
+                p_x = x_ptr + o_row[:, None] * stride_x + o_d[None, :]
+                b_x = tl.load(p_x, mask=m_real[:, None] & m_d[None, :], other=0.0)
+                b_acc = tl.dot(tl.trans(b_a).to(b_x.dtype), b_x, b_acc, input_precision=PRECISION)
+        else:
+            b_acc_n = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            for n0 in range(row_lo, row_hi, BLOCK_N):
+                o_row, m_row, m_real = _tile_rows(row_mask_ptr, n0, row_hi, HAS_MASK, BLOCK_N)
+                b_s1 = tl.load(s_ptr + o_row, mask=m_row, other=float("-inf"))  # [BLOCK_N]
+                b_a1 = tl.exp(b_s1 - b_m1)  # [BLOCK_N]; 0 at masked rows
+                p_x = x_ptr + o_row[:, None] * stride_x + o_d[None, :]
+                b_x = tl.load(p_x, mask=m_real[:, None] & m_d[None, :], other=0.0)
+                b_acc_n += b_a1[:, None] * b_x.to(tl.float32)  # [BLOCK_N, BLOCK_D]
+            b_acc = tl.where(o_k[:, None] == 0, tl.sum(b_acc_n, axis=0)[None, :], 0.0)
         o_a = o_k[:, None] * D + o_d[None, :]  # [BLOCK_K, BLOCK_D]
         tl.store(p_acc + o_a, b_acc * b_scale[:, None], mask=m_kl[:, None] & m_d[None, :])
     if SINGLE:
@@ -500,7 +516,7 @@ def _pow2(n: int, lo: int = 16) -> int:
 # the width of the (h - z)·dz loop's x tiles).
 GPU_TILES = {
     ("fwd", "16-bit"): (64, 32, 64, 8, 3),
-    ("fwd", "fp32"): (64, 32, 32, 8, 3),
+    ("fwd", "fp32"): (32, 32, 64, 4, 3),
     ("fwd_pq", "16-bit"): (64, 32, 64, 4, 3),
     ("fwd_pq", "fp32"): (64, 32, 64, 4, 3),
     ("bwd", "16-bit"): (64, 32, 16, 8, 3),
@@ -647,6 +663,14 @@ def project(x, v, u):
     return x @ _stacked(v, u).t()
 
 
+# How the forward's pass 2 sums Σ exp(s - m) h for one branch (K = 1): False (the default since
+# the third H100 check), by FMA into a register tile; True, by tl.dot, as for K > 1. On that
+# check (2026-11-26) the tl.dot version (then the only one) ran at 34% of HBM bandwidth, bound by
+# L1/shared memory (Nsight Compute); the FMA version has not been timed on a GPU yet: the
+# benchmark column "fastmil_triton_cublas_dot" times the tl.dot one beside it.
+DOT_WEIGHTED_SUM = False
+
+
 # Chunks are a multiple of this many rows (every BLOCK_N divides it); tests lower it to cut
 # small bags into several chunks.
 CHUNK_ALIGN = 128
@@ -763,7 +787,7 @@ def attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w, seed, p_dr
         B, R, D, L, chunk, x.stride(0), float(p_drop),
         K=K, HAS_MASK=row_mask is not None, GATED=u is not None, HAS_BV=bv is not None,
         HAS_BU=bu is not None, ACT=act, DROPOUT=seed is not None, SAVE_PQ=save_pq,
-        LOAD_PQ=load_pq, SINGLE=single,
+        LOAD_PQ=load_pq, SINGLE=single, DOT_SUM=DOT_WEIGHTED_SUM or K > 1,
         BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=block_k,
         PRECISION=_precision(x), num_warps=num_warps, num_stages=num_stages,
     )
