@@ -52,12 +52,12 @@ class Provider:
 FASTMIL_VARIANTS = {"fastmil_triton": (False, True), "fastmil_triton_save": (False, False),
                     "fastmil_triton_cublas": (True, False),
                     "fastmil_triton_cublas_recompute": (True, True),
-                    "fastmil_triton_cublas_dot": (True, False),
+                    "fastmil_triton_cublas_fma": (True, False),
                     "fastmil_torch": (None, None)}
 # Other switches of the kernel module a column sets (the others keep the module's defaults):
-# "fastmil_triton_cublas_dot" is the default path with the forward's one-branch weighted sum by
-# tl.dot (DOT_WEIGHTED_SUM), as in the third H100 check, to time the FMA sum against it.
-KERNEL_FLAGS = {"fastmil_triton_cublas_dot": {"DOT_WEIGHTED_SUM": True}}
+# "fastmil_triton_cublas_fma" is the default path with the forward's one-branch weighted sum by
+# FMA in registers instead of tl.dot (DOT_WEIGHTED_SUM = False), to time it against the default.
+KERNEL_FLAGS = {"fastmil_triton_cublas_fma": {"DOT_WEIGHTED_SUM": False}}
 
 
 def recompute_option(name: str) -> dict:
@@ -301,7 +301,7 @@ _BUILDERS = {
     "fastmil_triton_save": _fastmil("fastmil_triton_save"),
     "fastmil_triton_cublas": _fastmil("fastmil_triton_cublas"),
     "fastmil_triton_cublas_recompute": _fastmil("fastmil_triton_cublas_recompute"),
-    "fastmil_triton_cublas_dot": _fastmil("fastmil_triton_cublas_dot"),
+    "fastmil_triton_cublas_fma": _fastmil("fastmil_triton_cublas_fma"),
     "fastmil_triton_graph": _graphed("fastmil_triton_graph"),
     "eager_graph": _graphed("eager_graph"),
     "fastmil_torch": _fastmil("fastmil_torch"),

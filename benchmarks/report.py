@@ -22,8 +22,8 @@ from collections import defaultdict
 
 # also the order in which a case's providers run: the slow-to-compile ones last
 PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas",
-             "fastmil_triton_cublas_recompute", "fastmil_triton_cublas_dot", "fastmil_torch", "eager", "compile_default",
-             "compile_max_autotune", "torchmil", "pyg",
+             "fastmil_triton_cublas_recompute", "fastmil_triton_cublas_fma", "fastmil_torch",
+             "eager", "compile_default", "compile_max_autotune", "torchmil", "pyg",
              # CUDA graphs last: no profiler session of another provider runs while a captured
              # graph is alive (tearing CUPTI down under live graphs has crashed processes)
              "fastmil_triton_graph", "eager_graph")
@@ -32,7 +32,7 @@ LABELS = {
     "fastmil_triton_save": "fastmil triton, fused projection (recompute=False)",
     "fastmil_triton_cublas": "fastmil triton, cuBLAS projection (recompute=False; the default)",
     "fastmil_triton_cublas_recompute": "fastmil triton, cuBLAS projection (recompute=True)",
-    "fastmil_triton_cublas_dot": "fastmil triton, cuBLAS projection, one-branch sum by tl.dot "
+    "fastmil_triton_cublas_fma": "fastmil triton, cuBLAS projection, one-branch sum by FMA "
                                  "(recompute=False)",
     "fastmil_torch": "fastmil torch",
     "eager": "eager (fastmil.reference)",
@@ -47,7 +47,7 @@ SHORT = {
     "fastmil_triton": "triton fused recompute", "fastmil_triton_save": "triton fused save",
     "fastmil_triton_cublas": "triton cuBLAS (default)",
     "fastmil_triton_cublas_recompute": "triton cuBLAS recompute",
-    "fastmil_triton_cublas_dot": "triton cuBLAS dot-sum",
+    "fastmil_triton_cublas_fma": "triton cuBLAS FMA-sum",
     "fastmil_torch": "fastmil torch", "eager": "eager",
     "fastmil_triton_graph": "triton graphed", "eager_graph": "eager graphed",
     "compile_default": "compile", "compile_max_autotune": "compile max-AT",
@@ -214,7 +214,7 @@ TARGETS = [
      "subjects": ["fastmil_triton", "fastmil_triton_cublas_recompute"]},
 ]
 TARGET_SUBJECTS = ("fastmil_triton_cublas", "fastmil_triton_cublas_recompute", "fastmil_triton",
-                   "fastmil_triton_save", "fastmil_triton_cublas_dot")
+                   "fastmil_triton_save", "fastmil_triton_cublas_fma")
 
 
 def _target_text(t: dict) -> str:
@@ -381,8 +381,8 @@ def case_section(res: Results, name: str, subjects: list[str]) -> str:
 # ------------------------------------------------------------------------- where the time goes
 
 BREAKDOWN_PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas",
-                       "fastmil_triton_cublas_recompute", "fastmil_triton_cublas_dot", "eager", "compile_default",
-                       "fastmil_triton_graph", "eager_graph")
+                       "fastmil_triton_cublas_recompute", "fastmil_triton_cublas_fma", "eager",
+                       "compile_default", "fastmil_triton_graph", "eager_graph")
 GEMM_LABELS = {"proj": "projection x [T, D] @ W [D, 2L]", "dw": "weight gradient dpqᵀ @ x",
                "dx": "input gradient dpq @ Wᵀ"}
 
@@ -832,7 +832,7 @@ def render(res: Results, plot_name: str | None, notes: list[str] | None = None,
         out += ["## Where the time goes", "", breakdown, ""]
     out += ["## Environment", "", env_table(res), ""]
     subjects = [s for s in ("fastmil_triton_cublas", "fastmil_triton", "fastmil_triton_save",
-                            "fastmil_triton_cublas_recompute", "fastmil_triton_cublas_dot",
+                            "fastmil_triton_cublas_recompute", "fastmil_triton_cublas_fma",
                             "fastmil_torch")
                 if any(res.time(n, s, m) is not None for n in res.case_names() for m in MODES)]
     out += ["## Speedups", ""]

@@ -17,7 +17,7 @@ backward; every candidate tile of ``TILE_CANDIDATES`` on the key shape; every en
 measured tile tables (``MEASURED_TILES``, and the ``FASTMIL_TILES`` file's when that is set); a
 row stride that is not a multiple of 16 elements (the JIT's second variant); and the optional
 paths (gelu, dropout, saved projections, one program per bag, a backward for frozen x, the
-one-branch weighted sum by tl.dot).
+other one-branch weighted sum, ``DOT_WEIGHTED_SUM`` switched).
 ``fwd_pq`` is the forward that reads its projections from a cuBLAS GEMM (``CUBLAS_PROJECTION``,
 the default), ``bwd_pq`` the backward that reads them (saved, or from cuBLAS), each with its own
 tiles.
@@ -139,12 +139,15 @@ def _variants():
             tiles = k.gpu_tiles(kind, torch.bfloat16, 1024, 256, 1, True)
             out.append((f"{kind} bf16 gated nomask K=1 {label}", kind, "bf16", 1024, 256, 1,
                         True, False, tiles, base | flags, kind != "bwd_pq"))
-    # the other one-branch weighted sum (DOT_WEIGHTED_SUM: tl.dot, as for K > 1)
-    for kind, dt, masked in itertools.product(("fwd", "fwd_pq"), DTYPES, (True, False)):
-        tiles = k.gpu_tiles(kind, DTYPES[dt], 1024, 256, 1, True)
-        out.append((f"{kind} {dt} gated {'mask' if masked else 'nomask'} K=1 sum by tl.dot "
-                    f"tiles={tiles}", kind, dt, 1024, 256, 1, True, masked, tiles,
-                    base | pq_flags.get(kind, {}) | dict(DOT_SUM=True), kind not in pq_flags))
+    # the other one-branch weighted sum of the forward reading p, q (DOT_WEIGHTED_SUM switched)
+    other = not k.DOT_WEIGHTED_SUM
+    for kind, dt, gated, masked in itertools.product(("fwd_pq",), DTYPES, (True, False),
+                                                     (True, False)):
+        tiles = k.gpu_tiles(kind, DTYPES[dt], 1024, 256, 1, gated)
+        out.append((f"{kind} {dt} {'gated' if gated else 'plain'} "
+                    f"{'mask' if masked else 'nomask'} K=1 sum by {'tl.dot' if other else 'FMA'} "
+                    f"tiles={tiles}", kind, dt, 1024, 256, 1, gated, masked, tiles,
+                    base | pq_flags.get(kind, {}) | dict(DOT_SUM=other), kind not in pq_flags))
     return out
 
 
@@ -173,7 +176,7 @@ def compile_variant(variant, arch=90):
     # the forward's weighted sum as the launcher picks it, unless the variant says
     consts = dict(K=K, HAS_MASK=masked, GATED=gated, HAS_BV=True, HAS_BU=gated, BLOCK_N=block_n,
                   BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=16,
-                  DOT_SUM=k.DOT_WEIGHTED_SUM or K > 1) | flags
+                  DOT_SUM=k.DOT_WEIGHTED_SUM or K > 1 or not flags["LOAD_PQ"]) | flags
     consts = {n: v for n, v in consts.items() if n in fn.arg_names}
     name = f"sm_{arch} {name}"
     try:

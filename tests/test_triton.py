@@ -135,9 +135,10 @@ class _LaunchSpy:
 @pytest.mark.parametrize("layout,lengths", CASES, ids=[c[0] for c in CASES])
 def test_one_branch_weighted_sum_both_ways(dot_sum, dtype, layout, lengths, chunk_mode,
                                            projection, monkeypatch):
-    """Pass 2's Σ exp(s - m) h for one branch, by FMA into a register tile (the default) and by
-    tl.dot (DOT_WEIGHTED_SUM, as for K > 1): both right, and the switch picks the one that runs;
-    K > 1 always takes tl.dot."""
+    """Pass 2's Σ exp(s - m) h for one branch, by tl.dot (DOT_WEIGHTED_SUM, the default, as for
+    K > 1) and by FMA into a register tile: both right, and the switch picks the one that runs
+    in the forward reading p, q (the cuBLAS projection); K > 1 and the fused projection always
+    take tl.dot."""
     monkeypatch.setattr(kernels, "DOT_WEIGHTED_SUM", dot_sum)
     spy = _LaunchSpy(kernels._fwd_kernel)
     monkeypatch.setattr(kernels, "_fwd_kernel", spy)
@@ -145,7 +146,8 @@ def test_one_branch_weighted_sum_both_ways(dot_sum, dtype, layout, lengths, chun
     x, kw = make_layout(layout, lengths, D, dtype=dtype, device=DEVICE)
     _check(x, make_weights(D, L, None, dtype=dtype, device=DEVICE), dtype,
            **_chunk_mode_kwargs(kw, chunk_mode))
-    assert spy.launches and all(k["DOT_SUM"] is dot_sum for k in spy.launches)
+    expected = dot_sum or projection == "fused"
+    assert spy.launches and all(k["DOT_SUM"] is expected for k in spy.launches)
     spy.launches.clear()
     _check(x, make_weights(D, L, 2, dtype=dtype, device=DEVICE), dtype,
            **_chunk_mode_kwargs(kw, chunk_mode))

@@ -52,8 +52,9 @@ Kernels:
   rows) and optionally p and q (``SAVE_PQ``, for a backward without the projection GEMM;
   stored, like the cuBLAS GEMM's, without their biases, which the kernels add in fp32).
   Pass 2, per D block of BLOCK_D columns: ``acc = Σ exp(s - m) h`` over the chunk's rows, s read
-  back, accumulated in registers (a streaming loop, no rescaling: m is final): by ``tl.dot`` for
-  K > 1 (or ``DOT_WEIGHTED_SUM``), by FMA into a ``[BLOCK_N, BLOCK_D]`` fp32 tile for K = 1.
+  back, accumulated in registers (a streaming loop, no rescaling: m is final): by ``tl.dot``
+  (or, for K = 1 with ``LOAD_PQ`` and ``DOT_WEIGHTED_SUM = False``, by FMA into a
+  ``[BLOCK_N, BLOCK_D]`` fp32 tile).
   Writes per-chunk (m, l, acc). With ``LOAD_PQ`` it reads p and q from one cuBLAS GEMM made
   before the launch instead of projecting (``CUBLAS_PROJECTION``, the default: faster on an
   H100 than the fused projection's tl.dot tiles); x is then read once, in pass 2. With
@@ -516,7 +517,7 @@ def _pow2(n: int, lo: int = 16) -> int:
 # the width of the (h - z)·dz loop's x tiles).
 GPU_TILES = {
     ("fwd", "16-bit"): (64, 32, 64, 8, 3),
-    ("fwd", "fp32"): (32, 32, 64, 4, 3),
+    ("fwd", "fp32"): (64, 32, 32, 8, 3),
     ("fwd_pq", "16-bit"): (64, 32, 64, 4, 3),
     ("fwd_pq", "fp32"): (64, 32, 64, 4, 3),
     ("bwd", "16-bit"): (64, 32, 16, 8, 3),
@@ -663,12 +664,15 @@ def project(x, v, u):
     return x @ _stacked(v, u).t()
 
 
-# How the forward's pass 2 sums Σ exp(s - m) h for one branch (K = 1): False (the default since
-# the third H100 check), by FMA into a register tile; True, by tl.dot, as for K > 1. On that
-# check (2026-11-26) the tl.dot version (then the only one) ran at 34% of HBM bandwidth, bound by
-# L1/shared memory (Nsight Compute); the FMA version has not been timed on a GPU yet: the
-# benchmark column "fastmil_triton_cublas_dot" times the tl.dot one beside it.
-DOT_WEIGHTED_SUM = False
+# How the forward that reads p and q (the cuBLAS projection) sums Σ exp(s - m) h in its pass 2
+# for one branch (K = 1): True (the default), by tl.dot, as for K > 1 and in the fused-projection
+# forward; False, by FMA into a [BLOCK_N, BLOCK_D] fp32 register tile reduced once
+# per D block (x from global memory to registers, the attention kept in fp32). On the third H100
+# check (2026-11-26) the tl.dot sum ran at 34% of HBM bandwidth, bound by L1/shared memory
+# (Nsight Compute: its mma has one real row of 16 and stages every x tile through shared
+# memory). The FMA sum has not run on a GPU yet; the benchmark column
+# "fastmil_triton_cublas_fma" times it beside the default, which it replaces if faster.
+DOT_WEIGHTED_SUM = True
 
 
 # Chunks are a multiple of this many rows (every BLOCK_N divides it); tests lower it to cut
@@ -787,7 +791,7 @@ def attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w, seed, p_dr
         B, R, D, L, chunk, x.stride(0), float(p_drop),
         K=K, HAS_MASK=row_mask is not None, GATED=u is not None, HAS_BV=bv is not None,
         HAS_BU=bu is not None, ACT=act, DROPOUT=seed is not None, SAVE_PQ=save_pq,
-        LOAD_PQ=load_pq, SINGLE=single, DOT_SUM=DOT_WEIGHTED_SUM or K > 1,
+        LOAD_PQ=load_pq, SINGLE=single, DOT_SUM=DOT_WEIGHTED_SUM or K > 1 or not load_pq,
         BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=block_k,
         PRECISION=_precision(x), num_warps=num_warps, num_stages=num_stages,
     )
