@@ -225,6 +225,7 @@ SUITES: dict[str, list[tuple[Case, tuple[str, ...]]]] = {
 # of its targets only (no max-autotune compile: minutes per shape)
 SUITE_PROVIDERS = {p: ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas",
                        "fastmil_triton_cublas_recompute", "fastmil_triton_cublas_fma",
+                       "fastmil_triton_cublas_16sm",
                        "fastmil_torch", "eager",
                        "compile_default", "fastmil_triton_graph", "eager_graph")
                    for p in ("gpu-check", "dry-run")}

@@ -53,11 +53,15 @@ FASTMIL_VARIANTS = {"fastmil_triton": (False, True), "fastmil_triton_save": (Fal
                     "fastmil_triton_cublas": (True, False),
                     "fastmil_triton_cublas_recompute": (True, True),
                     "fastmil_triton_cublas_fma": (True, False),
+                    "fastmil_triton_cublas_16sm": (True, False),
                     "fastmil_torch": (None, None)}
 # Other switches of the kernel module a column sets (the others keep the module's defaults):
 # "fastmil_triton_cublas_fma" is the default path with the forward's one-branch weighted sum by
-# FMA in registers instead of tl.dot (DOT_WEIGHTED_SUM = False), to time it against the default.
-KERNEL_FLAGS = {"fastmil_triton_cublas_fma": {"DOT_WEIGHTED_SUM": False}}
+# FMA in registers instead of tl.dot (DOT_WEIGHTED_SUM = False), "fastmil_triton_cublas_16sm"
+# with chunks for 16 programs per SM instead of 4 (PROGRAMS_PER_SM), each to time against the
+# default.
+KERNEL_FLAGS = {"fastmil_triton_cublas_fma": {"DOT_WEIGHTED_SUM": False},
+                "fastmil_triton_cublas_16sm": {"PROGRAMS_PER_SM": 16}}
 
 
 def recompute_option(name: str) -> dict:
@@ -302,6 +306,7 @@ _BUILDERS = {
     "fastmil_triton_cublas": _fastmil("fastmil_triton_cublas"),
     "fastmil_triton_cublas_recompute": _fastmil("fastmil_triton_cublas_recompute"),
     "fastmil_triton_cublas_fma": _fastmil("fastmil_triton_cublas_fma"),
+    "fastmil_triton_cublas_16sm": _fastmil("fastmil_triton_cublas_16sm"),
     "fastmil_triton_graph": _graphed("fastmil_triton_graph"),
     "eager_graph": _graphed("eager_graph"),
     "fastmil_torch": _fastmil("fastmil_torch"),

@@ -22,8 +22,8 @@ from collections import defaultdict
 
 # also the order in which a case's providers run: the slow-to-compile ones last
 PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas",
-             "fastmil_triton_cublas_recompute", "fastmil_triton_cublas_fma", "fastmil_torch",
-             "eager", "compile_default", "compile_max_autotune", "torchmil", "pyg",
+             "fastmil_triton_cublas_recompute", "fastmil_triton_cublas_fma",
+             "fastmil_triton_cublas_16sm", "fastmil_torch", "eager", "compile_default", "compile_max_autotune", "torchmil", "pyg",
              # CUDA graphs last: no profiler session of another provider runs while a captured
              # graph is alive (tearing CUPTI down under live graphs has crashed processes)
              "fastmil_triton_graph", "eager_graph")
@@ -34,6 +34,8 @@ LABELS = {
     "fastmil_triton_cublas_recompute": "fastmil triton, cuBLAS projection (recompute=True)",
     "fastmil_triton_cublas_fma": "fastmil triton, cuBLAS projection, one-branch sum by FMA "
                                  "(recompute=False)",
+    "fastmil_triton_cublas_16sm": "fastmil triton, cuBLAS projection, chunks for 16 programs "
+                                  "per SM (recompute=False)",
     "fastmil_torch": "fastmil torch",
     "eager": "eager (fastmil.reference)",
     "fastmil_triton_graph": "fastmil triton, fwd+bwd replayed as CUDA graphs",
@@ -48,6 +50,7 @@ SHORT = {
     "fastmil_triton_cublas": "triton cuBLAS (default)",
     "fastmil_triton_cublas_recompute": "triton cuBLAS recompute",
     "fastmil_triton_cublas_fma": "triton cuBLAS FMA-sum",
+    "fastmil_triton_cublas_16sm": "triton cuBLAS 16/SM",
     "fastmil_torch": "fastmil torch", "eager": "eager",
     "fastmil_triton_graph": "triton graphed", "eager_graph": "eager graphed",
     "compile_default": "compile", "compile_max_autotune": "compile max-AT",
@@ -214,7 +217,8 @@ TARGETS = [
      "subjects": ["fastmil_triton", "fastmil_triton_cublas_recompute"]},
 ]
 TARGET_SUBJECTS = ("fastmil_triton_cublas", "fastmil_triton_cublas_recompute", "fastmil_triton",
-                   "fastmil_triton_save", "fastmil_triton_cublas_fma")
+                   "fastmil_triton_save", "fastmil_triton_cublas_fma",
+                   "fastmil_triton_cublas_16sm")
 
 
 def _target_text(t: dict) -> str:
@@ -381,8 +385,9 @@ def case_section(res: Results, name: str, subjects: list[str]) -> str:
 # ------------------------------------------------------------------------- where the time goes
 
 BREAKDOWN_PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas",
-                       "fastmil_triton_cublas_recompute", "fastmil_triton_cublas_fma", "eager",
-                       "compile_default", "fastmil_triton_graph", "eager_graph")
+                       "fastmil_triton_cublas_recompute", "fastmil_triton_cublas_fma",
+                       "fastmil_triton_cublas_16sm", "eager", "compile_default",
+                       "fastmil_triton_graph", "eager_graph")
 GEMM_LABELS = {"proj": "projection x [T, D] @ W [D, 2L]", "dw": "weight gradient dpqᵀ @ x",
                "dx": "input gradient dpq @ Wᵀ"}
 
@@ -651,7 +656,7 @@ def plot(res: Results, path: str) -> bool:
     for ax in axes.flat[len(keys):]:
         ax.set_visible(False)
     colors = {p: plt.get_cmap("tab20")(i) for i, p in enumerate(PROVIDERS)}
-    markers = dict(zip(PROVIDERS, "oPXds^*hDv<>p", strict=True))
+    markers = dict(zip(PROVIDERS, "oPXds^*hDv<>pH", strict=True))
     for ax, key in zip(axes.flat, keys, strict=False):
         names = sorted(panels[key], key=lambda n: res.cases[n]["N"])
         for p in PROVIDERS:
@@ -833,7 +838,7 @@ def render(res: Results, plot_name: str | None, notes: list[str] | None = None,
     out += ["## Environment", "", env_table(res), ""]
     subjects = [s for s in ("fastmil_triton_cublas", "fastmil_triton", "fastmil_triton_save",
                             "fastmil_triton_cublas_recompute", "fastmil_triton_cublas_fma",
-                            "fastmil_torch")
+                            "fastmil_triton_cublas_16sm", "fastmil_torch")
                 if any(res.time(n, s, m) is not None for n in res.case_names() for m in MODES)]
     out += ["## Speedups", ""]
     if not subjects:

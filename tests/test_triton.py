@@ -118,14 +118,15 @@ def test_matches_reference(layout, lengths, K, gated, bias, chunk_mode, projecti
 
 
 class _LaunchSpy:
-    """Stands in for a Triton kernel: records each launch's keyword arguments, then launches."""
+    """Stands in for a Triton kernel: records each launch's grid and keyword arguments, then
+    launches."""
 
     def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
+        self.kernel, self.launches = kernel, []  # [(grid, kwargs)]
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.launches.append(kwargs)
+            self.launches.append((grid, kwargs))
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -147,11 +148,11 @@ def test_one_branch_weighted_sum_both_ways(dot_sum, dtype, layout, lengths, chun
     _check(x, make_weights(D, L, None, dtype=dtype, device=DEVICE), dtype,
            **_chunk_mode_kwargs(kw, chunk_mode))
     expected = dot_sum or projection == "fused"
-    assert spy.launches and all(k["DOT_SUM"] is expected for k in spy.launches)
+    assert spy.launches and all(k["DOT_SUM"] is expected for _, k in spy.launches)
     spy.launches.clear()
     _check(x, make_weights(D, L, 2, dtype=dtype, device=DEVICE), dtype,
            **_chunk_mode_kwargs(kw, chunk_mode))
-    assert spy.launches and all(k["DOT_SUM"] is True for k in spy.launches)
+    assert spy.launches and all(k["DOT_SUM"] is True for _, k in spy.launches)
 
 
 @pytest.mark.parametrize("missing", ["attn_bias", "gate_bias"])
@@ -262,14 +263,26 @@ def test_small_bags_take_one_program_each_without_merge(monkeypatch):
     meta, single = kernels._chunk_map(torch.tensor([0, 3, 3]), lengths, R,
                                       kernels.chunk_size(R, torch.device(DEVICE)), DEVICE)
     assert single and meta[4 * B:4 * B + B].tolist() == [0, 1, 2]
-    merges = []
-    real = kernels._merge_kernel
-    monkeypatch.setattr(kernels, "_merge_kernel", type("Spy", (), {
-        "__getitem__": lambda self, grid: merges.append(grid) or real[grid]})())
+    merges = _LaunchSpy(kernels._merge_kernel)
+    monkeypatch.setattr(kernels, "_merge_kernel", merges)
     x, kw = make_layout("packed", lengths.tolist(), 16, device=DEVICE)
     _check(x, make_weights(16, 8, 2, device=DEVICE), torch.float32,
            offsets=kw["offsets"].cpu())
-    assert merges == []
+    assert merges.launches == []
+
+
+def test_chunk_size_aims_at_programs_per_sm(monkeypatch):
+    """Chunks of a multiple of CHUNK_ALIGN rows, about PROGRAMS_PER_SM per SM (132 SMs: an
+    H100), at most 64·CHUNK_ALIGN rows; the numbers of benchmarks/gpu_runs/NOTES.md."""
+    monkeypatch.setattr(kernels, "_multi_processors", lambda index: 132)
+    gpu = torch.device("cuda", 0)
+    assert kernels.chunk_size(100_000, gpu) == 256  # 391 chunks: one round of 396 slots
+    assert kernels.chunk_size(200_195, gpu) == 384  # 522 (+ partials): two rounds
+    assert kernels.chunk_size(10 ** 8, gpu) == 64 * kernels.CHUNK_ALIGN
+    monkeypatch.setattr(kernels, "PROGRAMS_PER_SM", 16)
+    assert kernels.chunk_size(200_195, gpu) == 128  # 1,564 chunks (+ partials)
+    assert kernels.chunk_size(10 ** 6, gpu) == 512
+    assert kernels.chunk_size(5, gpu) == kernels.CHUNK_ALIGN
 
 
 @pytest.mark.parametrize("kind,tiles", [(k, t) for k in kernels.TILE_CANDIDATES

@@ -702,12 +702,21 @@ def _multi_processors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# Programs per SM that the chunk size aims at (a GPU's SM count times this many chunks). On the
+# third H100 check (2026-11-26) the kernels fitted 3 programs per SM (registers and shared
+# memory), so 4 per SM ran 8 packed slides (200k rows, 530 programs) in two rounds of 396: the
+# second a third full. More, smaller chunks bound that loss (16: 1,572 programs, 3.97 rounds)
+# for more partial sums to merge and shorter loops per chunk; the benchmark column
+# "fastmil_triton_cublas_16sm" times 16 beside the default (not yet run on a GPU).
+PROGRAMS_PER_SM = 4
+
+
 def chunk_size(R: int, device: torch.device) -> int:
     """Rows per chunk, from the row count and the device only: enough programs to fill the GPU
-    (4 per SM), a multiple of CHUNK_ALIGN, at most 64·CHUNK_ALIGN rows."""
+    (PROGRAMS_PER_SM per SM), a multiple of CHUNK_ALIGN, at most 64·CHUNK_ALIGN rows."""
     if device.type == "cuda":
         index = torch.cuda.current_device() if device.index is None else device.index
-        target = 4 * _multi_processors(index)
+        target = PROGRAMS_PER_SM * _multi_processors(index)
     else:
         target = 8
     return max(1, min(64, _cdiv(_cdiv(max(R, 1), target), CHUNK_ALIGN))) * CHUNK_ALIGN
