@@ -23,7 +23,8 @@ from collections import defaultdict
 # also the order in which a case's providers run: the slow-to-compile ones last
 PROVIDERS = ("fastmil_triton", "fastmil_triton_save", "fastmil_triton_cublas",
              "fastmil_triton_cublas_recompute", "fastmil_triton_cublas_fma",
-             "fastmil_triton_cublas_16sm", "fastmil_torch", "eager", "compile_default", "compile_max_autotune", "torchmil", "pyg",
+             "fastmil_triton_cublas_16sm", "fastmil_torch", "eager", "compile_default",
+             "compile_max_autotune", "torchmil", "pyg",
              # CUDA graphs last: no profiler session of another provider runs while a captured
              # graph is alive (tearing CUPTI down under live graphs has crashed processes)
              "fastmil_triton_graph", "eager_graph")

@@ -552,10 +552,10 @@ MEASURED_TILES: dict = {
     # the third GPU check of that day (fastmil 7c9ce98, the two-pass forward; fwd_pq and bwd_pq
     # swept): speed-ups over the defaults then, fwd_pq (64, 32, 64, 4, 3) and bwd_pq
     # (64, 32, 16, 8, 3). The 16-bit bwd_pq default is now the tile that won 2 of the 3 16-bit
-    # classes (and beat the old default in all 4 classes swept); winners that spill in some
-    # variant stay out of the defaults: fwd_pq (64, 64, 64, 4, 3) with K=4 and no gate, bwd_pq (16, 256, 64, 4,
-    # 3) in fp32 with K=4, fwd_pq (32, 64, 64, 4, 2) on Triton 3.6 (mnist: 1.80x, 8 B of stack;
-    # the entry below is the fastest that does not spill).
+    # classes (and beat the old default in all 4 classes swept). Winners that spill in some
+    # variant stay out: fwd_pq (64, 64, 64, 4, 3) as a default (K=4, no gate), bwd_pq
+    # (16, 256, 64, 4, 3) as the fp32 default (K=4), and fwd_pq (32, 64, 64, 4, 2) on Triton 3.6
+    # (mnist: 1.80x, 8 B of stack; the entry below is the fastest tile that does not spill).
     ("fwd_pq", "16-bit", True, 1024, 256, 1): (64, 64, 64, 4, 3),  # wsi-d1024-l256-bf16 1.27x
     ("bwd_pq", "16-bit", True, 1024, 256, 1): (16, 256, 64, 4, 3),  # wsi-d1024-l256-bf16 1.52x*
     ("fwd_pq", "fp32", True, 512, 128, 1): (64, 64, 64, 4, 3),  # mnist-d500-l128-fp32 1.22x
@@ -666,11 +666,11 @@ def project(x, v, u):
 
 # How the forward that reads p and q (the cuBLAS projection) sums Σ exp(s - m) h in its pass 2
 # for one branch (K = 1): True (the default), by tl.dot, as for K > 1 and in the fused-projection
-# forward; False, by FMA into a [BLOCK_N, BLOCK_D] fp32 register tile reduced once
-# per D block (x from global memory to registers, the attention kept in fp32). On the third H100
-# check (2026-11-26) the tl.dot sum ran at 34% of HBM bandwidth, bound by L1/shared memory
-# (Nsight Compute: its mma has one real row of 16 and stages every x tile through shared
-# memory). The FMA sum has not run on a GPU yet; the benchmark column
+# forward; False, by FMA into a [BLOCK_N, BLOCK_D] fp32 register tile reduced once per D block
+# (x from global memory to registers, the attention kept in fp32). On the third H100 check
+# (2026-11-26) the tl.dot sum ran at 34% of HBM bandwidth, bound by L1/shared memory (Nsight
+# Compute: its mma has one real row of 16 and stages every x tile through shared memory).
+# The FMA sum has not run on a GPU yet; the benchmark column
 # "fastmil_triton_cublas_fma" times it beside the default, which it replaces if faster.
 DOT_WEIGHTED_SUM = True
 
