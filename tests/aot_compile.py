@@ -176,7 +176,7 @@ def compile_variant(variant, arch=90):
     # the forward's weighted sum as the launcher picks it, unless the variant says
     consts = dict(K=K, HAS_MASK=masked, GATED=gated, HAS_BV=True, HAS_BU=gated, BLOCK_N=block_n,
                   BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=16,
-                  DOT_SUM=k.DOT_WEIGHTED_SUM or K > 1 or not flags["LOAD_PQ"]) | flags
+                  DOT_SUM=k.dot_sum(K, flags["LOAD_PQ"])) | flags
     consts = {n: v for n, v in consts.items() if n in fn.arg_names}
     name = f"sm_{arch} {name}"
     try:

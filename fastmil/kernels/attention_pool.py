@@ -675,6 +675,12 @@ def project(x, v, u):
 DOT_WEIGHTED_SUM = True
 
 
+def dot_sum(K: int, load_pq: bool) -> bool:
+    """Whether the forward's pass 2 sums by tl.dot (its ``DOT_SUM``): always for K > 1 and for
+    the fused projection, else as DOT_WEIGHTED_SUM says."""
+    return DOT_WEIGHTED_SUM or K > 1 or not load_pq
+
+
 # Chunks are a multiple of this many rows (every BLOCK_N divides it); tests lower it to cut
 # small bags into several chunks.
 CHUNK_ALIGN = 128
@@ -800,7 +806,7 @@ def attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w, seed, p_dr
         B, R, D, L, chunk, x.stride(0), float(p_drop),
         K=K, HAS_MASK=row_mask is not None, GATED=u is not None, HAS_BV=bv is not None,
         HAS_BU=bu is not None, ACT=act, DROPOUT=seed is not None, SAVE_PQ=save_pq,
-        LOAD_PQ=load_pq, SINGLE=single, DOT_SUM=DOT_WEIGHTED_SUM or K > 1 or not load_pq,
+        LOAD_PQ=load_pq, SINGLE=single, DOT_SUM=dot_sum(K, load_pq),
         BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=block_k,
         PRECISION=_precision(x), num_warps=num_warps, num_stages=num_stages,
     )
