@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 import fastmil
-from fastmil.reference import eager_attention_pool
+from benchmarks.eager import eager_attention_pool
 
 from .timing import cpu_median
 

@@ -50,7 +50,7 @@ class _NoLaunch:
 def stubbed_kernels(custom_ops: bool):
     """The Triton kernels launch nothing; with ``custom_ops`` every call goes through the
     torch.library custom ops."""
-    from fastmil import ops
+    from fastmil import triton_backend as ops
     from fastmil.kernels import attention_pool as kernels
 
     saved = {n: getattr(kernels, n) for n in ("_fwd_kernel", "_bwd_kernel", "_merge_kernel")}

@@ -98,7 +98,7 @@ def _fastmil(name: str):
     def build(case: Case, W: Weights, device: torch.device, interpret: bool = False
               ) -> Provider:
         import fastmil
-        from fastmil import ops
+        from fastmil import triton_backend as ops
 
         if backend == "triton":
             if device.type != "cuda" and not interpret:
@@ -148,7 +148,7 @@ def _graphed(name: str):
 
         def pool(x, V, U, bV, bU, w, layout):
             if eager:
-                from fastmil.reference import eager_attention_pool
+                from benchmarks.eager import eager_attention_pool
 
                 return eager_attention_pool(x, V, U, w, attn_bias=bV, gate_bias=bU, mask=layout)
             import fastmil
@@ -190,7 +190,7 @@ def _eager_fn(pool, W: Weights):
 
 
 def _eager(case: Case, W: Weights, device: torch.device, interpret: bool = False) -> Provider:
-    from fastmil.reference import eager_attention_pool
+    from benchmarks.eager import eager_attention_pool
 
     return Provider("eager", _eager_fn(eager_attention_pool, W), uses_padded=True)
 
@@ -209,7 +209,7 @@ def _raise_recompile_limits() -> None:
 def _compiled(mode: str | None, name: str):
     def build(case: Case, W: Weights, device: torch.device, interpret: bool = False
               ) -> Provider:
-        from fastmil.reference import eager_attention_pool
+        from benchmarks.eager import eager_attention_pool
 
         if device.type == "cpu":
             if mode is not None:

@@ -445,7 +445,7 @@ def test_gpu_check_cases_exist():
 
 
 def test_host_time_runs_both_paths_and_restores_the_kernels():
-    from fastmil import ops
+    from fastmil import triton_backend as ops
     from fastmil.kernels import attention_pool as kernels
 
     before = (kernels._fwd_kernel, kernels._bwd_kernel, kernels._merge_kernel, ops._pool_fwd,

@@ -16,8 +16,8 @@ if not torch.cuda.is_available():  # must be set before Triton is first imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastmil  # noqa: E402
-from fastmil.ops import triton_unavailable_reason  # noqa: E402
 from fastmil.reference import attention_pool_reference  # noqa: E402
+from fastmil.triton_backend import triton_unavailable_reason  # noqa: E402
 
 
 def main():

@@ -8,8 +8,8 @@ checkpoints). The ground truth lives in :mod:`fastmil.reference`.
 
 from . import reference
 from .bags import collate, pack, pad, unpad
-from .compat import patch_torchmil, unpatch_torchmil
 from .functional import attention_pool
+from .integrations.torchmil import patch_torchmil, unpatch_torchmil
 from .module import AttentionPool
 
 __version__ = "0.1.0"

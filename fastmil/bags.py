@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["pack", "pad", "unpad", "collate", "lengths_to_offsets", "check_offsets_values"]
+__all__ = ["pack", "pad", "unpad", "collate", "lengths_to_offsets", "check_offsets_values",
+           "segment_ids"]
 
 
 def check_offsets_values(offsets, total):
@@ -36,6 +37,12 @@ def check_offsets_values(offsets, total):
         raise ValueError(f"offsets must be non-decreasing, but offsets[{bad + 1}] = "
                          f"{int(offsets[bad + 1])} < offsets[{bad}] = {int(offsets[bad])}")
     raise ValueError(f"offsets must end at x.shape[0] = {total} (T), got offsets[-1] = {last}")
+
+
+def segment_ids(lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """Bag index of every packed row: bag lengths [B] -> [T] int64 (no host sync)."""
+    bags = torch.arange(lengths.shape[0], device=lengths.device)
+    return torch.repeat_interleave(bags, lengths, output_size=total)
 
 
 def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:

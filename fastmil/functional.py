@@ -4,7 +4,7 @@ This module validates the arguments, works out the layout (padded, packed or a s
 brings the weights to one canonical form and dispatches to a backend:
 
 * ``"torch"``: :mod:`fastmil.torch_backend`, pure PyTorch, any device;
-* ``"triton"``: :mod:`fastmil.ops`, the fused Triton kernels (CUDA, or CPU under
+* ``"triton"``: :mod:`fastmil.triton_backend`, the fused Triton kernels (CUDA, or CPU under
   ``TRITON_INTERPRET=1``);
 * ``"auto"``: triton for CUDA tensors when Triton is usable, torch otherwise.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import triton_backend
 from .bags import check_offsets_values
 from .reference import ACTIVATIONS
 from .torch_backend import attention_pool_torch
@@ -174,9 +174,9 @@ def _autocast(tensors, device_type):
 
 def _resolve_backend(backend, x):
     if backend == "auto":
-        return "triton" if x.is_cuda and ops.triton_available(x) else "torch"
+        return "triton" if x.is_cuda and triton_backend.triton_available(x) else "torch"
     if backend == "triton":
-        ops.require_triton(x)
+        triton_backend.require_triton(x)
     return backend
 
 
@@ -271,7 +271,7 @@ def attention_pool(x, attn_weight, gate_weight, score_weight, *, attn_bias=None,
     single_bag = x.dim() == 2 and offsets is None
     xb = x[None] if single_bag else x  # a single bag is a padded batch of one, without mask
 
-    impl = ops.attention_pool_triton if backend == "triton" else attention_pool_torch
+    impl = triton_backend.attention_pool_triton if backend == "triton" else attention_pool_torch
     # The score bias shifts every score of a branch alike, which the softmax ignores: the backends
     # leave it out of z and the attention and give it an exact zero gradient there (not rounding
     # noise that Adam would turn into steps), so that it still gets a .grad, as DDP expects.

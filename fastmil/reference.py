@@ -1,12 +1,9 @@
 """Reference formulations of attention-MIL pooling, in plain PyTorch.
 
-Two functions live here and nothing else in fastmil is imported:
-
-* :func:`attention_pool_reference`: the obviously-correct ground truth. It walks the bags one by
-  one in a Python loop, upcasts everything to float32 (float64 stays float64) and applies the
-  textbook formula. Tests and benchmarks compare every backend against it.
-* :func:`eager_attention_pool`: the padded formulation users write today (two ``Linear`` layers,
-  a masked softmax, a ``bmm``). It is the speed baseline of ``benchmarks/``.
+:func:`attention_pool_reference` is the obviously-correct ground truth: it walks the bags one
+by one in a Python loop, upcasts everything to float32 (float64 stays float64) and applies the
+textbook formula. Tests and benchmarks compare every backend against it. Nothing else of fastmil
+is imported here.
 
 Math, per bag ``h_1..h_N`` (``V = attn_weight``, ``U = gate_weight``, ``w = score_weight``)::
 
@@ -19,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "attention_pool_reference", "eager_attention_pool"]
+__all__ = ["ACTIVATIONS", "attention_pool_reference"]
 
 # The attention branch's activation, by name (torchmil's ``act``): GELU is the exact erf form,
 # as ``nn.GELU()``.
@@ -114,36 +111,3 @@ def attention_pool_reference(
         outs = [outs[0].squeeze(-2)] + [t.squeeze(-1) for t in outs[1:]]
     outs[0] = outs[0].to(out_dtype)
     return outs[0] if len(outs) == 1 else tuple(outs)
-
-
-def eager_attention_pool(
-    x,
-    attn_weight,
-    gate_weight,
-    score_weight,
-    *,
-    attn_bias=None,
-    gate_bias=None,
-    score_bias=None,
-    mask=None,
-    activation="tanh",
-    return_attention=False,
-):
-    """The padded formulation most MIL code uses (ABMIL, CLAM, torchmil, MIL-Lab).
-
-    x: [B, N, D], mask: [B, N] bool or None, score_weight: [L] or [K, L].
-    Returns z [B, D] (or [B, K, D]) and, on request, attention [B, N] (or [B, N, K]).
-    Masked slots get the dtype's most negative value, as in MIL-Lab, so an all-masked bag gives
-    uniform weights over its padding rather than NaN (fastmil itself gives zeros there).
-    """
-    single_branch = score_weight.dim() == 1
-    w = score_weight[None, :] if single_branch else score_weight
-    bw = None if score_bias is None else score_bias.reshape(w.shape[0])
-    s = _scores(x, attn_weight, gate_weight, w, attn_bias, gate_bias, bw, activation)  # [B, N, K]
-    if mask is not None:
-        s = s.masked_fill(~mask[..., None], torch.finfo(s.dtype).min)
-    a = torch.softmax(s, dim=1)  # [B, N, K]
-    z = torch.bmm(a.transpose(1, 2), x)  # [B, K, D]
-    if single_branch:
-        z, a = z.squeeze(1), a.squeeze(-1)
-    return (z, a) if return_attention else z

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .bags import segment_ids
 from .reference import ACTIVATIONS
 
-__all__ = ["attention_pool_torch", "attention_scores", "segment_ids", "POOL_ROWS"]
+__all__ = ["attention_pool_torch", "attention_scores", "POOL_ROWS"]
 
 # Rows per slice of the packed weighted sum: bounds its temporary memory to
 # POOL_ROWS·K·D values and its sequential (index_add) summation to POOL_ROWS terms per slice.
@@ -41,12 +42,6 @@ __all__ = ["attention_pool_torch", "attention_scores", "segment_ids", "POOL_ROWS
 POOL_ROWS = 8192
 # Rows per slice of a small weight gradient (see _sliced_weight_grad).
 SUM_ROWS = 1024
-
-
-def segment_ids(lengths: torch.Tensor, total: int) -> torch.Tensor:
-    """Bag index of every packed row: bag lengths [B] -> [T] int64 (no host sync)."""
-    bags = torch.arange(lengths.shape[0], device=lengths.device)
-    return torch.repeat_interleave(bags, lengths, output_size=total)
 
 
 def _dropout(t, p):

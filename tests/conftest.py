@@ -90,7 +90,7 @@ def skip_unsupported(backend, dtype, device=None):
     if backend in ("torch", "auto"):
         return
     device = backend_device(backend) if device is None else device
-    why = getattr(fastmil.ops, f"{backend}_unavailable_reason", None)
+    why = getattr(fastmil.triton_backend, f"{backend}_unavailable_reason", None)
     reason = None if why is None else why(torch.empty(0, dtype=dtype, device=device))
     if reason is not None:
         pytest.skip(f"backend={backend!r}: {reason}")

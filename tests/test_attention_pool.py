@@ -21,7 +21,7 @@ from conftest import (
 
 import fastmil
 from fastmil import attention_pool
-from fastmil.reference import attention_pool_reference, eager_attention_pool
+from fastmil.reference import attention_pool_reference
 
 LOW_PRECISION = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -282,20 +282,6 @@ def test_torch_compile_fullgraph(layout):
         assert torch.isfinite(gc).all()
         assert_close(gc, ge, what="compiled grad")
     assert torch.equal(z_c[1], torch.zeros_like(z_c[1]))  # the empty bag
-
-
-@pytest.mark.parametrize("K", [None, 3], ids=["K1", "K3"])
-@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
-@pytest.mark.parametrize("masked", [True, False], ids=["mask", "nomask"])
-def test_eager_matches_reference(masked, gated, K):
-    D, L = 16, 8
-    layout, lengths = ("padded_mask", [3, 1, 7, 50]) if masked else ("padded", [9, 9, 9])
-    x, kw = make_layout(layout, lengths, D)
-    weights = make_weights(D, L, K, gated)
-    z, a = call(eager_attention_pool, x, weights, return_attention=True, **kw)
-    z_ref, a_ref = call(attention_pool_reference, x, weights, return_attention=True, **kw)
-    assert_close(z, z_ref, what="eager z")
-    assert_close(a, a_ref, what="eager attention")
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])

@@ -16,7 +16,7 @@ from conftest import assert_close, child_env, skip_unsupported
 from torch import nn
 
 import fastmil
-from fastmil import compat
+from fastmil.integrations import torchmil as compat
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops
 
@@ -367,7 +367,7 @@ def test_autocast(backend, device, fused_calls):
         fastmil.patch_torchmil(backend=backend)
         reason = compat.torchmil_fallback_reason(pool, X, mask, backend)
         actual = pool(X, mask, True)
-    fused = fastmil.ops.triton_available(X.bfloat16()) or backend == "torch"
+    fused = fastmil.triton_backend.triton_available(X.bfloat16()) or backend == "torch"
     assert (reason is None) == fused and len(fused_calls) == int(fused), reason
     for a, e, name in zip(actual, expected, "zf", strict=True):
         assert a.dtype == e.dtype == torch.bfloat16, (name, a.dtype, e.dtype)

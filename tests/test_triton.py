@@ -458,7 +458,7 @@ def test_torch_compile_fullgraph():
 def test_eager_calls_skip_the_custom_op_dispatch(monkeypatch):
     """Eager forward and backward run without the custom ops' dispatch (host time that a
     launch-bound call pays in full); only torch.compile goes through them."""
-    from fastmil import ops
+    from fastmil import triton_backend as ops
 
     def refuse(*args, **kwargs):
         raise AssertionError("an eager call went through a torch.library custom op")

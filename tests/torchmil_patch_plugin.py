@@ -22,7 +22,7 @@ import torch
 from conftest import assert_close  # also sets TRITON_INTERPRET where there is no GPU
 
 import fastmil
-from fastmil.compat import torchmil_fallback_reason
+from fastmil.integrations.torchmil import torchmil_fallback_reason
 
 _report = {"calls": 0, "fused": 0, "fallbacks": collections.Counter(), "mismatches": []}
 

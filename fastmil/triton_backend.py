@@ -19,7 +19,7 @@ import os
 import torch
 from torch import Tensor
 
-from .torch_backend import segment_ids
+from .bags import segment_ids
 
 __all__ = ["attention_pool_triton", "require_triton", "triton_available", "triton_unavailable_reason"]
 
