@@ -1,259 +1,474 @@
-"""fastmil inside CLAM's CLAM_SB / CLAM_MB (the README's edit) against CLAM's own classes
-(faithful copies in clam_models.py): checkpoints both ways, the training trajectory with
-dropout off, and the distribution of z and of the raw scores with CLAM's attention dropout on."""
+"""fastmil's CLAM models (fastmil.integrations.clam) against numbers of CLAM's own code.
+
+The numbers in tests/clam_reference.json come from CLAM's CLAM_SB / CLAM_MB (written by
+tests/clam_reference.py, which runs a CLAM checkout); the tests rebuild the same weights and
+inputs for fastmil's twins and compare: eval-mode outputs on both backends, training-mode
+outputs with dropout on the torch backend (it draws CLAM's masks on CPU), a few training steps,
+and checkpoints both ways. The tests marked ``real CLAM`` run CLAM itself from the checkout that
+FASTMIL_CLAM_DIR names, and are skipped without it.
+"""
 
 from __future__ import annotations
 
-import statistics
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import OrderedDict
 
+import clam_reference as ref
+import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from clam_models import CLAM_MB, CLAM_SB, Attn_Net, Attn_Net_Gated, FastCLAM_MB, FastCLAM_SB
-from conftest import assert_close, backend_device, skip_unsupported
+from conftest import ROOT, backend_device, child_env, skip_unsupported
 
 import fastmil
-from fastmil.compat import clam_to_fastmil_state_dict, fastmil_to_clam_state_dict
+import fastmil.compat
+from fastmil.integrations.clam import (
+    CLAM_MB,
+    CLAM_SB,
+    clam_to_fastmil_state_dict,
+    fastmil_to_clam_state_dict,
+)
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops
 
-TWINS = {CLAM_SB: FastCLAM_SB, CLAM_MB: FastCLAM_MB}
-EMBED = 24  # instance features; the "tiny" size then gives fc 24 -> 32, attention size 16
+with open(ref.DATA) as f:
+    REFERENCE = json.load(f)
+CLASSES = {"SB": CLAM_SB, "MB": CLAM_MB}
+TOL = dict(rtol=1e-5, atol=1e-6)  # float32 rounding
+FLOATS = ("logits", "Y_prob", "A_raw", "features", "instance_loss")
+INTS = ("Y_hat", "inst_preds", "inst_labels")
+CASE_NAMES = [case["name"] for case in ref.CASES]
+DROPOUT_CASES = [case["name"] for case in ref.CASES if case["dropout"]]
 
 
-def _pair(cls, backend, *, gate=True, dropout=0.0, n_classes=3, size_arg="tiny", k_sample=4):
-    """A CLAM model and its fastmil twin holding the same weights (loaded through the key
-    mapping, as a CLAM checkpoint would be), both on the backend's device."""
-    kwargs = dict(gate=gate, size_arg=size_arg, dropout=dropout, k_sample=k_sample,
-                  n_classes=n_classes, embed_dim=EMBED)
+def _twin(config, weights, backend):
+    """fastmil's twin of a CLAM configuration, loaded (strictly) from CLAM-keyed ``weights``
+    through the key map, on the backend's device."""
+    twin = CLASSES[config["model"]](**ref.model_kwargs(config), backend=backend)
+    twin.load_state_dict(clam_to_fastmil_state_dict(weights))
+    return twin.to(backend_device(backend))
+
+
+def _case(name, backend):
+    """(entry of the reference, twin with the case's weights, h, label) of a reference case."""
+    entry = REFERENCE["cases"][name]
+    index = CASE_NAMES.index(name)
+    w_seed, h_seed, _ = ref.seeds(index)
+    weights = ref.seeded_weights(entry["state_dict_shapes"], w_seed)
+    h = ref.seeded_bag(entry["config"]["N"], h_seed)
+    # the same inputs as the generator's (a change in torch's generator would show here first)
+    total = sum(t.double().sum() for t in weights.values()).item()
+    assert total == pytest.approx(entry["weights_sum"], rel=1e-6), "weights differ"
+    assert h.double().sum().item() == pytest.approx(entry["h_sum"], rel=1e-6), "inputs differ"
     device = backend_device(backend)
-    clam = cls(**kwargs).to(device)
-    twin = TWINS[cls](**kwargs, backend=backend).to(device)
-    twin.load_state_dict(clam_to_fastmil_state_dict(clam.state_dict()))  # strict
-    return clam, twin
+    label = torch.tensor([entry["config"]["label"]], device=device)
+    return entry, _twin(entry["config"], weights, backend), h.to(device), label
 
 
-def _outputs(model, h, label):
-    """Everything CLAM's forward returns, instance evaluation included."""
-    logits, Y_prob, Y_hat, A_raw, extra = model(h, label=label, instance_eval=True,
-                                                return_features=True)
-    return {"logits": logits, "Y_prob": Y_prob, "Y_hat": Y_hat, "A_raw": A_raw,
-            "M": extra["features"], "instance_loss": extra["instance_loss"]}
-
-
-def _assert_same_outputs(actual, expected, what):
-    for name, e in expected.items():
+def _assert_matches(actual, expected, what):
+    """``actual`` (ref.outputs of a twin) equals CLAM's stored ``expected``: floats to float32
+    rounding, integers exactly."""
+    for name in expected:
         a = actual[name]
-        if name == "Y_hat":
-            assert torch.equal(a, e), f"{what}: Y_hat {a} != {e}"
+        a = a.detach().cpu() if isinstance(a, torch.Tensor) else torch.as_tensor(a)
+        if name in INTS:
+            assert a.tolist() == expected[name], f"{what}: {name} {a.tolist()} != {expected[name]}"
         else:
-            assert_close(a, e, what=f"{what}: {name}")
+            e = torch.tensor(expected[name], dtype=torch.float32)
+            torch.testing.assert_close(a.float(), e, **TOL, msg=lambda m, n=name: f"{what}: {n}: {m}")
+
+
+# ---------------------------------------------------------------- CLAM's numbers
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_eval_outputs_match_clam(backend, name):
+    """Eval mode, instance evaluation on: every output CLAM gives (logits, Y_prob, Y_hat, A_raw,
+    features, instance loss, instance predictions and targets) equals CLAM's."""
+    skip_unsupported(backend, torch.float32)
+    entry, twin, h, label = _case(name, backend)
+    twin.eval()
+    out = ref.outputs(twin, h, label)
+    _assert_matches(out, entry["eval"], f"{name}, {backend}")
+    assert isinstance(out["inst_preds"], np.ndarray) and out["inst_preds"].dtype == np.int64
+    assert isinstance(out["inst_labels"], np.ndarray) and out["inst_labels"].dtype == np.int64
+    with torch.no_grad():
+        A_raw = twin(h, attention_only=True)
+        logits, Y_prob, Y_hat, A_raw2, results = twin(h)  # no instance evaluation, no features
+    assert torch.equal(A_raw, A_raw2) and torch.equal(A_raw, out["A_raw"])
+    assert torch.equal(logits, out["logits"]) and results == {}
+
+
+@pytest.mark.parametrize("name", DROPOUT_CASES)
+def test_training_mode_draws_clam_dropout_masks(name):
+    """Training mode with dropout (CLAM's p after the first layer, 0.25 in the attention net):
+    after the same torch.manual_seed, the torch backend on CPU draws exactly CLAM's masks, so
+    the outputs equal CLAM's (which differ from the eval-mode ones)."""
+    entry, twin, h, label = _case(name, "torch")
+    twin.train()
+    torch.manual_seed(ref.seeds(CASE_NAMES.index(name))[2])
+    out = ref.outputs(twin, h, label)
+    _assert_matches(out, entry["train"], f"{name}, training mode")
+    assert twin.attention_pool.dropout == 0.25 and twin.attention_net[2].p == 0.25
+    eval_logits = torch.tensor(entry["eval"]["logits"])
+    assert (out["logits"] - eval_logits).abs().max() > 1e-2  # dropout did act
+
+
+@pytest.mark.parametrize("index", range(len(ref.TRAINING)),
+                         ids=[run["name"] for run in ref.TRAINING])
+def test_training_steps_match_clam(backend, index):
+    """A few steps of CLAM's training loop (one bag per step, 0.7 · bag loss + 0.3 · instance
+    loss, Adam with CLAM's lr and weight decay, two passes over the bags) give CLAM's losses at
+    every step: the gradients of every parameter, the pool's included, are CLAM's. With dropout,
+    the torch backend only (the triton backend draws other masks)."""
+    skip_unsupported(backend, torch.float32)
+    if backend_device(backend) != "cpu":
+        pytest.skip("the stored losses were made on the CPU, and Adam's CUDA kernels round "
+                    "differently")
+    run = ref.TRAINING[index]
+    expected = REFERENCE["training"][run["name"]]
+    if run["dropout"] and backend != "torch":
+        pytest.skip(f"backend={backend!r} draws its own dropout masks (Philox), not CLAM's")
+    twin = CLASSES[run["model"]](**ref.model_kwargs(run), backend=backend)
+    shapes = {k: v.shape for k, v in
+              fastmil_to_clam_state_dict(twin.state_dict(), dropout=run["dropout"]).items()}
+    twin.load_state_dict(clam_to_fastmil_state_dict(ref.seeded_weights(shapes, 6000 + index)))
+    losses = ref.train_losses(twin, index)
+    for key in ("loss", "bag_loss", "instance_loss"):
+        torch.testing.assert_close(torch.tensor(losses[key]), torch.tensor(expected[key]), **TOL,
+                                   msg=lambda m, k=key: f"{run['name']}, {backend}: {k}: {m}")
+    # the steps move the weights: each bag's loss changes from the first pass to the second
+    first, second = np.array(expected["loss"][:ref.BAGS]), np.array(expected["loss"][ref.BAGS:])
+    assert np.abs(second - first).max() > 1e-1
 
 
 # ---------------------------------------------------------------- checkpoints
 
-
-CHECKPOINT_CASES = [  # (class, gated, dropout): Attn_Net's score layer is module.3 with dropout
-    (CLAM_SB, True, 0.25), (CLAM_SB, False, 0.25), (CLAM_SB, False, 0.0),
-    (CLAM_MB, True, 0.0), (CLAM_MB, False, 0.25),
-]
+ROUND_TRIPS = [("SB", True, 0.25), ("SB", False, 0.25), ("SB", False, 0.0), ("MB", True, 0.0),
+               ("MB", False, 0.25)]
 
 
-@pytest.mark.parametrize("cls, gate, dropout", [
-    pytest.param(*c, id=f"{c[0].__name__}-{'gated' if c[1] else 'plain'}-p{c[2]}")
-    for c in CHECKPOINT_CASES])
-def test_checkpoint_round_trip(backend, device, cls, gate, dropout):
-    """A CLAM state_dict loads into the twin (strict), which then gives CLAM's outputs in eval
-    mode; the twin's state_dict maps back to exactly CLAM's keys and tensors."""
-    skip_unsupported(backend, torch.float32)
-    clam, twin = _pair(cls, backend, gate=gate, dropout=dropout)
-    clam.eval(), twin.eval()
-    assert twin.attention_pool.dropout == (0.25 if dropout else 0.0)  # CLAM's p carried over
-    h, label = torch.randn(30, EMBED).to(device), torch.tensor([1], device=device)
-    expected = _outputs(clam, h, label)
-    _assert_same_outputs(_outputs(twin, h, label), expected, "twin vs CLAM")
-    assert expected["A_raw"].shape == (1 if cls is CLAM_SB else 3, 30)
-
+@pytest.mark.parametrize("model, gate, dropout", ROUND_TRIPS,
+                         ids=[f"{m}-{'gated' if g else 'plain'}-p{p}" for m, g, p in ROUND_TRIPS])
+def test_checkpoint_round_trips(model, gate, dropout):
+    """CLAM -> twin -> CLAM gives CLAM's keys (in CLAM's order, as the real CLAM model has them),
+    shapes and the very tensors; twin -> CLAM -> a fresh twin gives the same outputs."""
+    case = next(c for c in ref.CASES if (c["model"], c["gate"], bool(c["dropout"]))
+                == (model, gate, bool(dropout)))
+    config = {**case, "dropout": dropout}
+    shapes = REFERENCE["cases"][case["name"]]["state_dict_shapes"]  # real CLAM's keys
+    if bool(dropout) != bool(case["dropout"]):  # Attn_Net's score layer moves with dropout
+        shapes = {k.replace("module.3", "module.2"): v for k, v in shapes.items()}
+    clam_sd = ref.seeded_weights(shapes, 7)
+    twin = _twin(config, clam_sd, "torch").eval()
     back = fastmil_to_clam_state_dict(twin.state_dict(), dropout=dropout)
-    theirs = clam.state_dict()
-    assert sorted(back) == sorted(theirs)
-    for key, value in theirs.items():
+    assert list(back) == list(shapes)
+    for key, value in clam_sd.items():
         assert torch.equal(back[key], value), key
-    fresh = cls(gate=gate, size_arg="tiny", dropout=dropout, k_sample=4, n_classes=3,
-                embed_dim=EMBED).to(device).eval()
-    fresh.load_state_dict(back)
-    _assert_same_outputs(_outputs(fresh, h, label), expected, "CLAM from the twin's checkpoint")
+
+    h, label = ref.seeded_bag(30, 8), torch.tensor([case["n_classes"] - 1])
+    fresh = CLASSES[model](**ref.model_kwargs(config), backend="torch").eval()
+    fresh.load_state_dict(clam_to_fastmil_state_dict(back))
+    expected = ref.outputs(twin, h, label)
+    for name, value in ref.outputs(fresh, h, label).items():
+        assert np.array_equal(np.asarray(value), np.asarray(expected[name])), name
 
 
-def test_checkpoint_keys_of_clam_sb():
-    """The mapping of the README, on CLAM_SB's real default size (1024 -> 512 -> 256)."""
-    clam = CLAM_SB(gate=True, dropout=0.25)
-    mapped = clam_to_fastmil_state_dict(clam.state_dict())
-    renamed = {k: v for k, v in mapped.items() if k not in clam.state_dict()}
-    assert {k: tuple(v.shape) for k, v in renamed.items()} == {
-        "attention_pool.attn.weight": (256, 512), "attention_pool.attn.bias": (256,),
-        "attention_pool.gate.weight": (256, 512), "attention_pool.gate.bias": (256,),
-        "attention_pool.score.weight": (1, 256), "attention_pool.score.bias": (1,)}
-    gate = clam.attention_net[3].attention_b[0].weight  # shared, not copied
-    assert renamed["attention_pool.gate.weight"].data_ptr() == gate.data_ptr()
-    assert list(mapped)[:2] == ["attention_net.0.weight", "attention_net.0.bias"]  # order kept
+# CLAM's demo checkpoint (heatmaps/demo/ckpts/s_0_checkpoint.pt): CLAM_SB with its default sizes
+# (1024 -> 512 -> 256, gated, 2 classes), saved from a DataParallel attention_net, with the
+# instance loss's buffer
+DEMO_SHAPES = {
+    "attention_net.module.0.weight": (512, 1024), "attention_net.module.0.bias": (512,),
+    "attention_net.module.3.attention_a.0.weight": (256, 512),
+    "attention_net.module.3.attention_a.0.bias": (256,),
+    "attention_net.module.3.attention_b.0.weight": (256, 512),
+    "attention_net.module.3.attention_b.0.bias": (256,),
+    "attention_net.module.3.attention_c.weight": (1, 256),
+    "attention_net.module.3.attention_c.bias": (1,),
+    "classifiers.weight": (2, 512), "classifiers.bias": (2,),
+    "instance_classifiers.0.weight": (2, 512), "instance_classifiers.0.bias": (2,),
+    "instance_classifiers.1.weight": (2, 512), "instance_classifiers.1.bias": (2,),
+    "instance_loss_fn.labels": (2,),
+}
 
 
-@pytest.mark.parametrize("net_cls", [Attn_Net_Gated, Attn_Net])
-def test_bare_attention_net_state_dict(net_cls):
-    """Empty prefixes map a bare Attn_Net(_Gated) to a bare AttentionPool and back."""
-    net = net_cls(L=16, D=8, dropout=True, n_classes=2).eval()
-    pool = fastmil.AttentionPool(16, 8, branches=2, gated=net_cls is Attn_Net_Gated,
-                                 backend="torch")
-    pool.load_state_dict(clam_to_fastmil_state_dict(net.state_dict(), attention_net="",
-                                                    pool=""))
-    h = torch.randn(11, 16)
-    A, _ = net(h)
-    assert_close(pool(h), F.softmax(A.t(), dim=1) @ h, what="z vs CLAM's net")
-    back = fastmil_to_clam_state_dict(pool.state_dict(), dropout=True, attention_net="",
-                                      pool="")
-    assert back.keys() == net.state_dict().keys()
+def _saved_by_clam(clam_sd):
+    """``clam_sd`` as an old CLAM run writes it: DataParallel's ``.module`` after
+    ``attention_net``, and the instance loss's ``labels`` buffer."""
+    out = OrderedDict((k.replace("attention_net.", "attention_net.module.", 1), v)
+                      for k, v in clam_sd.items())
+    out["instance_loss_fn.labels"] = torch.tensor([0, 1])
+    return out
 
 
-def test_state_dict_mapping_errors():
+def test_demo_checkpoint_layout_loads_into_the_default_twin():
+    """A state_dict with the demo checkpoint's keys and shapes loads (strict) into CLAM_SB()
+    with its defaults; .module is stripped and instance_loss_fn dropped; back to CLAM's keys, it
+    is what CLAM's loader makes of the checkpoint."""
+    saved = OrderedDict((k, torch.randn(s) if k != "instance_loss_fn.labels"
+                         else torch.tensor([0, 1])) for k, s in DEMO_SHAPES.items())
+    twin = CLAM_SB()
+    mapped = clam_to_fastmil_state_dict(saved)
+    twin.load_state_dict(mapped)  # strict
+    assert "instance_loss_fn.labels" not in mapped
+    assert mapped["attention_pool.gate.weight"] is saved[
+        "attention_net.module.3.attention_b.0.weight"]  # shared, not copied
+    back = fastmil_to_clam_state_dict(twin.state_dict())
+    loaded_by_clam = {k.replace(".module", ""): v for k, v in saved.items()
+                      if "instance_loss_fn" not in k}
+    assert list(back) == list(loaded_by_clam)
+    assert all(torch.equal(back[k], v) for k, v in loaded_by_clam.items())
+
+
+@pytest.mark.parametrize("name", ["sb-gated-small-n2", "sb-plain-big-n3-subtyping",
+                                  "mb-plain-big-n2"])
+def test_checkpoint_as_saved_by_clam(name):
+    """The saved layout (.module, instance_loss_fn) of any configuration, plain Attn_Net (whose
+    own ``module`` stays) included, loads to the same twin as the model's own state_dict."""
+    entry = REFERENCE["cases"][name]
+    clam_sd = ref.seeded_weights(entry["state_dict_shapes"], 3)
+    mapped = clam_to_fastmil_state_dict(_saved_by_clam(clam_sd))
+    assert list(mapped) == list(clam_to_fastmil_state_dict(clam_sd))
+    assert all(mapped[k] is v for k, v in clam_to_fastmil_state_dict(clam_sd).items())
+    _twin(entry["config"], _saved_by_clam(clam_sd), "torch")  # strict load
+
+
+def test_bare_attention_net_maps_to_a_bare_pool():
+    """Empty prefixes map the state_dict of a bare Attn_Net_Gated / Attn_Net to a bare
+    AttentionPool and back; the pool then computes CLAM's attention on those weights."""
+    gen = torch.Generator().manual_seed(0)
+    V, U, b_V, b_U = (torch.randn(*s, generator=gen) for s in ((16, 8), (16, 8), (16,), (16,)))
+    w, b_w, h = torch.randn(2, 16, generator=gen), torch.randn(2, generator=gen), torch.randn(
+        11, 8, generator=gen)
+    gated = {"attention_a.0.weight": V, "attention_a.0.bias": b_V, "attention_b.0.weight": U,
+             "attention_b.0.bias": b_U, "attention_c.weight": w, "attention_c.bias": b_w}
+    plain = {"module.0.weight": V, "module.0.bias": b_V, "module.3.weight": w,
+             "module.3.bias": b_w}
+    for sd, is_gated in ((gated, True), (plain, False)):
+        pool = fastmil.AttentionPool(8, 16, branches=2, gated=is_gated, backend="torch")
+        pool.load_state_dict(clam_to_fastmil_state_dict(sd, attention_net="", pool=""))
+        hidden = torch.tanh(h @ V.t() + b_V)
+        if is_gated:
+            hidden = hidden * torch.sigmoid(h @ U.t() + b_U)
+        A = (hidden @ w.t() + b_w).t()  # [2, N]
+        z, A_raw = pool(h, return_scores=True)
+        torch.testing.assert_close(A_raw.t(), A, **TOL)
+        torch.testing.assert_close(z, torch.softmax(A, dim=1) @ h, **TOL)
+        back = fastmil_to_clam_state_dict(pool.state_dict(), dropout=0.25, attention_net="",
+                                          pool="")
+        assert list(back) == list(sd)
+        assert all(torch.equal(back[k], v) for k, v in sd.items())
+
+
+def test_key_map_errors():
     with pytest.raises(ValueError, match=r"no CLAM attention net at attention_net="
                        r"'attention_net.3': expected the key 'attention_net.3.attention_a.0"
                        r".weight' \(Attn_Net_Gated\) or .* found \['attention_net.3.other'\]"):
         clam_to_fastmil_state_dict({"attention_net.3.other": torch.zeros(1)})
-    plain = fastmil.AttentionPool(8, 4, gated=False)
-    sd = {f"attention_pool.{k}": v for k, v in plain.state_dict().items()}
+    with pytest.raises(ValueError, match=r"found no key under 'attention_net.3.' \(its first "
+                       r"keys: \['fc.weight', 'fc.bias'\]\)"):
+        clam_to_fastmil_state_dict({"fc.weight": torch.zeros(1), "fc.bias": torch.zeros(1)})
+    with pytest.raises(TypeError, match=r"expects a state_dict .*torch.load\(path, "
+                       r"map_location='cpu', weights_only=True\)\), got str"):
+        clam_to_fastmil_state_dict("s_0_checkpoint.pt")
+    both = {"attention_net.module.0.weight": 0, "attention_net.0.weight": 0}
+    with pytest.raises(ValueError, match=r"holds both 'attention_net.module.0.weight' \(saved "
+                       r"through nn.DataParallel\) and 'attention_net.0.weight'"):
+        clam_to_fastmil_state_dict(both)
+    scores = {"attention_net.3.module.0.weight": 0, "attention_net.3.module.2.weight": 0,
+              "attention_net.3.module.3.weight": 0}
+    with pytest.raises(ValueError, match=r"module.2 \(no dropout\) or module.3 \(dropout\), got "
+                       r"\['module.2', 'module.3'\]"):
+        clam_to_fastmil_state_dict(scores)
+    plain = CLAM_SB(gate=False, embed_dim=8).state_dict()
     with pytest.raises(ValueError, match="dropout is None, but this AttentionPool is plain"):
-        fastmil_to_clam_state_dict(sd)
+        fastmil_to_clam_state_dict(plain)
     no_bias = fastmil.AttentionPool(8, 4, bias=False).state_dict()
     with pytest.raises(ValueError, match=r"no key 'attn.bias': expected a fastmil "
                        r"AttentionPool with biases"):
         fastmil_to_clam_state_dict(no_bias, pool="")
-    both = {"attention_net.3.module.0.weight": 0, "attention_net.3.module.2.weight": 0,
-            "attention_net.3.module.3.weight": 0}
-    with pytest.raises(ValueError, match=r"module.2 \(no dropout\) or module.3 \(dropout\), got "
-                       r"\['module.2', 'module.3'\]"):
-        clam_to_fastmil_state_dict(both)
+    with pytest.raises(TypeError, match=r"fastmil_to_clam_state_dict expects a state_dict"):
+        fastmil_to_clam_state_dict([("attention_pool.attn.weight", 0)])
 
 
-# ---------------------------------------------------------------- training, dropout off
+def test_compat_reexports_the_key_maps():
+    assert fastmil.compat.clam_to_fastmil_state_dict is clam_to_fastmil_state_dict
+    assert fastmil.compat.fastmil_to_clam_state_dict is fastmil_to_clam_state_dict
 
 
-@pytest.mark.parametrize("cls, gate", [(CLAM_SB, True), (CLAM_SB, False), (CLAM_MB, True)],
-                         ids=["SB-gated", "SB-plain", "MB-gated"])
-def test_training_trajectory_matches_clam(backend, device, cls, gate):
-    """30 steps of CLAM's training loop (utils/core_utils.py train_loop_clam: one bag per step,
-    instance evaluation on, total loss 0.7·bag CE + 0.3·instance loss, Adam lr 1e-4 with
-    weight decay 1e-5, CLAM's defaults) give the same loss at every step, dropout off."""
+# ---------------------------------------------------------------- the models' own checks
+
+
+def test_model_layout():
+    """CLAM's layer sizes and dropout placement, the pool in place of the attention net."""
+    sb = CLAM_SB(gate=True, size_arg="big", dropout=0.1, n_classes=3, embed_dim=64,
+                 backend="torch")
+    assert [type(m) for m in sb.attention_net] == [torch.nn.Linear, torch.nn.ReLU,
+                                                   torch.nn.Dropout]
+    assert sb.attention_net[0].weight.shape == (512, 64) and sb.attention_net[2].p == 0.1
+    pool = sb.attention_pool
+    assert (pool.in_dim, pool.attn_dim, pool.branches, pool.gated, pool.dropout, pool.backend) \
+        == (512, 384, None, True, 0.25, "torch")
+    assert sb.classifiers.weight.shape == (3, 512)
+    assert [c.weight.shape for c in sb.instance_classifiers] == [(2, 512)] * 3
+    assert isinstance(sb.instance_loss_fn, torch.nn.CrossEntropyLoss)
+    mb = CLAM_MB(gate=False, n_classes=4, embed_dim=16)
+    assert (mb.attention_pool.attn_dim, mb.attention_pool.branches, mb.attention_pool.gated,
+            mb.attention_pool.dropout, mb.attention_pool.backend) == (256, 4, False, 0.0, "auto")
+    assert [c.weight.shape for c in mb.classifiers] == [(1, 512)] * 4
+    assert CLAM_MB().instance_loss_fn is not CLAM_MB().instance_loss_fn  # one loss per model
+
+
+def test_multi_branch_shapes(backend):
+    """CLAM_MB with n_classes branches: A_raw [K, N], features [K, 512], logits [1, K]."""
     skip_unsupported(backend, torch.float32)
-    if backend != "torch" and (cls, gate) != (CLAM_SB, True):
-        pytest.skip("the Triton interpreter is slow: CLAM_SB gated only (the checkpoint test "
-                    "runs the others' forward)")
-    clam, twin = _pair(cls, backend, gate=gate)
-    gen = torch.Generator().manual_seed(5)
-    bags = [(torch.randn(int(torch.randint(8, 40, (), generator=gen)), EMBED, generator=gen),
-             torch.randint(0, 3, (1,), generator=gen)) for _ in range(30)]
-    bags = [(h.to(device), label.to(device)) for h, label in bags]
-    losses = {}
-    for name, model in (("clam", clam), ("twin", twin)):
-        model.train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-5)
-        losses[name] = []
-        for h, label in bags:
-            out = _outputs(model, h, label)
-            loss = 0.7 * F.cross_entropy(out["logits"], label) + 0.3 * out["instance_loss"]
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses[name].append(loss.detach())
-    clam_losses, twin_losses = torch.stack(losses["clam"]), torch.stack(losses["twin"])
-    assert_close(twin_losses, clam_losses, what="loss trajectory")
-    # the steps move the weights: the loss changes over the 30 steps
-    assert (clam_losses[:10].mean() - clam_losses[-10:].mean()).abs() > 1e-3
+    device = backend_device(backend)
+    mb = CLAM_MB(n_classes=3, embed_dim=8, k_sample=2, subtyping=True, backend=backend)
+    mb = mb.to(device).eval()
+    logits, Y_prob, Y_hat, A_raw, results = mb(torch.randn(5, 8, device=device), label=2,
+                                               instance_eval=True, return_features=True)
+    assert (logits.shape, Y_prob.shape, Y_hat.shape, A_raw.shape, results["features"].shape) \
+        == ((1, 3), (1, 3), (1, 1), (3, 5), (3, 512))
+    # subtyping: 2k for the label's class, k for each other class
+    assert results["inst_labels"].tolist() == [0, 0, 0, 0, 1, 1, 0, 0]
+    assert results["inst_preds"].shape == (8,) and results["instance_loss"].dim() == 0
 
 
-# ---------------------------------------------------------------- training, dropout on
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"size_arg must be one of \['big', 'small'\], got "
+                       r"'tiny'"):
+        CLAM_SB(size_arg="tiny")
+    with pytest.raises(ValueError, match=r"CLAM_MB: dropout must be a number in \[0, 1\) "
+                       r"\(CLAM trains with 0.25\), got True"):
+        CLAM_MB(dropout=True)
+    with pytest.raises(ValueError, match="k_sample must be a positive int, got 0"):
+        CLAM_SB(k_sample=0)
+    with pytest.raises(TypeError, match="gate must be a bool, got 1"):
+        CLAM_SB(gate=1)
+    with pytest.raises(ValueError, match="backend"):
+        CLAM_SB(backend="cuda")
+    model = CLAM_SB(embed_dim=8, k_sample=8)
+    with pytest.raises(ValueError, match=r"instance_eval takes the k_sample=8 instances of "
+                       r"highest and lowest attention, but the bag has N=5 < k_sample"):
+        model(torch.randn(5, 8), label=torch.tensor([1]), instance_eval=True)
+    with pytest.raises(ValueError, match=r"h must be one bag of instance features \[N, "
+                       r"embed_dim=8\], got \(2, 5, 8\)"):
+        model(torch.randn(2, 5, 8))
+    for label, seen in ((None, "None"), (2, "2"), (torch.tensor([0, 1]), r"a tensor of shape "
+                        r"\(2,\) and dtype torch.int64"), (torch.tensor([1.0]), r"tensor\(\[1.\]\)")):
+        with pytest.raises(ValueError, match=r"instance_eval needs label, the bag's class: an "
+                           rf"int or one-element integer tensor in \[0, n_classes=2\), got {seen}"):
+            model(torch.randn(9, 8), label=label, instance_eval=True)
 
 
-def assert_same_distribution(a, b, *, alpha=1e-3, what=""):
-    """Two samples of draws, ``a`` and ``b`` ``[R, F]`` (R independent draws of F features), have
-    the same per-feature mean and variance within sampling error.
+# ---------------------------------------------------------------- against a real CLAM checkout
 
-    For each feature, two asymptotically standard-normal statistics: the difference of the
-    means over its standard error, and the difference of the variances over its standard error
-    (from the fourth central moments, so no normality is assumed). The family of 2·F two-sided
-    tests is held to level ``alpha`` by Bonferroni: every |statistic| must stay below
-    Φ⁻¹(1 − alpha / (4F)). A feature constant in both samples (a ReLU feature that is 0 for the
-    whole bag) must have the same value in both; one constant in one sample only fails. Returns
-    the largest |statistic| of each kind.
-    """
-    assert a.shape == b.shape and a.dim() == 2, f"{what}: shapes {a.shape} and {b.shape}"
-    a, b = a.double(), b.double()
-    const_a, const_b = (a == a[0]).all(0), (b == b[0]).all(0)
-    assert torch.equal(const_a, const_b), \
-        f"{what}: features {(const_a ^ const_b).nonzero().flatten().tolist()} vary in one sample only"
-    assert_close(a[0, const_a], b[0, const_b], what=f"{what}, constant features")
-    a, b = a[:, ~const_a], b[:, ~const_b]
-    R, Fn = a.shape
-    da, db = a - a.mean(0), b - b.mean(0)
-    va, vb = da.pow(2).mean(0), db.pow(2).mean(0)
-    t_mean = (a.mean(0) - b.mean(0)) / ((va + vb) / R).sqrt()
-    t_var = (va - vb) / ((da.pow(2).var(0) + db.pow(2).var(0)) / R).sqrt()
-    limit = statistics.NormalDist().inv_cdf(1 - alpha / (4 * Fn))
-    worst = t_mean.abs().max().item(), t_var.abs().max().item()
-    assert worst[0] < limit, f"{what}: means differ, |t| = {worst[0]:.2f} >= {limit:.2f}"
-    assert worst[1] < limit, f"{what}: variances differ, |t| = {worst[1]:.2f} >= {limit:.2f}"
-    return worst
+CLAM_DIR = os.environ.get("FASTMIL_CLAM_DIR")
+real_clam = pytest.mark.skipif(not CLAM_DIR, reason="FASTMIL_CLAM_DIR is not set: it names a "
+                               "CLAM checkout (github.com/mahmoodlab/CLAM) to test against")
+DEMO = os.path.join("heatmaps", "demo", "ckpts", "s_0_checkpoint.pt")
 
 
-def dropout_draws(clam, twin, h, R):
-    """R independent forward draws of CLAM_SB and of its twin in training mode on the bag
-    ``h [N, E]``: ``(z, A_raw)`` of each, ``z [R, 32]`` (CLAM's M) and ``A_raw [R, N]``.
+def _demo_checkpoint():
+    path = os.path.join(CLAM_DIR, DEMO)
+    if not os.path.isfile(path):
+        pytest.skip(f"no demo checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
-    The draws run as one batch of R copies of the bag (each row gets its own dropout masks, as in
-    R separate calls): CLAM's forward per bag (transpose, softmax over N, M = A @ h) vectorised
-    over the copies, and the twin's pool on the packed copies."""
-    N = h.shape[0]
-    rows = h.repeat(R, 1)  # [R·N, E]
+
+@real_clam
+def test_real_clam_demo_checkpoint(backend):
+    """CLAM's demo checkpoint, loaded into CLAM's own CLAM_SB as CLAM's eval code loads it
+    (.module stripped, instance_loss_fn dropped) and into the twin through the key map: the
+    same outputs to float32 rounding; in training mode (dropout on), the torch backend draws
+    CLAM's masks: the same raw scores over 100 draws."""
+    skip_unsupported(backend, torch.float32)
+    checkpoint = _demo_checkpoint()
+    clam_cls = ref.load_clam_models(CLAM_DIR).CLAM_SB
+    device = backend_device(backend)
+    clam = clam_cls(dropout=0.25)
+    clam.load_state_dict({k.replace(".module", ""): v for k, v in checkpoint.items()
+                          if "instance_loss_fn" not in k})
+    twin = CLAM_SB(dropout=0.25, backend=backend)
+    twin.load_state_dict(clam_to_fastmil_state_dict(checkpoint))
+    clam, twin = clam.to(device).eval(), twin.to(device).eval()
+    h = torch.randn(300, 1024, generator=torch.Generator().manual_seed(0)).to(device)
+    label = torch.tensor([1], device=device)
+    expected = ref.outputs(clam, h, label)
+    actual = ref.outputs(twin, h, label)
+    for name in FLOATS:
+        torch.testing.assert_close(actual[name], expected[name], **TOL,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    for name in INTS:
+        assert np.array_equal(np.asarray(actual[name].cpu() if name == "Y_hat" else actual[name]),
+                              np.asarray(expected[name].cpu() if name == "Y_hat"
+                                         else expected[name])), name
+    if backend != "torch" or device != "cpu":
+        return
     clam.train(), twin.train()
     with torch.no_grad():
-        A, feats = clam.attention_net(rows)  # [R·N, 1], [R·N, 32]
-        A_raw = A.view(R, N)
-        M = (F.softmax(A_raw, dim=1)[:, None, :] @ feats.view(R, N, -1))[:, 0]
-        feats = twin.attention_net(rows)
-        offsets = torch.arange(R + 1, device=h.device) * N
-        z, scores = twin.attention_pool(feats, offsets=offsets, return_scores=True)
-    return (M, A_raw), (z, scores.view(R, N))
+        for seed in range(100):
+            torch.manual_seed(seed)
+            theirs = clam(h[:64])[3]
+            torch.manual_seed(seed)
+            torch.testing.assert_close(twin(h[:64])[3], theirs, **TOL)
 
 
-@pytest.mark.parametrize("gate", [True, False], ids=["gated", "plain"])
-def test_dropout_matches_clam_in_distribution(backend, device, gate):
-    """With CLAM's attention dropout on (p = 0.25 after the tanh and, gated, after the sigmoid,
-    independent masks), z and the raw scores of the twin have CLAM's mean and variance, feature by
-    feature, over many draws (assert_same_distribution); in eval mode they equal CLAM's.
+@real_clam
+def test_real_clam_gives_the_stored_reference():
+    """The committed reference is what the CLAM checkout gives now."""
+    fresh = ref.make_reference(CLAM_DIR)
+    assert fresh["model_clam_sha256"] == REFERENCE["model_clam_sha256"], \
+        "CLAM's models/model_clam.py changed: run tests/clam_reference.py again"
 
-    The criterion fails for a wrong dropout: with the torch backend's dropout mutated (R=4000,
-    gated), one mask shared by both branches gives |t| = 12.6 on z and 34 on the scores, no
-    1/(1-p) scaling 18 / 49, p doubled 6.2 / 34, no dropout no variance at all; every
-    mutant still fails on the scores (|t| >= 7.1 at R=200, the Triton run). The eval-mode check
-    catches dropout applied in eval mode."""
-    skip_unsupported(backend, torch.float32)
-    if backend != "torch" and not gate:
-        pytest.skip("the Triton interpreter runs one bag per program: the gated case only")
-    clam, twin = _pair(CLAM_SB, backend, gate=gate, dropout=0.25)
-    assert twin.attention_pool.dropout == 0.25
-    net = clam.attention_net[3]
-    with torch.no_grad():  # spread the scores, so that dropout moves z visibly
-        (net.attention_c if gate else net.module[3]).weight.mul_(4)
-    twin.load_state_dict(clam_to_fastmil_state_dict(clam.state_dict()))
-    # CLAM's dropout=0.25 also drops features in its first layer (the same nn.Dropout in both
-    # models): off here, so that the randomness of z is the attention dropout's alone
-    clam.attention_net[2].p = twin.attention_net[2].p = 0.0
-    h = torch.randn(6, EMBED).to(device)
-    R = 4000 if backend == "torch" else 200  # the Triton interpreter runs one bag per program
-    (M, A_raw), (z, scores) = dropout_draws(clam, twin, h, R)
-    assert_same_distribution(z, M, what="z")
-    assert_same_distribution(scores, A_raw, what="raw scores")
-    clam.eval(), twin.eval()
-    with torch.no_grad():
-        label = torch.tensor([0], device=device)
-        _assert_same_outputs(_outputs(twin, h, label), _outputs(clam, h, label), "eval mode")
+    def floats(value):
+        return np.asarray(value, dtype=np.float64)
+
+    for section in ("cases", "training"):
+        assert list(fresh[section]) == list(REFERENCE[section])
+        for name, entry in fresh[section].items():
+            for part in ("eval", "train") if section == "cases" else (None,):
+                got = entry.get(part) if part else entry
+                want = REFERENCE[section][name].get(part) if part else REFERENCE[section][name]
+                if got is None:
+                    continue
+                for key, value in got.items():
+                    if key in INTS or isinstance(value, (str, dict)):
+                        assert value == want[key], (name, part, key)
+                    elif key not in ("config",):
+                        np.testing.assert_allclose(floats(value), floats(want[key]), rtol=1e-5,
+                                                   atol=1e-6, err_msg=f"{name} {part} {key}")
+
+
+def _docs_blocks():
+    """The recipe code and its printed output from docs/clam.md (the fenced blocks after the
+    ``<!-- recipe -->`` and ``<!-- recipe output -->`` markers)."""
+    with open(os.path.join(ROOT, "docs", "clam.md")) as f:
+        text = f.read()
+
+    def block(marker):
+        found = re.findall(rf"<!-- {marker} -->\n```\w*\n(.*?)```", text, flags=re.S)
+        assert len(found) == 1, f"docs/clam.md: expected one block marked <!-- {marker} -->"
+        return found[0]
+
+    return block("recipe"), block("recipe output")
+
+
+def test_docs_recipe_blocks_are_marked():
+    code, output = _docs_blocks()
+    assert "CLAM_DIR" in code and output.strip()
+
+
+@real_clam
+def test_real_clam_docs_recipe_runs_as_printed():
+    """docs/clam.md's recipe runs as printed (CLAM_DIR from the environment) and prints the
+    output the page shows."""
+    code, output = _docs_blocks()
+    _demo_checkpoint()
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=child_env(CLAM_DIR=CLAM_DIR), cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == output
