@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -148,20 +150,72 @@ def class_weights(labels, n_classes: int = 2, names=("negative", "positive"), *,
 # Training
 # ------------------------------------------------------------------------------------------------
 
-def _rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+def _rng_state() -> dict:
+    """The random states of torch (CPU and every CUDA device), numpy's global generator and
+    python's ``random``, as tensors, ints, floats and lists only: what ``torch.load(...,
+    weights_only=True)`` reads back."""
+    np_state = np.random.get_state(legacy=False)  # MT19937: a uint32 key [624] and 4 numbers
+    version, words, gauss_next = random.getstate()  # 3, 625 ints, None or a float
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                       "pos": int(np_state["state"]["pos"]),
+                       "has_gauss": int(np_state["has_gauss"]),
+                       "gauss": float(np_state["gauss"])},
+             "python": [int(version), [int(w) for w in words],
+                        None if gauss_next is None else float(gauss_next)]}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
-def _set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+def _set_rng_state(state: dict) -> None:
+    """Restore the random states that :func:`_rng_state` returned (tensors on the CPU)."""
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].cpu().numpy().astype(np.uint32), int(n["pos"]),
+                         int(n["has_gauss"]), float(n["gauss"])))
+    version, words, gauss_next = state["python"]
+    random.setstate((int(version), tuple(int(w) for w in words), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def load_checkpoint(path) -> dict:
+    """``torch.load(path, weights_only=True)`` onto the CPU: the file may hold tensors, numbers,
+    strings, None and lists / tuples / dicts of them, and nothing else. A file that holds any
+    other pickled object (whose unpickling could run code) is refused with a :class:`DataError`
+    that names it, as is a file torch cannot read or one that holds no dict."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        text = str(e).strip()
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:
+            raise DataError(f"{path}: refused: it holds a pickled object ({found.group(1)}), not "
+                            f"only tensors and plain values, and loading it could run code "
+                            f"(torch.load(weights_only=True) does not); use a checkpoint this "
+                            f"example wrote") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)  # e.g. not a torch file
+        first = detail.group(1) if detail else (text.splitlines()[0] if text else "no details")
+        raise DataError(f"{path}: cannot be read by torch.load(weights_only=True) "
+                        f"({type(e).__name__}: {first})") from None
+    if not isinstance(saved, dict):
+        raise DataError(f"{path}: holds a {type(saved).__name__}, expected a checkpoint dict")
+    return saved
+
+
+RESUME_KEYS = ("model", "optimizer", "epoch", "best", "history", "bad_epochs", "rng")
+
+
+def load_training_state(path) -> dict:
+    """The training state that :func:`fit` writes after every epoch, read by
+    :func:`load_checkpoint` (weights_only=True, onto the CPU) and checked for ``RESUME_KEYS``."""
+    saved = load_checkpoint(path)
+    missing = [k for k in RESUME_KEYS if k not in saved]
+    if missing:
+        raise DataError(f"{path}: not a training state to resume from (no "
+                        f"{', '.join(missing)})")
+    return saved
 
 
 def fit(model, opt, loader, train_loss, evaluate=None, *, epochs, patience, ctx: Dist,
@@ -175,9 +229,11 @@ def fit(model, opt, loader, train_loss, evaluate=None, *, epochs, patience, ctx:
     rank): with it, early stopping after ``patience`` epochs without a better validation loss
     (never before epoch ``min_epochs``: a warm-up, as CLAM's) restores the best weights and
     saves them to ``checkpoint`` as ``{"model", "epoch", "val_loss", **extra}``; without it the
-    last weights are kept (and saved). ``state_path``
-    (rank 0 writes it after every epoch) holds everything needed to go on: with ``resume`` and
-    an existing ``state_path``, training continues from there exactly as if never stopped.
+    last weights are kept (and saved). ``state_path`` (rank 0 writes it after every epoch) holds
+    everything needed to go on (``RESUME_KEYS``): with ``resume`` and an existing ``state_path``,
+    training continues from there exactly as if never stopped. Both files hold only tensors and
+    plain values (the random states too, see :func:`_rng_state`; ``extra`` must be plain as well),
+    so that they load with ``torch.load(..., weights_only=True)`` (:func:`load_checkpoint`).
     Every epoch's row in ``summary["history"]`` has the mean training loss, ``train_seconds`` and
     ``bags_per_s`` (all ranks together; validation not counted).
     """
@@ -189,10 +245,11 @@ def fit(model, opt, loader, train_loss, evaluate=None, *, epochs, patience, ctx:
     best = {"val_loss": float("inf"), "epoch": 0, "state": copy.deepcopy(model.state_dict())}
     history, bad_epochs, start = [], 0, 1
     if resume and state_path is not None and Path(state_path).is_file():
-        saved = torch.load(state_path, map_location=ctx.device, weights_only=False)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
+        saved = load_training_state(state_path)  # on the CPU: the RNG states must stay there
+        model.load_state_dict(saved["model"])  # copied onto the model's device
+        opt.load_state_dict(saved["optimizer"])  # its state moved to the parameters' devices
         best, history, bad_epochs = saved["best"], saved["history"], saved["bad_epochs"]
+        best["state"] = {k: v.to(ctx.device) for k, v in best["state"].items()}
         start = saved["epoch"] + 1
         _set_rng_state(saved["rng"])
     bar = tqdm(range(start, epochs + 1), desc=desc, leave=False, dynamic_ncols=True,
@@ -225,7 +282,8 @@ def fit(model, opt, loader, train_loss, evaluate=None, *, epochs, patience, ctx:
             if ctx.world > 1:  # identical on all ranks already; averaging makes it certain
                 dist.all_reduce(val_loss)
                 val_loss /= ctx.world
-            row.update({f"val_{k}": v for k, v in m.items() if np.isscalar(v)})
+            row.update({f"val_{k}": float(v) for k, v in m.items()  # plain floats: the
+                        if isinstance(v, (int, float, np.number))})  # state loads safely
             row["val_loss"] = float(val_loss)
             if row["val_loss"] < best["val_loss"]:
                 best = {"val_loss": row["val_loss"], "epoch": epoch,

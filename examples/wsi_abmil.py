@@ -24,9 +24,12 @@ random share ``--val-fraction`` of the slides is held out. ``--masks DIR`` (opti
 ``SLIDE_ID.npy`` bool arrays ``[N]`` (True = tumour patch) for the localisation score.
 
 Outputs (``--out-dir``, default ``runs/wsi_abmil``): ``metrics.json``, ``model.pt`` (best
-weights), ``last.pt`` (for ``--resume``), ``attention/SLIDE_ID.csv`` (patch, x, y, attention:
-one row per patch, in the order of the feature file), ``heatmaps/SLIDE_ID.png`` and the overview
-``heatmaps.png``.
+weights), ``last.pt`` (for ``--resume``; both hold only tensors and plain values and are read
+with ``torch.load(..., weights_only=True)``, so a file holding any other object is refused),
+``attention/SLIDE_ID.csv`` (patch, x, y, attention: one row per patch, in the order of the
+feature file), ``heatmaps/SLIDE_ID.png`` and the overview ``heatmaps.png`` (attention relative
+to uniform, N·a, on one log colour scale shared by all the slides drawn, so that a slide with
+flat attention looks flat: see ``--heatmaps``).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from _common import (
     check_flags,
     class_weights,
     fit,
+    load_training_state,
     make_loader,
     run_cli,
 )
@@ -546,16 +550,41 @@ def _grid(coords: np.ndarray):
     return cells, step
 
 
-def draw_heatmap(ax, coords, attention, mask=None, title=""):
-    """Patches at their coords coloured by attention percentile (rank / N, as CLAM's heatmaps);
-    the true tumour outline in green where a mask is given."""
-    from scipy.stats import rankdata
+HEATMAP_QUANTILE = 99.5  # the colour scale reaches the largest slide's 99.5th percentile of N·a
+HEATMAP_SCALE = ("colour: N·a, a patch's attention times its slide's number of patches N "
+                 "(1 = uniform, grey; red above, blue below), on one log scale shared by all the "
+                 "slides drawn, symmetric about 1: from 1/M to M, M the power of 2 at or above "
+                 f"the largest {HEATMAP_QUANTILE:g}th percentile of N·a of a drawn slide (at least "
+                 "2); values beyond it take the end colours")
+
+
+def relative_attention(attention: np.ndarray) -> np.ndarray:
+    """N·a: each patch's attention times the slide's number of patches N. A slide whose attention
+    is flat is 1 everywhere whatever its size; 10 means ten times a uniform patch's share."""
+    a = np.asarray(attention, dtype=np.float64)
+    return a * len(a)
+
+
+def heatmap_scale(attentions) -> float:
+    """M of the shared colour scale 1/M .. M of N·a (see HEATMAP_SCALE) for the slides'
+    ``attentions`` (a list of ``[N_i]`` arrays): the smallest power of 2 at or above the largest
+    slide's ``HEATMAP_QUANTILE`` percentile of N·a, and at least 2 (all flat: 1/2 .. 2)."""
+    top = max([float(np.percentile(relative_attention(a), HEATMAP_QUANTILE))
+               for a in attentions if len(a)] + [2.0])
+    return float(2.0 ** math.ceil(math.log2(top)))
+
+
+def draw_heatmap(ax, coords, attention, scale: float, mask=None, title=""):
+    """Patches at their coords coloured by N·a (:func:`relative_attention`) on the log colour
+    scale 1/scale .. scale (coolwarm: grey at 1 = uniform), the same for every slide drawn with
+    the same ``scale``; the true tumour outline in green where a mask is given."""
+    from matplotlib.colors import LogNorm
 
     cells, _ = _grid(coords)
     h, w = cells[:, 1].max() + 1, cells[:, 0].max() + 1
     img = np.full((h, w), np.nan)
-    img[cells[:, 1], cells[:, 0]] = rankdata(attention) / len(attention)
-    im = ax.imshow(img, cmap="coolwarm", vmin=0, vmax=1, interpolation="nearest")
+    img[cells[:, 1], cells[:, 0]] = relative_attention(attention)
+    im = ax.imshow(img, cmap="coolwarm", norm=LogNorm(1 / scale, scale), interpolation="nearest")
     if mask is not None and mask.any():
         m = np.zeros((h, w))
         m[cells[:, 1], cells[:, 0]] = mask
@@ -566,9 +595,37 @@ def draw_heatmap(ax, coords, attention, mask=None, title=""):
     return im
 
 
+def _scale_colorbar(fig, im, scale: float, **kw):
+    """A colour bar of N·a with ticks at powers of 2 (1/M, ..., 1, ..., M), written as numbers."""
+    k = int(round(math.log2(scale)))
+    step = max(1, math.ceil(k / 3))  # at most 7 ticks
+    powers = sorted({*range(-k, k + 1, step), -k, k, 0})
+    bar = fig.colorbar(im, extend="both", **kw)
+    bar.set_ticks([2.0 ** e for e in powers])
+    bar.set_ticklabels([f"{2 ** e:g}" if e >= 0 else f"1/{2 ** -e:g}" for e in powers])
+    bar.minorticks_off()
+    bar.set_label("N·a (attention × patches; 1 = uniform), shared log scale", fontsize=8)
+    return bar
+
+
+def heatmap_title(s: Slide, classes, probs, pred: int, attention: np.ndarray, mask) -> str:
+    """Three lines: the slide, its true and predicted class; its patches and the share of the
+    attention its top 1% of patches hold; for a slide with tumour, the tumour's share of the
+    patches and of the attention."""
+    a = np.asarray(attention, dtype=np.float64)
+    top = np.sort(a)[::-1][:max(1, math.ceil(0.01 * len(a)))].sum() / a.sum()
+    lines = [f"{s.slide_id}: true {classes[s.label]}, pred {classes[pred]} (p={probs[pred]:.2f})",
+             f"{s.n} patches; the top 1% hold {top:.0%} of the attention"]
+    if mask is not None and mask.any():
+        lines.append(f"tumour: {mask.mean():.1%} of the patches, {a[mask].sum() / a.sum():.0%} "
+                     f"of the attention")
+    return "\n".join(lines)
+
+
 def save_heatmaps(out: Path, slides, attention, probs, classes, n: int) -> list[Path]:
-    """Heatmaps of up to ``n`` slides with coords, taking the classes in turn: one PNG per slide
-    under ``out/heatmaps`` and the overview ``out/heatmaps.png``. Returns the files written."""
+    """Heatmaps of up to ``n`` slides with coords, taking the classes in turn, all on one colour
+    scale (HEATMAP_SCALE): one PNG per slide under ``out/heatmaps`` and the overview
+    ``out/heatmaps.png``. Returns the files written."""
     from matplotlib.figure import Figure
 
     by_class = [[i for i, s in enumerate(slides) if s.label == c and s.coords_path is not None]
@@ -588,29 +645,29 @@ def save_heatmaps(out: Path, slides, attention, probs, classes, n: int) -> list[
         pred = int(np.argmax(probs[i]))
         a = branch_of(attention[i], pred)  # CLAM: the predicted class's branch
         mask = load_mask(s) if s.mask_path is not None else None
-        title = (f"{s.slide_id}: true {classes[s.label]}, pred {classes[pred]} "
-                 f"(p={probs[i][pred]:.2f})\n{s.n} patches")
-        panels.append((coords, a, mask, title))
+        panels.append((coords, a, mask, heatmap_title(s, classes, probs[i], pred, a, mask)))
+    scale = heatmap_scale([a for _, a, _, _ in panels])
     files = []
     for (coords, a, mask, title), i in zip(panels, chosen, strict=True):
-        fig = Figure(figsize=(4.2, 4.2), layout="constrained")
+        fig = Figure(figsize=(4.4, 4.4), layout="constrained")
         ax = fig.subplots()
-        im = draw_heatmap(ax, coords, a, mask, title)
-        fig.colorbar(im, ax=ax, fraction=0.04, label="attention percentile")
+        im = draw_heatmap(ax, coords, a, scale, mask, title)
+        _scale_colorbar(fig, im, scale, ax=ax, fraction=0.04)
         files.append(out / "heatmaps" / f"{slides[i].slide_id}.png")
         fig.savefig(files[-1], dpi=100)
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(3.4 * cols, 3.6 * rows), layout="constrained")
+    fig = Figure(figsize=(3.6 * cols + 0.8, 3.7 * rows + 0.5), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax in axes:
         ax.set_axis_off()
     for ax, (coords, a, mask, title) in zip(axes, panels, strict=False):
         ax.set_axis_on()
-        im = draw_heatmap(ax, coords, a, mask, title)
-    fig.colorbar(im, ax=list(axes), fraction=0.02, label="attention percentile")
-    fig.suptitle("validation slides: attention (red = high); green: true tumour outline",
-                 fontsize=9)
+        im = draw_heatmap(ax, coords, a, scale, mask, title)
+    _scale_colorbar(fig, im, scale, ax=list(axes), fraction=0.02)
+    fig.suptitle(f"validation slides: attention relative to uniform, N·a = attention × patches, "
+                 f"one log colour scale for all slides (1/{scale:g} .. {scale:g}; grey = uniform, "
+                 f"red = above, blue = below)\ngreen: true tumour outline", fontsize=9)
     files.append(out / "heatmaps.png")
     fig.savefig(files[-1], dpi=100)
     return files
@@ -705,7 +762,7 @@ def train(args, cohort: Cohort, ctx: Dist, log):
         if not state.is_file():
             raise DataError(f"--resume: no {state} to go on from (it is written after every "
                             f"epoch)")
-        saved = torch.load(state, map_location="cpu", weights_only=False)
+        saved = load_training_state(state)  # weights_only=True: other objects are refused
         if saved.get("config") != model.config or saved.get("classes") != cohort.classes:
             raise DataError(f"--resume: {state} holds a model of {saved.get('config')} for "
                             f"classes {saved.get('classes')}, but these flags and data give "
@@ -877,7 +934,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", default="runs/wsi_abmil")
-    g.add_argument("--heatmaps", type=int, default=4, help="validation slides drawn")
+    g.add_argument("--heatmaps", type=int, default=4,
+                   help="validation slides drawn (tumour classes first); " + HEATMAP_SCALE)
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p
 

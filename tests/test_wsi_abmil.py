@@ -442,7 +442,7 @@ def test_training_lowers_the_loss_and_writes_metrics(trained):
     assert saved["localisation_slides"] == 2 and saved["slides_per_s"] > 0
     assert saved["train_slides"] == 8 and saved["val_slides"] == 4 and saved["batch_slides"] == 2
     # the best epoch's weights are in model.pt, and they are what the metrics were taken on
-    ckpt = torch.load(out / "model.pt", weights_only=False)
+    ckpt = torch.load(out / "model.pt", weights_only=True)  # tensors and plain values only
     assert ckpt["epoch"] == result["best_epoch"] and ckpt["classes"] == ["normal", "tumor"]
     best = min(history, key=lambda r: r["val_loss"])
     assert ckpt["epoch"] == best["epoch"]
@@ -468,8 +468,9 @@ def test_attention_export_sums_to_one_and_follows_the_coords(trained, h5_cohort)
     # and in its batch (the first two val slides, packed: --batch-slides 2)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = wsi.ABMIL(**torch.load(out / "model.pt", weights_only=False)["config"])
-    model.load_state_dict(torch.load(out / "model.pt", weights_only=False)["model"])
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    model = wsi.ABMIL(**ckpt["config"])
+    model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     first, second = cohort.slides["val"][:2]
     x = torch.cat([wsi.read_features(s.path) for s in (first, second)]).to(device, dtype)
@@ -490,18 +491,68 @@ def test_heatmap_files_and_pixels(trained, h5_cohort):
     cohort = load(h5_cohort)
     tumour = {s.slide_id for s in cohort.slides["val"] if s.label == 1}
     assert len(tumour & {p.stem for p in pngs}) == 2
-    # each patch's cell holds its attention percentile; cells without a patch are empty
+    # each patch's cell holds N·a (attention x patches: 1 = uniform); cells without a patch are
+    # empty; the colour scale is the log scale 1/8 .. 8 it was given
     from matplotlib.figure import Figure
 
     coords = np.array([[512, 256], [768, 256], [512, 512], [1280, 512]])
     attention = np.array([0.1, 0.4, 0.2, 0.3])
     ax = Figure().subplots()
-    im = wsi.draw_heatmap(ax, coords, attention, mask=np.array([0, 1, 0, 0], bool))
+    im = wsi.draw_heatmap(ax, coords, attention, 8.0, mask=np.array([0, 1, 0, 0], bool))
     img = np.ma.filled(im.get_array(), np.nan)
     assert img.shape == (2, 4)
     expected = np.full((2, 4), np.nan)
-    expected[0, 0], expected[0, 1], expected[1, 0], expected[1, 3] = 0.25, 1.0, 0.5, 0.75
-    np.testing.assert_array_equal(img, expected)
+    expected[0, 0], expected[0, 1], expected[1, 0], expected[1, 3] = 0.4, 1.6, 0.8, 1.2
+    np.testing.assert_allclose(img, expected)
+    assert (im.norm.vmin, im.norm.vmax) == (1 / 8, 8.0) and im.norm(1.0) == pytest.approx(0.5)
+    assert im.get_cmap().name == "coolwarm"  # N·a = 1 (uniform) is its grey middle
+
+
+def test_heatmap_scale_is_shared_and_flat_attention_looks_flat(tmp_path, monkeypatch):
+    # the scale: the power of 2 at or above the largest slide's 99.5th percentile of N·a
+    flat = np.full(400, 1 / 400)
+    peaked = np.ones(1000)
+    peaked[:10] = 50.0  # 10 patches at N·a = 500 * 1000 / 1490 = 33.6, the rest at 0.67
+    peaked /= peaked.sum()
+    assert wsi.heatmap_scale([flat]) == 2.0  # all flat: 1/2 .. 2
+    assert wsi.heatmap_scale([peaked]) == 64.0
+    assert wsi.heatmap_scale([flat, peaked]) == wsi.heatmap_scale([peaked, flat]) == 64.0
+    # save_heatmaps draws every slide on that one scale: the flat slide is N·a = 1 everywhere,
+    # the grey middle of the scale, the peaked one red on its 10 patches (above 8x uniform)
+    side = {400: 20, 1000: 40}
+    slides, attention = [], []
+    for sid, label, a in (("flat", 0, flat), ("peaked", 1, peaked)):
+        n = len(a)
+        g = np.arange(n)
+        with h5py.File(tmp_path / f"{sid}.h5", "w") as f:
+            f["coords"] = np.stack([g % side[n], g // side[n]], 1).astype(np.int32) * 256
+        slides.append(wsi.Slide(sid, label, tmp_path / f"{sid}.h5", n, tmp_path / f"{sid}.h5"))
+        attention.append(a)
+    drawn = []
+    draw = wsi.draw_heatmap
+
+    def spy(ax, coords, a, scale, mask=None, title=""):
+        im = draw(ax, coords, a, scale, mask, title)
+        drawn.append((len(a), scale, im.norm(np.ma.filled(im.get_array(), np.nan)), title))
+        return im
+
+    monkeypatch.setattr(wsi, "draw_heatmap", spy)
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]])
+    files = wsi.save_heatmaps(tmp_path / "out", slides, attention, probs, ["normal", "tumor"], 2)
+    assert [f.name for f in files] == ["peaked.png", "flat.png", "heatmaps.png"]
+    assert len(drawn) == 4 and {scale for _, scale, _, _ in drawn} == {64.0}
+    for n, _, colour, _ in drawn:
+        colour = colour[np.isfinite(colour)]
+        if n == 400:
+            np.testing.assert_allclose(colour, 0.5)  # grey: flat attention looks flat
+        else:
+            assert int((colour > 0.9).sum()) == 10 and float(colour.max()) < 1  # 33.6 < 64
+            assert bool((np.abs(colour - 0.5) < 0.1).sum() == 990)  # the rest near uniform
+    titles = {n: title for n, _, _, title in drawn}
+    assert titles[400] == ("flat: true normal, pred normal (p=0.90)\n"
+                           "400 patches; the top 1% hold 1% of the attention")
+    assert titles[1000] == ("peaked: true tumor, pred tumor (p=0.80)\n"
+                            "1000 patches; the top 1% hold 34% of the attention")
 
 
 def test_early_stopping_waits_for_min_epochs():
@@ -530,13 +581,72 @@ def test_resume_goes_on_exactly_as_an_uninterrupted_run(h5_cohort, tmp_path):
     assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3, 4]
     for key in ("train_loss", "val_loss"):
         assert [r[key] for r in resumed["history"]] == [r[key] for r in straight["history"]]
-    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the training states hold only tensors and plain values: they load with weights_only=True
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 4 and set(common.RESUME_KEYS) <= set(b)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert straight["val_auc"] == resumed["val_auc"]
+    assert straight["localisation_auc"] == resumed["localisation_auc"]
     with pytest.raises(SystemExit, match="--resume: no .*last.pt to go on from"):
         wsi.main(cohort_args(h5_cohort, tmp_path / "c", "--resume", *flags))
     with pytest.raises(SystemExit, match="--resume: .*last.pt holds a model of"):
         wsi.main(cohort_args(h5_cohort, tmp_path / "b", "--resume", "--hidden", "5", *flags))
+
+
+class _Payload:
+    """Unpickled, it writes a file: what a hostile checkpoint could do with os.system."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.path, "ran"))
+
+
+def test_resume_refuses_a_checkpoint_with_a_pickled_object(h5_cohort, tmp_path):
+    flags = ("--batch-slides", "4", "--heatmaps", "0", "--epochs", "2")  # epoch 2 to go
+    wsi.main(cohort_args(h5_cohort, tmp_path / "run", "--batch-slides", "4", "--heatmaps", "0",
+                         "--epochs", "1"))
+    state = tmp_path / "run" / "last.pt"
+    saved = torch.load(state, weights_only=True)
+    marker = tmp_path / "marker"
+    torch.save({**saved, "note": _Payload(marker)}, state)
+    torch.load(state, weights_only=False)  # the payload is live: an unsafe load runs it ...
+    assert marker.read_text() == "ran"
+    marker.unlink()
+    with pytest.raises(SystemExit, match=r"wsi_abmil.py: error: .*last.pt: refused: it holds a "
+                                         r"pickled object \(getattr\), not only tensors"):
+        wsi.main(cohort_args(h5_cohort, tmp_path / "run", "--resume", *flags))
+    assert not marker.exists()  # ... the example's load does not
+    state.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match=r"last.pt: cannot be read by torch.load\(weights_only"):
+        wsi.main(cohort_args(h5_cohort, tmp_path / "run", "--resume", *flags))
+    torch.save({"config": saved["config"], "classes": saved["classes"]}, state)
+    with pytest.raises(SystemExit, match=r"last.pt: not a training state to resume from \(no "
+                                         r"model, optimizer, epoch, best, history"):
+        wsi.main(cohort_args(h5_cohort, tmp_path / "run", "--resume", *flags))
+
+
+def test_random_states_round_trip_through_a_safe_checkpoint(tmp_path):
+    import random
+
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    np.random.normal()  # numpy's cached second gaussian is part of its state
+    random.gauss(0, 1)  # python's too
+    state = common._rng_state()
+    expected = (torch.rand(3), np.random.normal(size=3), [random.gauss(0, 1) for _ in range(3)])
+    torch.save({"rng": state}, tmp_path / "rng.pt")
+    loaded = common.load_checkpoint(tmp_path / "rng.pt")["rng"]
+    torch.manual_seed(9)
+    np.random.seed(9)
+    random.seed(9)
+    common._set_rng_state(loaded)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.normal(size=3), expected[1])
+    assert [random.gauss(0, 1) for _ in range(3)] == expected[2]
 
 
 def test_multiclass_branches_from_pt_files(tmp_path):
@@ -546,18 +656,24 @@ def test_multiclass_branches_from_pt_files(tmp_path):
     out = tmp_path / "out"
     result = wsi.main(["--features", str(root / "pt_files"), "--coords", str(root / "h5_files"),
                        "--labels", str(root / "labels.csv"), "--split", str(root / "splits.csv"),
-                       "--masks", str(root / "tumor_masks"), "--branches", "--epochs", "2",
-                       "--batch-slides", "4", "--out-dir", str(out), "--no-progress",
-                       "--threads", "1", "--heatmaps", "2"])
+                       "--masks", str(root / "tumor_masks"), "--branches", "--epochs", "8",
+                       "--lr", "1e-2", "--hidden", "16", "--batch-slides", "4", "--out-dir",
+                       str(out), "--no-progress", "--threads", "1", "--heatmaps", "2"])
     assert result["classes"] == ["normal", "tumor_a", "tumor_b"] and result["model"]["branches"]
-    assert 0 <= result["val_auc"] <= 1 and 0 <= result["val_balanced_accuracy"] <= 1
+    # 9 normal, 3 + 3 tumour slides; 30% of each class held out: 3 + 1 + 1 val slides
+    assert (result["train_slides"], result["val_slides"], result["epochs_run"]) == (10, 5, 8)
+    # on this seed 8 epochs separate the three classes (macro AUC 1.0 here) and the true class's
+    # branch finds the tumour patches (0.96 here)
+    assert result["val_auc"] >= 0.9 and result["localisation_auc"] > 0.9
+    assert result["localisation_slides"] == 2
+    assert len(list((out / "attention").glob("*.csv"))) == 5
     s = next(iter(sorted((out / "attention").glob("*.csv"))))
     table = np.loadtxt(s, delimiter=",", skiprows=1)
     with open(s) as f:
         assert f.readline().strip() == ("patch,x,y,attention_normal,attention_tumor_a,"
                                         "attention_tumor_b")
     np.testing.assert_allclose(table[:, 3:].sum(0), [1, 1, 1], atol=1e-4)
-    assert (out / "heatmaps.png").is_file()
+    assert (out / "heatmaps.png").is_file() and len(list((out / "heatmaps").glob("*.png"))) == 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -573,7 +689,16 @@ def test_default_run_makes_the_synthetic_cohort_once(tmp_path, capsys):
     assert "synthetic cohort: wrote 10 slides (D=8, h5)" in out
     assert "throughput:" in out and "slides/s of training (2 slides per step" in out
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert {"val_auc", "localisation_auc", "slides_per_s"} <= set(metrics)
+    # 10 slides: 4 tumour, 6 normal; 30% of each class held out (1 + 2)
+    assert (metrics["train_slides"], metrics["val_slides"], metrics["epochs_run"]) == (7, 3, 1)
+    assert metrics["dim"] == 8 and metrics["classes"] == ["normal", "tumor"]
+    assert metrics["localisation_slides"] == 1 and metrics["slides_per_s"] > 0
+    with open(tmp_path / "cohort" / "labels.csv") as f:  # the one slide drawn: the val tumour
+        tumour = {r["slide_id"] for r in csv.DictReader(f) if r["label"] == "tumor"}
+    with open(tmp_path / "cohort" / "splits.csv") as f:
+        (val_tumour,) = [r["slide_id"] for r in csv.DictReader(f)
+                         if r["split"] == "val" and r["slide_id"] in tumour]
+    assert [p.name for p in (tmp_path / "out" / "heatmaps").iterdir()] == [f"{val_tumour}.png"]
     wsi.main(small)
     assert "(made before; delete it to make it again)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="holds a synthetic cohort made with other settings"):
@@ -593,6 +718,9 @@ def test_help_lists_the_real_data_flags(capsys):
     for flag in ("--features", "--labels", "--split", "--classes", "--coords", "--masks",
                  "--batch-slides", "--branches", "--resume", "--threads", "--make-synthetic"):
         assert flag in text, flag
+    # the heatmaps' colour scale, said where --heatmaps is
+    assert " ".join(wsi.HEATMAP_SCALE.split()) in " ".join(text.split())
+    assert "N·a" in wsi.HEATMAP_SCALE and "one log scale shared by all" in wsi.HEATMAP_SCALE
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -41,8 +41,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert "distributed: 2 processes (gloo), 2 slides each per step" in proc.stdout
     assert proc.stdout.count("val: AUC") == 1  # only rank 0 reports
 
-    a = torch.load(tmp_path / "one" / "model.pt", weights_only=False)
-    b = torch.load(tmp_path / "two" / "model.pt", weights_only=False)
+    a = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] >= 1
     for name, weight in a["model"].items():
         torch.testing.assert_close(b["model"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
