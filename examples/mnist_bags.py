@@ -21,8 +21,10 @@ scikit-learn's bundled 8x8 digits (``load_digits``). It prints which it used and
 and validation bags always draw from disjoint image pools.
 
 Outputs go to ``--out-dir`` (default ``runs/mnist_bags``): ``model_<i>.pt`` (best weights of each
-ensemble member), ``attention_bags.png``, ``metrics.json``; with ``--paper``: ``paper_table.md``,
-``paper_auc.png``, ``paper_results.json``.
+ensemble member; they load with ``torch.load(..., weights_only=True)``), ``attention_bags.png``
+(a red frame only around an instance whose attention is at least twice the uniform share, a >=
+2/n in a bag of n), ``metrics.json``; with ``--paper``: ``paper_table.md``, ``paper_auc.png``,
+``paper_results.json``.
 """
 
 from __future__ import annotations
@@ -450,43 +452,74 @@ def train_model(args, train_ds, val_ds, image_shape, *, seed, ctx: Dist, checkpo
 # Interpretability plot
 # ------------------------------------------------------------------------------------------------
 
+FRAME_FACTOR = 2.0  # the plot frames an instance whose attention is at least twice uniform
+FRAME_RULE = (f"red frame: attention a ≥ {FRAME_FACTOR:g}/n, at least {FRAME_FACTOR:g}x the "
+              f"uniform share 1/n of a bag of n; no frame: no instance reaches it")
+
+
+def singled_out(attention, factor: float = FRAME_FACTOR) -> list[int]:
+    """The instances of one bag that its attention singles out: weight at least ``factor / n``
+    (``factor`` times the uniform share). With factor 2 at most n / 2 of them; none where the
+    attention is flat or near it, and none in a bag of one (its weight 1 is the uniform share)."""
+    a = np.asarray(attention, dtype=np.float64)
+    return np.flatnonzero(a >= factor / len(a)).tolist() if len(a) else []
+
+
+def framing(ds: BagDataset, attention, factor: float = FRAME_FACTOR) -> dict:
+    """How often the attention singles out (:func:`singled_out`) what it should: the positive
+    bags where an instance of the positive class is singled out, and the negative bags where any
+    instance is."""
+    pos = [i for i in range(len(ds)) if ds.labels[i] == 1]
+    neg = [i for i in range(len(ds)) if ds.labels[i] == 0]
+    hits = sum(any(int(ds.instance_labels[i][k]) == ds.positive_class
+                   for k in singled_out(attention[i], factor)) for i in pos)
+    return {"positive_bags": len(pos), "positive_framed": int(hits),
+            "negative_bags": len(neg),
+            "negative_framed": sum(bool(singled_out(attention[i], factor)) for i in neg)}
+
+
 def plot_attention_bags(path, ds: BagDataset, probs, attention, n_per_class=3, title=""):
     """Save a PNG of ``n_per_class`` positive and negative bags: every instance with its attention
-    weight (the most-attended one framed in red), and the predicted vs true bag label."""
+    weight, the instances that the attention singles out (:func:`singled_out`, FRAME_RULE) framed
+    in red, and the predicted vs true bag label. Returns the path and ``{bag: [framed
+    instances]}`` of the bags drawn."""
     from matplotlib.figure import Figure
 
     chosen = ([i for i in range(len(ds)) if ds.labels[i] == 1][:n_per_class]
               + [i for i in range(len(ds)) if ds.labels[i] == 0][:n_per_class])
     rows = max(len(chosen), 1)
     cols = max([len(ds.indices[i]) for i in chosen] + [1])
-    fig = Figure(figsize=(1.5 + 1.1 * cols, 0.4 + 1.35 * rows))
+    fig = Figure(figsize=(max(5.5, 1.5 + 1.1 * cols), 0.7 + 1.35 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
+    framed = {}
     for r, i in enumerate(chosen):
         x, _ = ds[i]
         a = attention[i]
-        top = int(np.argmax(a))
+        framed[i] = singled_out(a)
         for c in range(len(a)):
             ax = axes[r, c]
             ax.set_axis_on()
             ax.imshow(x[c].reshape(ds.image_shape).numpy(), cmap="gray_r", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"a={a[c]:.2f}", fontsize=8, color="red" if c == top else "black")
+            hot = c in framed[i]
+            ax.set_title(f"a={a[c]:.2f}", fontsize=8, color="red" if hot else "black")
             ax.set_xlabel(f"digit {int(ds.instance_labels[i][c])}", fontsize=7, labelpad=1)
             for spine in ax.spines.values():
-                spine.set_edgecolor("red" if c == top else "lightgray")
-                spine.set_linewidth(2.5 if c == top else 0.8)
+                spine.set_edgecolor("red" if hot else "lightgray")
+                spine.set_linewidth(2.5 if hot else 0.8)
         pred = int(probs[i] >= 0.5)
         axes[r, 0].set_ylabel(f"true {int(ds.labels[i])}\npred {pred} (p={probs[i]:.2f})",
                               fontsize=8, rotation=0, ha="right", va="center",
                               color="black" if pred == int(ds.labels[i]) else "red")
-    fig.suptitle(title or f"validation bags: attention per instance (positive class "
-                          f"{ds.positive_class})", fontsize=10)
+    fig.suptitle((title or f"validation bags: attention a per instance (positive class "
+                           f"{ds.positive_class})") + "\n" + FRAME_RULE.replace("; ", ";\n"),
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    return path
+    return path, framed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -526,17 +559,22 @@ def run_default(args, data: DigitData, ctx: Dist, log) -> dict:
     attention = [np.mean([a[b] for _, a in predictions], axis=0) for b in range(len(val_ds))]
     result = metrics(probs, val_ds.labels.numpy())
     loc, n_loc = localisation(val_ds, probs, attention)
-    result.update(localisation=loc, localisation_bags=n_loc, models=summaries,
+    frames = framing(val_ds, attention)
+    result.update(localisation=loc, localisation_bags=n_loc, framing=frames, models=summaries,
                   dataset=data.name, seconds=time.perf_counter() - t0)
     what = f"ensemble of {args.ensemble}" if args.ensemble > 1 else "model"
     log(f"validation ({what}): loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}, "
         f"AUC {result['auc']:.4f}")
     log(f"localisation: the most-attended instance is a {args.positive_class} in {loc:.3f} of "
         f"the {n_loc} correctly predicted positive bags")
+    log(f"singled out (a ≥ {FRAME_FACTOR:g}/n): a {args.positive_class} in "
+        f"{frames['positive_framed']} of the {frames['positive_bags']} positive bags, any "
+        f"instance in {frames['negative_framed']} of the {frames['negative_bags']} negative bags")
     if ctx.main:
-        png = plot_attention_bags(out / "attention_bags.png", val_ds, probs, attention,
-                                  args.plot_bags)
-        log(f"attention plot: {png}")
+        png, framed = plot_attention_bags(out / "attention_bags.png", val_ds, probs, attention,
+                                          args.plot_bags)
+        log(f"attention plot: {png} (an instance framed in {sum(map(bool, framed.values()))} "
+            f"of the {len(framed)} bags drawn)")
         with open(out / "metrics.json", "w") as f:
             json.dump(result, f, indent=2)
     log(f"done in {result['seconds']:.1f} s")
@@ -658,7 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(g, threads_help="CPU threads (default 1: the steps are small)")
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", default="runs/mnist_bags")
-    g.add_argument("--plot-bags", type=int, default=3, help="bags plotted per class")
+    g.add_argument("--plot-bags", type=int, default=3,
+                   help="bags plotted per class in attention_bags.png; " + FRAME_RULE)
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     g = p.add_argument_group("paper mode (Ilse et al. 2018, MNIST-bags table)")
     g.add_argument("--paper", action="store_true",

@@ -57,8 +57,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert "distributed: 2 processes (gloo), 4 bags each per step" in two
     assert two.count("validation (model)") == 1  # only rank 0 reports
 
-    a = torch.load(tmp_path / "one" / "model_0.pt")
-    b = torch.load(tmp_path / "two" / "model_0.pt")
+    a = torch.load(tmp_path / "one" / "model_0.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "model_0.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] >= 1
     torch.manual_seed(3)
     init = mb.MILClassifier((8, 8), attn_dim=32).state_dict()
