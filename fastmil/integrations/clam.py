@@ -86,13 +86,14 @@ def clam_to_fastmil_state_dict(state_dict, *, attention_net: str = "attention_ne
     any module that holds a :class:`fastmil.AttentionPool` at ``pool``).
 
     CLAM keeps its attention net (``Attn_Net_Gated`` or ``Attn_Net``) at index 3 of
-    ``attention_net = Sequential(Linear, ReLU, Dropout, net)``; its keys become the pool's::
+    ``attention_net = Sequential(Linear, ReLU, Dropout, net)``; its keys become the pool's
+    (``.{weight,bias}`` each)::
 
-        attention_net.3.attention_a.0.{weight,bias}   ->  attention_pool.attn.{weight,bias}
-        attention_net.3.attention_b.0.{weight,bias}   ->  attention_pool.gate.{weight,bias}
-        attention_net.3.attention_c.{weight,bias}     ->  attention_pool.score.{weight,bias}
-        attention_net.3.module.0.{weight,bias}        ->  attention_pool.attn.{weight,bias}    (Attn_Net)
-        attention_net.3.module.{2|3}.{weight,bias}    ->  attention_pool.score.{weight,bias}   (Attn_Net)
+        attention_net.3.attention_a.0   ->  attention_pool.attn     (Attn_Net_Gated)
+        attention_net.3.attention_b.0   ->  attention_pool.gate
+        attention_net.3.attention_c     ->  attention_pool.score
+        attention_net.3.module.0        ->  attention_pool.attn     (Attn_Net)
+        attention_net.3.module.{2|3}    ->  attention_pool.score    (3 with dropout)
 
     Checkpoints are taken as CLAM writes them: entries of ``instance_loss_fn`` (e.g.
     ``instance_loss_fn.labels``) are dropped, and the ``.module`` that ``nn.DataParallel``
