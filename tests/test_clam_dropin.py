@@ -157,12 +157,9 @@ ROUND_TRIPS = [("SB", True, 0.25), ("SB", False, 0.25), ("SB", False, 0.0), ("MB
 def test_checkpoint_round_trips(model, gate, dropout):
     """CLAM -> twin -> CLAM gives CLAM's keys (in CLAM's order, as the real CLAM model has them),
     shapes and the very tensors; twin -> CLAM -> a fresh twin gives the same outputs."""
-    case = next(c for c in ref.CASES if (c["model"], c["gate"], bool(c["dropout"]))
-                == (model, gate, bool(dropout)))
-    config = {**case, "dropout": dropout}
-    shapes = REFERENCE["cases"][case["name"]]["state_dict_shapes"]  # real CLAM's keys
-    if bool(dropout) != bool(case["dropout"]):  # Attn_Net's score layer moves with dropout
-        shapes = {k.replace("module.3", "module.2"): v for k, v in shapes.items()}
+    config = next(c for c in ref.CASES if (c["model"], c["gate"], c["dropout"])
+                  == (model, gate, dropout))
+    shapes = REFERENCE["cases"][config["name"]]["state_dict_shapes"]  # real CLAM's keys
     clam_sd = ref.seeded_weights(shapes, 7)
     twin = _twin(config, clam_sd, "torch").eval()
     back = fastmil_to_clam_state_dict(twin.state_dict(), dropout=dropout)
@@ -170,7 +167,7 @@ def test_checkpoint_round_trips(model, gate, dropout):
     for key, value in clam_sd.items():
         assert torch.equal(back[key], value), key
 
-    h, label = ref.seeded_bag(30, 8), torch.tensor([case["n_classes"] - 1])
+    h, label = ref.seeded_bag(30, 8), torch.tensor([config["n_classes"] - 1])
     fresh = CLASSES[model](**ref.model_kwargs(config), backend="torch").eval()
     fresh.load_state_dict(clam_to_fastmil_state_dict(back))
     expected = ref.outputs(twin, h, label)

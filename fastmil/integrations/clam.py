@@ -15,6 +15,7 @@ Nothing in this module is CLAM's code; CLAM itself is never imported.
 
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -193,7 +194,7 @@ CLAM_ATTENTION_DROPOUT = 0.25
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class _CLAMBase(nn.Module):
@@ -326,7 +327,7 @@ class _CLAMBase(nn.Module):
             raise ValueError(f"{type(self).__name__}: instance_eval needs label, the bag's "
                              f"class: an int or one-element integer tensor in [0, "
                              f"n_classes={self.n_classes}), got {seen}")
-        return value
+        return int(value)
 
     def _instance_eval(self, A, h, cls):
         """CLAM's instance-level evaluation of one bag (see :meth:`forward`).
