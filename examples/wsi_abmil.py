@@ -575,15 +575,17 @@ def heatmap_scale(attentions) -> float:
 
 
 def draw_heatmap(ax, coords, attention, scale: float, mask=None, title=""):
-    """Patches at their coords coloured by N·a (:func:`relative_attention`) on the log colour
-    scale 1/scale .. scale (coolwarm: grey at 1 = uniform), the same for every slide drawn with
-    the same ``scale``; the true tumour outline in green where a mask is given."""
+    """Patches at their coords coloured by N·a (:func:`relative_attention`, clipped to the scale)
+    on the log colour scale 1/scale .. scale (coolwarm: grey at 1 = uniform), the same for every
+    slide drawn with the same ``scale``; the true tumour outline in green where a mask is given."""
     from matplotlib.colors import LogNorm
 
     cells, _ = _grid(coords)
     h, w = cells[:, 1].max() + 1, cells[:, 0].max() + 1
     img = np.full((h, w), np.nan)
-    img[cells[:, 1], cells[:, 0]] = relative_attention(attention)
+    # clipped to the scale: beyond it the end colours (a weight that underflowed to 0 would
+    # otherwise be masked by the log scale and look like a cell without tissue)
+    img[cells[:, 1], cells[:, 0]] = np.clip(relative_attention(attention), 1 / scale, scale)
     im = ax.imshow(img, cmap="coolwarm", norm=LogNorm(1 / scale, scale), interpolation="nearest")
     if mask is not None and mask.any():
         m = np.zeros((h, w))
@@ -598,8 +600,9 @@ def draw_heatmap(ax, coords, attention, scale: float, mask=None, title=""):
 def _scale_colorbar(fig, im, scale: float, **kw):
     """A colour bar of N·a with ticks at powers of 2 (1/M, ..., 1, ..., M), written as numbers."""
     k = int(round(math.log2(scale)))
-    step = max(1, math.ceil(k / 3))  # at most 7 ticks
-    powers = sorted({*range(-k, k + 1, step), -k, k, 0})
+    step = max(1, math.ceil(k / 3))  # at most 7 ticks, symmetric about 1, none crowding M
+    up = {0, k} | {e for e in range(step, k, step) if e < k - step / 2}
+    powers = sorted(up | {-e for e in up})
     bar = fig.colorbar(im, extend="both", **kw)
     bar.set_ticks([2.0 ** e for e in powers])
     bar.set_ticklabels([f"{2 ** e:g}" if e >= 0 else f"1/{2 ** -e:g}" for e in powers])

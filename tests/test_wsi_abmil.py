@@ -506,6 +506,9 @@ def test_heatmap_files_and_pixels(trained, h5_cohort):
     np.testing.assert_allclose(img, expected)
     assert (im.norm.vmin, im.norm.vmax) == (1 / 8, 8.0) and im.norm(1.0) == pytest.approx(0.5)
     assert im.get_cmap().name == "coolwarm"  # N·a = 1 (uniform) is its grey middle
+    # beyond the scale the end colours: a weight that underflowed to 0 is no empty cell
+    im = wsi.draw_heatmap(ax, coords, np.array([0.0, 0.5, 0.25, 0.25]), 2.0)
+    assert np.ma.filled(im.get_array(), np.nan)[0, :2].tolist() == [0.5, 2.0]
 
 
 def test_heatmap_scale_is_shared_and_flat_attention_looks_flat(tmp_path, monkeypatch):
