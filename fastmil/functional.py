@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import triton_backend
-from .bags import check_offsets_values
+from .bags import check_offsets_values, derived
 from .reference import ACTIVATIONS
 from .torch_backend import attention_pool_torch
 
@@ -156,7 +156,10 @@ def _validate(x, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, s
         # kernels never read outside x, whatever the offsets hold). Inside a compiled function
         # nothing is read, so as not to break the graph.
         if offsets.device.type == "cpu" and not torch.compiler.is_compiling():
-            check_offsets_values(offsets, x.shape[0])
+            memo = derived(offsets)  # once per batch, not once per call
+            if memo.get("checked") != x.shape[0]:
+                check_offsets_values(offsets, x.shape[0])
+                memo["checked"] = x.shape[0]
 
 
 def _autocast(tensors, device_type):
@@ -256,10 +259,14 @@ def attention_pool(x, attn_weight, gate_weight, score_weight, *, attn_bias=None,
     if mask is not None and mask.dtype != torch.bool:
         mask = mask != 0
     if offsets is not None and backend == "torch":
-        if offsets.device != x.device:  # on the host, and checked there already (_validate)
-            if x.is_cuda:  # pinned: the copy is queued without waiting for the stream
-                offsets = offsets.pin_memory()
-            offsets = offsets.to(x.device, non_blocking=True)
+        if offsets.device != x.device and torch.compiler.is_compiling():
+            offsets = offsets.to(x.device)
+        elif offsets.device != x.device:  # on the host, and checked there already (_validate)
+            memo, key = derived(offsets), ("on", x.device)
+            if key not in memo:  # pinned: the copy is queued without waiting for the stream
+                memo[key] = (offsets.pin_memory() if x.is_cuda else offsets).to(
+                    x.device, non_blocking=True)
+            offsets = memo[key]
         elif x.is_cuda and not torch.compiler.is_compiling():
             # offsets on the GPU: the torch backend's own kernels would fail (a device-side
             # assert) on bad ones, so it checks them, at one sync (the triton backend, the
@@ -282,6 +289,8 @@ def attention_pool(x, attn_weight, gate_weight, score_weight, *, attn_bias=None,
     # z [B, K, D]; attn, scores [B, N, K] padded or [T, K] packed
     if return_scores and score_bias is not None:
         scores = scores + score_bias.reshape(-1).to(scores.dtype)
+        if mask is not None:  # padded slots stay -inf, and no gradient reaches the bias there
+            scores = scores.masked_fill(~mask[..., None], float("-inf"))
     outs = [z] + [t for t, flag in ((attn, return_attention), (scores, return_scores)) if flag]
     if single_bag:
         outs = [t[0] for t in outs]

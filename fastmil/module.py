@@ -62,10 +62,41 @@ class AttentionPool(nn.Module):
         self.attn = nn.Linear(in_dim, attn_dim, bias=bias)
         self.gate = nn.Linear(in_dim, attn_dim, bias=bias) if gated else None
         self.score = nn.Linear(attn_dim, branches or 1, bias=bias)
+        self._stack_attn_and_gate()
+        self.register_load_state_dict_post_hook(_restack)
 
     @property
     def gated(self) -> bool:
         return self.gate is not None
+
+    def _stack_attn_and_gate(self):
+        """Lay ``attn.weight`` and ``gate.weight`` out as one block of memory ``[V; U]``
+        (and their biases likewise), so that the Triton backend reads them as one ``[2L, D]``
+        matrix instead of concatenating them on every call. They stay two parameters, with their
+        own gradients and version counters; only their storage is shared. Kept after
+        ``.to()``, ``.cuda()``, ``.half()`` and ``load_state_dict``."""
+        if self.gate is None:
+            return
+        for name in ("weight", "bias"):
+            a, g = getattr(self.attn, name), getattr(self.gate, name)
+            if a is None or g is None or a.shape != g.shape or a.dtype != g.dtype \
+                    or a.device != g.device:
+                continue
+            if a.is_contiguous() and g.is_contiguous() and \
+                    g.data_ptr() == a.data_ptr() + a.numel() * a.element_size():
+                continue
+            with torch.no_grad():
+                block = torch.cat([a, g])
+                a.data, g.data = block[:len(a)], block[len(a):]
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._stack_attn_and_gate()
+        return self
+
+    def __setstate__(self, state):  # copy.deepcopy and pickle
+        super().__setstate__(state)
+        self._stack_attn_and_gate()
 
     def forward(self, x, mask=None, offsets=None, return_attention=False, return_scores=False):
         score_weight = self.score.weight if self.branches is not None else self.score.weight[0]
@@ -107,8 +138,10 @@ class AttentionPool(nn.Module):
 
         ``n_classes == 1`` gives one branch (``z [B, D]``), more gives that many branches. CLAM's
         attention dropout (``dropout=True``: p = 0.25 after the tanh and after the sigmoid) is
-        carried over, so the result matches CLAM in training mode too (in distribution: the
-        masks are drawn differently) and exactly in eval mode.
+        carried over. The result matches CLAM in eval mode to float32 rounding. In training
+        mode the torch backend on CPU draws CLAM's own masks after the same
+        ``torch.manual_seed``; the triton backend draws other masks (Philox) from the same
+        distribution. fastmil's own CLAM models are in :mod:`fastmil.integrations.clam`.
         """
         if hasattr(module, "attention_a") and hasattr(module, "attention_c"):
             attn, gate = module.attention_a[0], module.attention_b[0]
@@ -171,3 +204,8 @@ def torchmil_linear(layer: nn.Module, name: str, *, lazy_hint: str) -> nn.Linear
     if type(linear) is not nn.Linear:
         return f"{name} is a {type(layer).__name__}, not torchmil's LazyLinear or an nn.Linear"
     return linear
+
+
+def _restack(module: AttentionPool, incompatible_keys) -> None:
+    """After ``load_state_dict`` (which may assign new tensors): [V; U] in one block again."""
+    module._stack_attn_and_gate()

@@ -286,6 +286,11 @@ def attention_pool_torch(x, attn_weight, attn_bias, gate_weight, gate_bias, scor
         if need_scores and mask is not None:
             s = s.masked_fill(~mask[..., None], float("-inf"))
     z = z.to(x.dtype)
-    if score_bias is not None and score_bias.requires_grad:
-        z = z + (score_bias.sum() * 0).to(z.dtype)  # exact zero, not rounding noise for Adam
-    return z, a if need_attention else None, s if need_scores else None
+    a = a if need_attention else None
+    if score_bias is not None and score_bias.requires_grad and torch.is_grad_enabled():
+        # the softmax ignores the shift: an exact zero gradient through z and the attention,
+        # not rounding noise for Adam (the scores carry the bias's real gradient)
+        zero = score_bias.sum() * 0
+        z = z + zero.to(z.dtype)
+        a = None if a is None else a + zero.to(a.dtype)
+    return z, a, s if need_scores else None

@@ -1,27 +1,37 @@
-"""Autograd glue for the fused Triton kernels: ``torch.library`` custom ops and the layout adapter.
+"""The Triton backend of :func:`fastmil.attention_pool`: the layout of a call, its autograd, and
+the ``torch.library`` custom ops that ``torch.compile`` traces.
 
-``fastmil::attention_pool_fwd`` and ``fastmil::attention_pool_bwd`` wrap the launchers of
-:mod:`fastmil.kernels.attention_pool` as opaque custom ops with fake (meta) implementations and an
-autograd formula, so ``torch.compile(fullgraph=True)`` traces through them without a graph break.
-Eager calls run the same launchers and the same autograd formula through a plain
-``torch.autograd.Function`` (``_EagerPool``), which skips the custom ops' Python dispatch (about
-100 µs of host time per training step, ``python -m benchmarks.host_time``). Neither path has a
-second derivative: differentiating fastmil's gradients again raises an error.
+An eager call runs the launchers of :mod:`fastmil.kernels.attention_pool` inside one
+``torch.autograd.Function`` (``_Pool``); a compiled call traces the custom ops
+``fastmil::attention_pool_fwd`` / ``_bwd`` (fake implementations and the same autograd formula),
+so ``torch.compile(fullgraph=True)`` runs without a graph break. Both share one forward and one
+backward (``_forward``, ``_backward``). Neither has a second derivative: differentiating
+fastmil's gradients again raises an error.
 
-Triton is imported lazily, on the first triton-backend call: ``import fastmil`` never touches
-Triton or a GPU driver.
+Per call the host does only what depends on the call: the layout of a batch (its chunk map,
+built and copied to the GPU once) is kept with the batch's offsets tensor (or, for the padded
+layout, with its shape) and reused by every call on it, the stacked weights ``[V; U]`` are read in
+place where they lie in one block of memory (as ``fastmil.AttentionPool`` keeps them), and every
+cast happens in the kernels.
+
+Triton is imported lazily, on the first call: ``import fastmil`` never touches Triton or a GPU
+driver.
 """
 
 from __future__ import annotations
 
+import collections
 import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .bags import segment_ids
+from .bags import derived, segment_ids
+from .kernels import config
 
-__all__ = ["attention_pool_triton", "require_triton", "triton_available", "triton_unavailable_reason"]
+__all__ = ["attention_pool_triton", "require_triton", "triton_available",
+           "triton_unavailable_reason"]
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -30,14 +40,10 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _capturing(x: Tensor) -> bool:
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
 def _kernels():
-    from .kernels import attention_pool as kernels  # imports triton
+    from .kernels import attention_pool  # imports triton
 
-    return kernels
+    return attention_pool
 
 
 def triton_unavailable_reason(x: Tensor) -> str | None:
@@ -69,100 +75,148 @@ def require_triton(x: Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Custom ops
+# Layout: where the bags lie, worked out once per batch
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastmil::attention_pool_fwd", mutates_args=())
-def _fwd_op(x: Tensor, starts: Tensor, lengths: Tensor, row_mask: Tensor | None, v: Tensor,
-            bv: Tensor | None, u: Tensor | None, bu: Tensor | None, w: Tensor,
-            bw: Tensor | None, seed: Tensor | None, p_drop: float, act: int, save_pq: bool
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    # bw (the score bias) is not read: it is an input only to get its exact zero gradient
-    return _kernels().attention_pool_fwd(x, starts, lengths, row_mask, v, bv, u, bu, w, seed,
-                                         p_drop, act, save_pq)
+def _capturing(x: Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-@_fwd_op.register_fake
-def _(x, starts, lengths, row_mask, v, bv, u, bu, w, bw, seed, p_drop, act, save_pq):
+# (B, N) -> the offsets of a padded batch, on the host; a few shapes are enough for a loop
+_PADDED = collections.OrderedDict()
+
+
+def _padded_offsets(B: int, N: int) -> Tensor:
+    offsets = _PADDED.get((B, N))
+    if offsets is None:
+        offsets = torch.arange(B + 1, dtype=torch.int64) * N
+        _PADDED[(B, N)] = offsets
+        if len(_PADDED) > 64:
+            _PADDED.popitem(last=False)
+    else:
+        _PADDED.move_to_end((B, N))
+    return offsets
+
+
+def _layout(offsets: Tensor, R: int, device: torch.device, opts) -> object:
+    """The :class:`~fastmil.kernels.attention_pool.Layout` of bags ``offsets [B+1]`` over R rows
+    on ``device``. Host offsets: the chunk map is built on the host and copied once (pinned,
+    asynchronously), then kept with the offsets tensor. Device offsets: built on the device with
+    a few small launches and no sync (kept likewise, except inside a CUDA graph capture, which
+    must record the build)."""
     k = _kernels()
-    B, K, (R, D), L = lengths.shape[0], w.shape[0], x.shape, v.shape[0]
-    GL = 2 * L if u is not None else L
-    f32 = torch.float32
-    meta = x.new_empty(k.meta_length(R, B, k.chunk_size(R, x.device)), dtype=torch.int64)
-    return (x.new_empty((B, K, D), dtype=f32), x.new_empty((R, K), dtype=f32),
-            x.new_empty((B, K), dtype=f32), x.new_empty((R, GL) if save_pq else (0,)), meta)
+    chunk = config.chunk_size(R, device, opts)
+    B = offsets.shape[0] - 1
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    memo = None if capturing else derived(offsets)
+    key = ("layout", device, chunk, opts.single)
+    if memo is not None and key in memo:
+        return memo[key]
+    if offsets.device.type == "cpu":
+        if capturing:
+            raise ValueError("offsets are on the CPU but x is on the GPU inside a CUDA graph "
+                             "capture, which cannot copy from host memory: pass offsets on x's "
+                             "device for capture")
+        meta, single = k.host_chunk_map(offsets.numpy().astype("int64", copy=False), chunk,
+                                        opts.single)
+        meta = torch.from_numpy(meta)
+        if device.type == "cuda":  # queued from pinned memory: the host goes on at once
+            meta = meta.pin_memory().to(device, non_blocking=True)
+        layout = k.Layout(meta, B, meta.shape[0] - 4 * B, chunk, single)
+    else:
+        meta = k.device_chunk_map(offsets, R, chunk)
+        layout = k.Layout(meta, B, meta.shape[0] - 4 * B, chunk, False)
+    if memo is not None:
+        memo[key] = layout
+    return layout
 
 
-@torch.library.custom_op("fastmil::attention_pool_bwd", mutates_args=())
-def _bwd_op(dz32: Tensor, glse: Tensor | None, gs: Tensor | None, x: Tensor,
-            row_mask: Tensor | None, meta: Tensor, v: Tensor, bv: Tensor | None,
-            u: Tensor | None, bu: Tensor | None, w: Tensor, seed: Tensor | None, p_drop: float,
-            act: int, z32: Tensor, s: Tensor, lse: Tensor, pq: Tensor, project_pq: bool,
-            need_dx: bool, need_dvu: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """-> dx [R, D], d[V; U] [GL, D] and the float32 sums [dw (K·L) | d[b_V; b_U] (GL)], each
-    an empty tensor when not asked for (outputs may not alias: a fresh one each)."""
-    outs = _kernels().attention_pool_bwd(
-        dz32, glse, gs, x, row_mask, meta, v, bv, u, bu, w, seed, p_drop, act, z32, s, lse, pq,
-        project_pq, need_dx, need_dvu, need_dw)
-    return tuple(x.new_empty(0) if t is None else t for t in outs)
+def _stacked(a: Tensor, b: Tensor | None) -> Tensor:
+    """``[a; b]`` along dim 0 (a alone when b is None): in place where b lies right after a in
+    one block of memory (``fastmil.AttentionPool`` keeps ``[V; U]`` so), else one copy."""
+    if b is None:
+        return a
+    if (a.is_contiguous() and b.is_contiguous() and a.shape == b.shape and a.dtype == b.dtype
+            and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()):
+        return a.as_strided((2 * a.shape[0], *a.shape[1:]), a.stride())
+    return torch.cat([a, b])
 
 
-@_bwd_op.register_fake
-def _(dz32, glse, gs, x, row_mask, meta, v, bv, u, bu, w, seed, p_drop, act, z32, s, lse, pq,
-      project_pq, need_dx, need_dvu, need_dw):
-    L, (K, _), (R, D) = v.shape[0], w.shape, x.shape
-    GL = 2 * L if u is not None else L
-    need_sums = need_dw or (need_dvu and (bv is not None or bu is not None))
-    return (x.new_empty((R, D) if need_dx else (0,)), x.new_empty((GL, D) if need_dvu else (0,)),
-            x.new_empty((K * L + GL,) if need_sums else (0,),
-                        dtype=torch.float32 if need_sums else x.dtype))
+def _stacked_bias(bv: Tensor | None, bu: Tensor | None, gated: bool) -> Tensor | None:
+    """``[b_V; b_U]`` [GL] or None; a missing half of a gated bias is zero."""
+    if bv is None and bu is None:
+        return None
+    if not gated:
+        return bv
+    if bv is None or bu is None:
+        present = bv if bu is None else bu
+        zero = torch.zeros_like(present)
+        return torch.cat([present, zero] if bu is None else [zero, present])
+    return _stacked(bv, bu)
 
 
-_FWD_INPUTS = ("x", "starts", "lengths", "row_mask", "v", "bv", "u", "bu", "w", "bw", "seed",
-               "p_drop", "act", "save_pq")
+# ---------------------------------------------------------------------------------------------
+# Forward and backward, shared by the eager Function and the custom ops
+# ---------------------------------------------------------------------------------------------
+
+class _Call(NamedTuple):
+    """What a call is, apart from its tensors."""
+
+    layout: object  # kernels.attention_pool.Layout
+    act: int
+    p_drop: float
+    need_grad: bool  # a gradient will be asked for: keep what the backward reads
+    save_pq: bool  # keep p and q (recompute=False) rather than make them again
+    opts: config.KernelOptions
 
 
-def _setup_context(ctx, inputs, output):
-    x, starts, lengths, row_mask, v, bv, u, bu, w, bw, seed, p_drop, act, save_pq = inputs
-    z32, s, lse, pq, meta = output
-    ctx.save_for_backward(x, row_mask, meta, v, bv, u, bu, w, bw, seed, z32, s, lse, pq)
-    ctx.p_drop, ctx.act = p_drop, act
-    # the backward makes p and q (when not kept) the way this forward did
-    ctx.project_pq = _kernels().CUBLAS_PROJECTION
-    # outputs nobody differentiated (the scores and lse, unless the attention or the scores were
-    # returned and used) reach the backward as None, not as zero tensors to launch and to read
-    ctx.set_materialize_grads(False)
+def _forward(x, row_mask, v, u, bv, bu, w, seed, call: _Call):
+    """-> z [B, K, D] (x's dtype), s [R, K], lse [B, K], and what the backward needs: pq
+    [R, GL] (empty unless saved) and z32 (None when no gradient is needed)."""
+    k = _kernels()
+    gated = u is not None
+    weight = _stacked(v, u)  # [GL, D]
+    bias = _stacked_bias(bv, bu, gated)
+    pq = x @ weight.t() if call.layout.B > 0 else x.new_empty(0)  # [R, GL]: cuBLAS
+    z, z32, s, lse = k.forward(x, pq, row_mask, call.layout, bias, w, seed, call.p_drop,
+                               call.act, gated, call.need_grad, call.opts)
+    return z, s, lse, pq if call.save_pq else x.new_empty(0), z32
 
 
-def _backward(ctx, dz32, gs, glse, _dpq, _dmeta):
-    x, row_mask, meta, v, bv, u, bu, w, bw, seed, z32, s, lse, pq = ctx.saved_tensors
-    bwd = _kernels().attention_pool_bwd if getattr(ctx, "eager", False) else _bwd_op
-    needs = dict(zip(_FWD_INPUTS, ctx.needs_input_grad, strict=True))
-    need_dx, need_dw = needs["x"], needs["w"]
-    need_dvu = any(needs[n] for n in ("v", "bv", "u", "bu"))
-    grads = dict.fromkeys(_FWD_INPUTS)
-    if needs["bw"]:  # the softmax ignores a shift of all scores: exactly zero
-        grads["bw"] = torch.zeros_like(bw)
-    if need_dx or need_dvu or need_dw:
-        if dz32 is None:  # only the attention or the scores are differentiated
-            dz32 = torch.zeros_like(z32)
-        dx, dweight, sums = bwd(dz32.float().contiguous(), glse, gs, x, row_mask, meta, v, bv,
-                                u, bu, w, seed, ctx.p_drop, ctx.act, z32, s, lse, pq,
-                                ctx.project_pq, need_dx, need_dvu, need_dw)
-        L, K = v.shape[0], w.shape[0]
-        if need_dx:
-            grads["x"] = dx
-        if need_dvu:
-            grads["v"], grads["u"] = dweight[:L], (dweight[L:] if u is not None else None)
-            bias_sums = sums[K * L:]
-            grads["bv"] = bias_sums[:L].to(v.dtype) if bv is not None else None
-            grads["bu"] = bias_sums[L:].to(v.dtype) if bu is not None else None
-        if need_dw:
-            grads["w"] = sums[:K * L].view(K, L).to(w.dtype)
-    return tuple(grads[n] for n in _FWD_INPUTS)
+def _backward(needs, dz, gs, glse, x, row_mask, v, u, bv, bu, w, seed, pq, z32, s, lse,
+              call: _Call):
+    """Gradients dx [R, D], dW = d[V; U] [GL, D], db = d[b_V; b_U] [GL] and dw [K, L] where
+    ``needs`` = (x, v, u, bv, bu, w) asks for them (None elsewhere)."""
+    k = _kernels()
+    need_x, need_v, need_u, need_bv, need_bu, need_w = needs
+    gated = u is not None
+    weight = _stacked(v, u)
+    bias = _stacked_bias(bv, bu, gated)
+    need_dweight, need_db = need_v or need_u, need_bv or need_bu
+    if not (need_x or need_dweight or need_db or need_w):
+        return None, None, None, None
+    if pq.numel() == 0 and call.layout.B > 0:  # recompute=True: make p and q again
+        pq = x @ weight.t()
+    dh0, dpq, dw, db = k.backward(
+        dz, glse, gs, x, pq, row_mask, call.layout, bias, w, seed, call.p_drop, call.act, gated,
+        z32, s, lse, need_x, need_x or need_dweight or need_db, need_w, need_db, call.opts)
+    dx = dweight = None
+    if need_x:
+        dx = dpq @ weight if dh0 is None else torch.addmm(dh0, dpq, weight)  # [R, D]
+    if need_dweight:
+        if row_mask is not None:  # padding may hold anything (NaN, inf): 0 · NaN must not leak
+            x = x.masked_fill(~row_mask[:, None], 0)
+        dweight = dpq.t() @ x  # [GL, D]
+    return dx, dweight, db, dw
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+def _split(grads, needs, L):
+    """(dx, dW, db, dw) of :func:`_backward` -> the gradients of (x, v, u, bv, bu, w)."""
+    dx, dweight, db, dw = grads
+    _, need_v, need_u, need_bv, need_bu, _ = needs
+    return (dx, dweight[:L] if need_v else None, dweight[L:] if need_u else None,
+            db[:L] if need_bv else None, db[L:] if need_bu else None, dw)
 
 
 _NO_DOUBLE_BACKWARD = ("fastmil's triton backward has no derivative of its own, so it cannot be "
@@ -186,39 +240,146 @@ class _NotTwiceDifferentiable(torch.autograd.Function):
         raise RuntimeError(_NO_DOUBLE_BACKWARD)
 
 
-class _EagerPool(torch.autograd.Function):
-    """The same forward and backward as the custom ops, without their dispatch: what eager
-    calls run (``torch.compile`` traces the custom ops instead). The custom ops' Python
-    dispatch costs about 100 µs of host time per training step (benchmarks/HOST_TIME.md),
-    which a launch-bound call (hundreds of tiny bags) pays in full."""
+class _Pool(torch.autograd.Function):
+    """An eager call: inputs (x, row_mask, v, u, bv, bu, w, bw, seed, call), outputs (z, s,
+    lse). The score bias bw is an input only to get its exact zero gradient."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        out = _kernels().attention_pool_fwd(*inputs[:9], *inputs[10:])  # bw is not read
-        _setup_context(ctx, inputs, out)
-        ctx.eager = True
-        return out
+    def forward(ctx, x, row_mask, v, u, bv, bu, w, bw, seed, call):
+        z, s, lse, pq, z32 = _forward(x, row_mask, v, u, bv, bu, w, seed, call)
+        ctx.save_for_backward(x, row_mask, v, u, bv, bu, w, bw, seed, pq, z32, s, lse)
+        ctx.call = call
+        # outputs nobody differentiated reach the backward as None, not as zeros to read
+        ctx.set_materialize_grads(False)
+        return z, s, lse
 
     @staticmethod
-    def backward(ctx, *grad_outputs):
+    def backward(ctx, dz, gs, glse):
+        x, row_mask, v, u, bv, bu, w, bw, seed, pq, z32, s, lse = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        args = ((needs[0], *needs[2:7]), dz, gs, glse, x, row_mask, v, u, bv, bu, w, seed, pq,
+                z32, s, lse, ctx.call)
         if not torch.is_grad_enabled():  # the usual backward (create_graph=False)
-            return _backward(ctx, *grad_outputs)
-        # create_graph=True: the gradients, computed without a graph, are tied to what they
-        # depend on (the saved inputs, the incoming gradients) through a node that refuses to
-        # be differentiated
-        with torch.no_grad():
-            grads = _backward(ctx, *grad_outputs)
-        live = [g for g in grads if g is not None]
-        sources = [t for t in (*ctx.saved_tensors, *grad_outputs)
-                   if t is not None and t.requires_grad]
-        if not (live and sources):
-            return grads
-        wrapped = iter(_NotTwiceDifferentiable.apply(len(live), *live, *sources))
-        return tuple(None if g is None else next(wrapped) for g in grads)
+            grads = _split(_backward(*args), args[0], v.shape[0])
+        else:  # create_graph=True: tie the gradients to a node that refuses to be differentiated
+            with torch.no_grad():
+                grads = _split(_backward(*args), args[0], v.shape[0])
+            live = [g for g in grads if g is not None]
+            sources = [t for t in (*ctx.saved_tensors, dz, gs, glse)
+                       if t is not None and t.requires_grad]
+            if live and sources:
+                wrapped = iter(_NotTwiceDifferentiable.apply(len(live), *live, *sources))
+                grads = tuple(None if g is None else next(wrapped) for g in grads)
+        dx, dv, du, dbv, dbu, dw = grads
+        dbw = torch.zeros_like(bw) if needs[7] else None  # the softmax ignores a common shift
+        return dx, None, dv, du, dbv, dbu, dw, dbw, None, None
 
 
-def _pool_fwd(*inputs):
-    return _fwd_op(*inputs) if torch.compiler.is_compiling() else _EagerPool.apply(*inputs)
+# ---------------------------------------------------------------------------------------------
+# Custom ops (what torch.compile traces)
+# ---------------------------------------------------------------------------------------------
+
+def _compiled_call(x, offsets, p_drop, act, save_pq):
+    """The call of a compiled forward: its layout built inside the op (padded to the static
+    bound that the fake implementation reports)."""
+    k = _kernels()
+    R, opts = x.shape[0], config.options()
+    chunk = config.chunk_size(R, x.device, opts)
+    B = offsets.shape[0] - 1
+    if offsets.device.type == "cpu":
+        meta, single = k.host_chunk_map(offsets.to(torch.int64).numpy(), chunk, opts.single,
+                                        pad_to=k.meta_length(R, B, chunk))
+        meta = torch.from_numpy(meta).to(x.device)
+    else:
+        meta, single = k.device_chunk_map(offsets, R, chunk), False
+    layout = k.Layout(meta, B, meta.shape[0] - 4 * B, chunk, single)
+    return _Call(layout, act, p_drop, True, save_pq, opts)
+
+
+@torch.library.custom_op("fastmil::attention_pool_fwd", mutates_args=())
+def _fwd_op(x: Tensor, offsets: Tensor, row_mask: Tensor | None, v: Tensor, u: Tensor | None,
+            bv: Tensor | None, bu: Tensor | None, w: Tensor, bw: Tensor | None,
+            seed: Tensor | None, p_drop: float, act: int, save_pq: bool
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> z, s, lse, and for the backward pq and z32 (each empty when not kept: z32 is z for
+    float32 x) and the chunk map."""
+    call = _compiled_call(x, offsets, p_drop, act, save_pq)
+    z, s, lse, pq, z32 = _forward(x, row_mask, v, u, bv, bu, w, seed, call)
+    z32 = x.new_empty(0, dtype=torch.float32) if z32 is z else z32
+    return z, s, lse, pq, z32, call.layout.meta
+
+
+@_fwd_op.register_fake
+def _(x, offsets, row_mask, v, u, bv, bu, w, bw, seed, p_drop, act, save_pq):
+    k = _kernels()
+    (R, D), (K, L), B = x.shape, w.shape, offsets.shape[0] - 1
+    GL = 2 * L if u is not None else L
+    chunk = config.chunk_size(R, x.device, config.options())
+    f32 = torch.float32
+    z32 = (B, K, D) if x.dtype != f32 else (0,)
+    return (x.new_empty((B, K, D)), x.new_empty((R, K), dtype=f32), x.new_empty((B, K), dtype=f32),
+            x.new_empty((R, GL) if save_pq else (0,)), x.new_empty(z32, dtype=f32),
+            x.new_empty(k.meta_length(R, B, chunk), dtype=torch.int64))
+
+
+@torch.library.custom_op("fastmil::attention_pool_bwd", mutates_args=())
+def _bwd_op(dz: Tensor | None, gs: Tensor | None, glse: Tensor | None, x: Tensor,
+            row_mask: Tensor | None, v: Tensor, u: Tensor | None, bv: Tensor | None,
+            bu: Tensor | None, w: Tensor, seed: Tensor | None, pq: Tensor, z: Tensor,
+            z32: Tensor, s: Tensor, lse: Tensor, meta: Tensor, p_drop: float, act: int,
+            needs: list[bool]) -> list[Tensor]:
+    """-> dx, d[V; U], d[b_V; b_U], dw as :func:`_backward` gives them, empty tensors where not
+    asked for (outputs may be neither None nor views of each other)."""
+    k, B, opts = _kernels(), lse.shape[0], config.options()
+    chunk = config.chunk_size(x.shape[0], x.device, opts)
+    layout = k.Layout(meta, B, meta.shape[0] - 4 * B, chunk, False)  # (single: forward only)
+    call = _Call(layout, act, p_drop, True, pq.numel() > 0, opts)
+    grads = _backward(tuple(needs), dz, gs, glse, x, row_mask, v, u, bv, bu, w, seed, pq,
+                      z if z32.numel() == 0 else z32, s, lse, call)
+    return [x.new_empty(0) if g is None else g for g in grads]
+
+
+@_bwd_op.register_fake
+def _(dz, gs, glse, x, row_mask, v, u, bv, bu, w, seed, pq, z, z32, s, lse, meta, p_drop, act,
+      needs):
+    need_x, need_v, need_u, need_bv, need_bu, need_w = needs
+    GL = v.shape[0] * (2 if u is not None else 1)
+    shapes = (x.shape if need_x else (0,), (GL, v.shape[1]) if need_v or need_u else (0,),
+              (GL,) if need_bv or need_bu else (0,), w.shape if need_w else (0,))
+    return [x.new_empty(shape) for shape in shapes]
+
+
+_OP_INPUTS = ("x", "offsets", "row_mask", "v", "u", "bv", "bu", "w", "bw", "seed", "p_drop",
+              "act", "save_pq")
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, offsets, row_mask, v, u, bv, bu, w, bw, seed, p_drop, act, save_pq = inputs
+    z, s, lse, pq, z32, meta = output
+    ctx.save_for_backward(x, row_mask, v, u, bv, bu, w, bw, seed, pq, z, z32, s, lse, meta)
+    ctx.p_drop, ctx.act = p_drop, act
+    ctx.set_materialize_grads(False)
+
+
+def _op_backward(ctx, dz, gs, glse, *_):
+    x, row_mask, v, u, bv, bu, w, bw, seed, pq, z, z32, s, lse, meta = ctx.saved_tensors
+    needs = dict(zip(_OP_INPUTS, ctx.needs_input_grad, strict=True))
+    wanted = [needs[n] for n in ("x", "v", "u", "bv", "bu", "w")]
+    grads = dict.fromkeys(_OP_INPUTS)
+    if any(wanted):
+        out = _bwd_op(dz, gs, glse, x, row_mask, v, u, bv, bu, w, seed, pq, z, z32, s, lse,
+                      meta, ctx.p_drop, ctx.act, wanted)
+        x_, v_, u_, bv_, bu_, w_ = wanted  # which of (dx, dW, db, dw) hold a gradient
+        kept = (x_, v_ or u_, bv_ or bu_, w_)
+        split = _split([g if keep else None for g, keep in zip(out, kept, strict=True)],
+                       wanted, v.shape[0])
+        grads.update(zip(("x", "v", "u", "bv", "bu", "w"), split, strict=True))
+    if needs["bw"]:
+        grads["bw"] = torch.zeros_like(bw)
+    return tuple(grads[n] for n in _OP_INPUTS)
+
+
+_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,55 +394,53 @@ def attention_pool_triton(x, attn_weight, attn_bias, gate_weight, gate_bias, sco
     (optional bool ``mask``) or packed ``x [T, D]`` with ``offsets`` (on x's device or the
     CPU); returns ``(z [B, K, D]`` in x's dtype, the attention, the raw scores``)``, the last two
     ``[B, N, K]`` or ``[T, K]`` float32 or None when not asked for (the kernels never form the
-    attention; it is derived from the saved scores)."""
+    attention; it is derived from the scores and each bag's log-sum-exp)."""
     D = x.shape[-1]
     K = score_weight.shape[0]
-    contig = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    row_mask = None
     if offsets is None:  # padded: rows of x.view(B*N, D); bag b starts at row b*N
         B, N = x.shape[:2]
         rows = x.reshape(B * N, D)
-        if mask is None:  # lengths known on the host: the chunk map costs the GPU one copy
-            # (inside a CUDA graph capture, which cannot copy from host memory, on the device)
-            where = x.device if _capturing(x) else "cpu"
-            starts = torch.arange(B, dtype=torch.int64, device=where) * N
-            lengths = torch.full((B,), N, dtype=torch.int64, device=where)
-            row_mask = None
+        if _capturing(x):  # a capture cannot copy from host memory: made on the device
+            offsets = torch.arange(B + 1, device=x.device, dtype=torch.int64) * N
         else:
-            # scan each bag only up to its last real instance: trailing padding costs nothing
-            pos = torch.arange(1, N + 1, device=mask.device, dtype=torch.int64)
-            lengths = (mask * pos).amax(1) if N > 0 else torch.zeros(B, dtype=torch.int64,
-                                                                      device=mask.device)
-            starts = torch.arange(B, device=mask.device, dtype=torch.int64) * N
+            offsets = _padded_offsets(B, N)
+        if mask is not None:
             row_mask = mask.reshape(B * N).contiguous()
     else:
-        if offsets.device != x.device and _capturing(x):
-            raise ValueError("offsets are on the CPU but x is on the GPU inside a CUDA graph "
-                             "capture, which cannot copy from host memory: pass offsets on x's "
-                             "device for capture")
         rows = x
-        offsets = offsets.to(torch.int64)
-        starts, lengths = offsets[:-1], offsets[1:] - offsets[:-1]
-        row_mask = None
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
     seed = None
     if dropout_p > 0:  # from PyTorch's generator of x's device: torch.manual_seed reproduces
         seed = torch.randint(0, 2**31 - 1, (2,), device=x.device, dtype=torch.int64)
-    save_pq = recompute is not True and torch.is_grad_enabled()  # None: save
-    z32, s, lse, _, meta = _pool_fwd(
-        rows, starts, lengths, row_mask, contig(attn_weight), contig(attn_bias),
-        contig(gate_weight), contig(gate_bias), contig(score_weight), score_bias, seed,
-        float(dropout_p), _kernels().ACTIVATION_CODES[activation], save_pq)
-    z = z32.to(x.dtype)
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (x, attn_weight, gate_weight, attn_bias, gate_bias, score_weight, score_bias))
+    save_pq = need_grad and recompute is not True  # None: save
+    act = _kernels().ACTIVATION_CODES[activation]
+    if torch.compiler.is_compiling():
+        z, s, lse, *_ = _fwd_op(rows, offsets, row_mask, attn_weight, gate_weight, attn_bias,
+                                gate_bias, score_weight, score_bias, seed, float(dropout_p), act,
+                                save_pq)
+        lengths = offsets[1:] - offsets[:-1]
+    else:
+        opts = config.options()
+        layout = _layout(offsets, rows.shape[0], x.device, opts)
+        call = _Call(layout, act, float(dropout_p), need_grad, save_pq, opts)
+        if need_grad:
+            z, s, lse = _Pool.apply(rows, row_mask, attn_weight, gate_weight, attn_bias,
+                                    gate_bias, score_weight, score_bias, seed, call)
+        else:  # no graph to record: the forward alone
+            z, s, lse, _, _ = _forward(rows, row_mask, attn_weight, gate_weight, attn_bias,
+                                       gate_bias, score_weight, seed, call)
+        lengths = layout.meta[layout.B:2 * layout.B]
     if not (need_attention or need_scores):
         return z, None, None
-    if offsets is None:
+    if x.dim() == 3:
         s = s.view(B, N, K)
-        if mask is not None:  # rows past a bag's last real instance are never written
+        if mask is not None:  # rows of masked slots are never written
             s = s.masked_fill(~mask[..., None], float("-inf"))
         lse_rows = lse[:, None, :]
-    else:  # each row's bag, from the device copy of the lengths (no host sync)
-        B = lse.shape[0]
-        lse_rows = lse[segment_ids(meta[B:2 * B], x.shape[0])]
+    else:  # each row's bag (no host sync)
+        lse_rows = lse[segment_ids(lengths.to(x.device), x.shape[0])]
     attn = torch.exp(s - lse_rows) if need_attention else None  # a = exp(s - lse of the bag)
     return z, attn, s if need_scores else None

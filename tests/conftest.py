@@ -236,9 +236,12 @@ def clone_weights(weights, *, dtype=None, requires_grad=True):
 
 
 def grads(out, upstream, inputs):
-    """Gradients of ``sum(out * upstream)`` w.r.t. ``inputs``; zeros for an unused input (or when
-    ``out`` does not depend on any input at all, e.g. a batch of zero bags)."""
+    """Gradients of ``sum(out * upstream)`` w.r.t. ``inputs``: zeros when ``out`` depends on no
+    input at all (a batch of zero bags); an input that ``out`` does not reach fails, so that a
+    backend which drops a gradient (the score bias's exact zero, say) is caught, not padded."""
     if not out.requires_grad:
         return [torch.zeros_like(t) for t in inputs]
     gs = torch.autograd.grad(out, inputs, upstream, allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, inputs, strict=True)]
+    missing = [i for i, g in enumerate(gs) if g is None]
+    assert not missing, f"no gradient reached inputs {missing} of {len(inputs)}"
+    return list(gs)

@@ -328,28 +328,29 @@ def test_recompute_true_keeps_less_memory(backend, device):
     assert saving - inputs >= T * 2 * L * 4  # p and q (or more), float32
 
 
-@pytest.mark.parametrize("frozen", ["x", "weights", "score_weight_only"])
+@pytest.mark.parametrize("frozen", ["x", "weights", "score_weight_only", "x_and_projection"])
 def test_gradients_only_where_asked(backend, device, frozen, monkeypatch):
     x, lay = make_layout("packed", [9, 0, 33], 20, device=device)
     weights = make_weights(20, 12, 2, device=device)
-    x_grad = frozen != "x"
+    x_grad = frozen not in ("x", "x_and_projection")
     xx = x.clone().requires_grad_(x_grad)
     ww = clone_weights(weights, requires_grad=False)
-    trainable = {"x": list(ww), "weights": [], "score_weight_only": ["score_weight"]}[frozen]
+    trainable = {"x": list(ww), "weights": [], "score_weight_only": ["score_weight"],
+                 "x_and_projection": ["score_weight"]}[frozen]
     for n in trainable:
         if ww[n] is not None:
             ww[n].requires_grad_()
     calls = []
     if backend == "triton":
         kernels = pytest.importorskip("fastmil.kernels.attention_pool")
-        real = kernels.attention_pool_bwd
+        real = kernels.backward
 
         def spy(*args):
             out = real(*args)
-            calls.append((args[-3:], [t is None for t in out]))
+            calls.append((args[-5:-1], [t is None for t in out]))
             return out
 
-        monkeypatch.setattr(kernels, "attention_pool_bwd", spy)
+        monkeypatch.setattr(kernels, "backward", spy)
     z = call(attention_pool, xx, ww, backend=backend, **lay)
     up = torch.randn_like(z)
     leaves = ([xx] if x_grad else []) + [ww[n] for n in trainable if ww[n] is not None]
@@ -362,11 +363,14 @@ def test_gradients_only_where_asked(backend, device, frozen, monkeypatch):
         assert_close(gg, gw, torch.float32, what="grad")
     if backend == "triton":
         (need, none), = calls
-        need_dx, need_dvu, need_dw = need
-        assert need_dx is x_grad
-        assert need_dvu is (frozen == "x")
+        need_dh0, need_dpq, need_dw, need_db = need
+        assert need_dh0 is x_grad
+        assert need_dpq is (x_grad or frozen == "x")  # dx and the projection weights need it
         assert need_dw is (frozen != "weights")
+        assert need_dpq is not (frozen == "x_and_projection")  # only dw: no [T, 2L] buffer
+        assert need_db is (frozen == "x")
         assert none[0] is not x_grad  # no dx (and no [T, D] buffer) when x is frozen
+        assert none[1] is not need_dpq
 
 
 @pytest.mark.parametrize("lengths", [[3, 0, 7, 1, 12, 0, 0, 0, 0, 0, 0, 2, 9], [40], [2] * 9])

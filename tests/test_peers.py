@@ -1,12 +1,12 @@
 """fastmil against independent implementations of attention-MIL pooling: torchmil's
-AttentionPool, CLAM's Attn_Net / Attn_Net_Gated, and PyTorch Geometric's segment softmax."""
+AttentionPool and PyTorch Geometric's segment softmax, and the conversion of CLAM-layout
+attention nets (CLAM's own models are checked in test_clam_dropin.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from clam_models import Attn_Net, Attn_Net_Gated
 from conftest import assert_close, make_bags, make_layout, make_weights
 from torch import nn
 
@@ -53,26 +53,46 @@ def test_torchmil_lazy_module_after_first_call(backend, device):
     assert_close(pool(x), z_peer, what="z vs torchmil (lazy)")
 
 
-# ---------------------------------------------------------------- CLAM
-# CLAM's attention networks: the faithful copies in clam_models.py.
+# ---------------------------------------------------------------- CLAM layout
+# Attention nets laid out as CLAM's Attn_Net_Gated / Attn_Net are (attribute names and layer
+# order: facts of CLAM's models/model_clam.py), built here, and the pooling CLAM's models do
+# with them, written out: scores A = net(h) [N, K], softmax over N, M = Aᵀ h.
 
 
-def clam_pool(net, h):
-    """What CLAM_SB / CLAM_MB do with the attention net for one bag h [N, L]."""
-    A, h = net(h)  # N x K
-    A = torch.transpose(A, 1, 0)  # K x N
-    A = F.softmax(A, dim=1)  # softmax over N
-    return torch.mm(A, h), A  # M [K, L], A [K, N]
+def clam_layout_net(feat, hidden, gated, n_classes, dropout):
+    net = nn.Module()
+    drop = [nn.Dropout(0.25)] if dropout else []
+    if gated:
+        net.attention_a = nn.Sequential(nn.Linear(feat, hidden), nn.Tanh(), *drop)
+        net.attention_b = nn.Sequential(nn.Linear(feat, hidden), nn.Sigmoid(), *drop)
+        net.attention_c = nn.Linear(hidden, n_classes)
+    else:
+        net.module = nn.Sequential(nn.Linear(feat, hidden), nn.Tanh(), *drop,
+                                   nn.Linear(hidden, n_classes))
+    return net
+
+
+def clam_layout_pool(net, h):
+    """M [K, feat] and A [K, N] of one bag h [N, feat], from the net's layers."""
+    if hasattr(net, "attention_a"):
+        scores = net.attention_c(net.attention_a(h) * net.attention_b(h))
+    else:
+        scores = net.module(h)
+    A = F.softmax(scores.t(), dim=1)
+    return A @ h, A
 
 
 @pytest.mark.parametrize("n_classes", [1, 3])
-@pytest.mark.parametrize("net_cls", [Attn_Net_Gated, Attn_Net])
-def test_clam(backend, device, net_cls, n_classes):
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_clam_layout(backend, device, gated, n_classes):
     feat, hidden = 32, 16
-    net = net_cls(L=feat, D=hidden, dropout=True, n_classes=n_classes).to(device).eval()
+    net = clam_layout_net(feat, hidden, gated, n_classes, dropout=True).to(device).eval()
+    with torch.no_grad():  # spread the scores out
+        score = net.attention_c if gated else net.module[-1]
+        score.weight.mul_(4)
     pool = AttentionPool.from_clam(net, backend=backend).eval()
     assert pool.dropout == 0.25  # CLAM's dropout=True, applied in training mode only
-    assert pool.gated is (net_cls is Attn_Net_Gated)
+    assert pool.gated is gated
     assert pool.branches == (None if n_classes == 1 else n_classes)
 
     bags = make_bags([1, 9, 300], feat, device=device)
@@ -80,7 +100,7 @@ def test_clam(backend, device, net_cls, n_classes):
     with torch.no_grad():
         z_packed, a_packed = pool(x, offsets=offsets, return_attention=True)
         for b, h in enumerate(bags):
-            M, A = clam_pool(net, h)
+            M, A = clam_layout_pool(net, h)
             z, a = pool(h, return_attention=True)
             if n_classes == 1:
                 M, A = M[0], A[0]
@@ -88,9 +108,9 @@ def test_clam(backend, device, net_cls, n_classes):
             else:
                 A = A.t()  # fastmil's attention is [N, K]
                 assert z.shape == (n_classes, feat)
-            assert_close(z, M, what=f"z vs CLAM, bag {b}")
-            assert_close(a, A, what=f"attention vs CLAM, bag {b}")
-            assert_close(z_packed[b], M, what=f"packed z vs CLAM, bag {b}")
+            assert_close(z, M, what=f"z vs the CLAM-layout net, bag {b}")
+            assert_close(a, A, what=f"attention vs the CLAM-layout net, bag {b}")
+            assert_close(z_packed[b], M, what=f"packed z vs the CLAM-layout net, bag {b}")
         assert A.max() > 2 * A.min()  # the last, large bag has non-uniform attention
 
 
@@ -167,12 +187,12 @@ def test_pyg_attentional_aggregation(backend, device, use_ptr):
 
 def test_converter_keeps_a_gate_bias_when_the_attention_layer_has_none():
     """One bias flag covers the three layers: a missing source bias becomes a zero bias."""
-    net = Attn_Net_Gated(L=16, D=8, n_classes=1).eval()
+    net = clam_layout_net(16, 8, gated=True, n_classes=1, dropout=False).eval()
     net.attention_a[0].bias = None
     pool = AttentionPool.from_clam(net, backend="torch")
     assert torch.equal(pool.attn.bias, torch.zeros(8))
     assert torch.equal(pool.gate.bias, net.attention_b[0].bias)
     h = make_bags([7], 16)[0]
     with torch.no_grad():
-        M, _ = clam_pool(net, h)
-        assert_close(pool(h), M[0], what="z vs CLAM without attention bias")
+        M, _ = clam_layout_pool(net, h)
+        assert_close(pool(h), M[0], what="z vs the CLAM-layout net without attention bias")

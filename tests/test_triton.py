@@ -17,6 +17,8 @@ from fastmil.reference import attention_pool_reference
 
 triton = pytest.importorskip("triton", reason="the Triton kernel tests need triton installed")
 kernels = pytest.importorskip("fastmil.kernels.attention_pool")
+from fastmil.kernels import config  # noqa: E402
+from fastmil.kernels.config import kernel_options  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -26,20 +28,22 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 @pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(kernels, "POISON", True)
+def _poison():
+    with kernel_options(poison=True):
+        yield
 
 
 @pytest.fixture(params=["host-single", "general"])
-def chunk_mode(request, monkeypatch):
+def chunk_mode(request):
     """The two launch paths: one program per bag without a merge (lengths on the host, every bag
-    within a chunk), and the general chunk map with merges, as built on the GPU, with chunks of
-    16 rows so that small bags span several programs. Pass the layout's kwargs through
+    within a chunk), and the general chunk map with merges, with chunks of 16 rows so that
+    small bags span several programs. Pass the layout's kwargs through
     :func:`_chunk_mode_kwargs`."""
     if request.param == "general":
-        monkeypatch.setattr(kernels, "SINGLE_CHUNK", False)
-        monkeypatch.setattr(kernels, "CHUNK_ALIGN", 16)
-    return request.param
+        with kernel_options(single=False, chunk_rows=16):
+            yield request.param
+    else:
+        yield request.param
 
 
 def _chunk_mode_kwargs(kwargs, chunk_mode):
@@ -98,23 +102,46 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=["cublas", "fused"])
-def projection(request, monkeypatch):
-    """Both designs of the projections: one cuBLAS GEMM the kernels read (the default), and
-    the fused kernels' own tl.dot tiles (CUBLAS_PROJECTION = False)."""
-    monkeypatch.setattr(kernels, "CUBLAS_PROJECTION", request.param == "cublas")
-    return request.param
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops run inside it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("layout,lengths", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("K", [None, 3], ids=["K1", "K3"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_matches_reference(layout, lengths, K, gated, bias, chunk_mode, projection):
+@pytest.mark.parametrize("recompute", [False, True], ids=["save", "recompute"])
+def test_matches_reference(layout, lengths, K, gated, bias, recompute, chunk_mode):
     D, L = 40, 24  # neither a power of two
     x, kw = make_layout(layout, lengths, D, device=DEVICE)
     w = make_weights(D, L, K, gated, bias, device=DEVICE)
-    _check(x, w, torch.float32, **_chunk_mode_kwargs(kw, chunk_mode))
+    _check(x, w, torch.float32, {"recompute": recompute}, **_chunk_mode_kwargs(kw, chunk_mode))
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["save", "recompute"])
+def test_projection_gemms(recompute):
+    """p and q come from one GEMM in the forward; the backward makes them again only with
+    recompute=True. With x frozen the backward runs one GEMM (dW), end to end two (dW, dx)."""
+    x, kw = make_layout("packed", [5, 0, 9], 24, device=DEVICE)
+    w = make_weights(24, 16, None, device=DEVICE, requires_grad=True)
+    for frozen in (True, False):
+        xin = x.detach().clone().requires_grad_(not frozen)
+        with _OpCounter() as fwd:
+            z = call(fastmil.attention_pool, xin, w, backend="triton", recompute=recompute, **kw)
+        with _OpCounter() as bwd:
+            z.square().sum().backward()
+        assert fwd.counts.get("mm", 0) == 1, fwd.counts
+        gemms = bwd.counts.get("mm", 0) + bwd.counts.get("addmm", 0)
+        assert gemms == (1 if frozen else 2) + recompute, (frozen, bwd.counts)
 
 
 class _LaunchSpy:
@@ -131,35 +158,33 @@ class _LaunchSpy:
         return launch
 
 
-@pytest.mark.parametrize("dot_sum", [False, True], ids=["fma-sum", "dot-sum"])
+@pytest.mark.parametrize("fma_sum", [True, False], ids=["fma-sum", "dot-sum"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout,lengths", CASES, ids=[c[0] for c in CASES])
-def test_one_branch_weighted_sum_both_ways(dot_sum, dtype, layout, lengths, chunk_mode,
-                                           projection, monkeypatch):
-    """Pass 2's Σ exp(s - m) h for one branch, by tl.dot (DOT_WEIGHTED_SUM, the default, as for
-    K > 1) and by FMA into a register tile: both right, and the switch picks the one that runs
-    in the forward reading p, q (the cuBLAS projection); K > 1 and the fused projection always
-    take tl.dot."""
-    monkeypatch.setattr(kernels, "DOT_WEIGHTED_SUM", dot_sum)
+def test_one_branch_weighted_sum_both_ways(fma_sum, dtype, layout, lengths, chunk_mode,
+                                           monkeypatch):
+    """Pass 2's Σ exp(s - m) h for one branch, by tl.dot (the default, as for K > 1) and by FMA
+    into a register tile (``kernel_options(fma_sum=True)``): both right, and the option reaches
+    the launch for one branch only."""
     spy = _LaunchSpy(kernels._fwd_kernel)
     monkeypatch.setattr(kernels, "_fwd_kernel", spy)
     D, L = 40, 24
     x, kw = make_layout(layout, lengths, D, dtype=dtype, device=DEVICE)
-    _check(x, make_weights(D, L, None, dtype=dtype, device=DEVICE), dtype,
-           **_chunk_mode_kwargs(kw, chunk_mode))
-    expected = dot_sum or projection == "fused"
-    assert spy.launches and all(k["DOT_SUM"] is expected for _, k in spy.launches)
-    spy.launches.clear()
-    _check(x, make_weights(D, L, 2, dtype=dtype, device=DEVICE), dtype,
-           **_chunk_mode_kwargs(kw, chunk_mode))
-    assert spy.launches and all(k["DOT_SUM"] is True for _, k in spy.launches)
+    with kernel_options(fma_sum=fma_sum):
+        _check(x, make_weights(D, L, None, dtype=dtype, device=DEVICE), dtype,
+               **_chunk_mode_kwargs(kw, chunk_mode))
+        assert spy.launches and all(k["FMA_SUM"] is fma_sum for _, k in spy.launches)
+        spy.launches.clear()
+        _check(x, make_weights(D, L, 2, dtype=dtype, device=DEVICE), dtype,
+               **_chunk_mode_kwargs(kw, chunk_mode))
+    assert spy.launches and all(k["FMA_SUM"] is False for _, k in spy.launches)
 
 
 @pytest.mark.parametrize("missing", ["attn_bias", "gate_bias"])
 @pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save"])
-def test_one_bias_missing(missing, recompute, projection):
-    """The kernels add b_V and b_U themselves (p and q are made, stored and saved without them):
-    either alone is right, whichever projection made p and q and whether they were saved."""
+def test_one_bias_missing(missing, recompute):
+    """The kernels add b_V and b_U themselves (p and q are made and saved without them): either
+    alone is right, whether p and q were saved or made again."""
     x, kw = make_layout("packed", [7, 0, 19], 24, device=DEVICE)
     w = make_weights(24, 16, None, device=DEVICE)
     w[missing] = None
@@ -174,57 +199,15 @@ def test_dtypes(dtype, layout, lengths):
     _check(x, make_weights(D, L, 2, dtype=dtype, device=DEVICE), dtype, **kw)
 
 
-@pytest.fixture
-def cublas_projection(monkeypatch):
-    """The projections from one GEMM before the launch (torch.matmul: cuBLAS on CUDA) that the
-    kernels read, instead of tl.dot tiles inside them; counts the GEMMs."""
-    monkeypatch.setattr(kernels, "CUBLAS_PROJECTION", True)
-    calls = []
-    real = kernels.project
-    monkeypatch.setattr(kernels, "project", lambda *a: calls.append(a[0].shape) or real(*a))
-    return calls
-
-
-@pytest.mark.parametrize("layout,lengths", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("gated,bias", [(True, True), (False, True), (True, False)],
-                         ids=["gated-bias", "plain-bias", "gated-nobias"])
-@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save"])
-def test_cublas_projection_matches_reference(layout, lengths, gated, bias, recompute,
-                                             chunk_mode, cublas_projection):
-    D, L = 40, 24
-    x, kw = make_layout(layout, lengths, D, device=DEVICE)
-    w = make_weights(D, L, 3, gated, bias, device=DEVICE)
-    _check(x, w, torch.float32, {"recompute": recompute}, **_chunk_mode_kwargs(kw, chunk_mode))
-    # one GEMM in the forward; the backward makes it again unless it was kept (recompute=False)
-    assert len(cublas_projection) == (2 if recompute else 1), cublas_projection
-
-
-def test_backward_makes_projections_as_its_forward_did(cublas_projection, monkeypatch):
-    """The choice of projection is the forward's: switched off before the backward, the
-    recompute still takes the cuBLAS GEMM (and the gradients stay right)."""
-    x, kw = make_layout("packed", [5, 9], 24, device=DEVICE)
-    x.requires_grad_()
-    w = make_weights(24, 16, None, device=DEVICE, requires_grad=True)
-    z = call(fastmil.attention_pool, x, w, backend="triton", recompute=True, **kw)
-    monkeypatch.setattr(kernels, "CUBLAS_PROJECTION", False)
-    z.square().sum().backward()
-    assert len(cublas_projection) == 2, cublas_projection
-    xr = x.detach().double().requires_grad_()
-    wr = {n: None if t is None else t.detach().double().requires_grad_() for n, t in w.items()}
-    call(attention_pool_reference, xr, wr, **kw).square().sum().backward()
-    assert_close(x.grad, xr.grad, torch.float32, what="dx")
-    assert_close(w["attn_weight"].grad, wr["attn_weight"].grad, torch.float32, what="dV")
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_cublas_projection_dtypes_and_activations(dtype, activation, cublas_projection):
+def test_dtypes_and_activations(dtype, activation):
     x, kw = make_layout("padded_mask", [3, 0, 1, 33, 12], 48, dtype=dtype, device=DEVICE)
     _check(x, make_weights(48, 32, 2, dtype=dtype, device=DEVICE), dtype,
            {"activation": activation}, **kw)
 
 
-def test_cublas_projection_frozen_x_and_nan_padding(cublas_projection):
+def test_frozen_x_and_nan_padding():
     """Padding full of NaN gives NaN projections in its rows, which the kernels never use; x
     without grad still gets every weight gradient."""
     x, kw = make_layout("padded_mask", [3, 9, 0], 24, device=DEVICE)
@@ -242,16 +225,22 @@ def test_cublas_projection_frozen_x_and_nan_padding(cublas_projection):
 
 
 def test_long_bag_is_split_across_programs():
-    """One long bag is cut into several chunks whose (max, sum, acc) states get merged."""
-    lengths = torch.tensor([2900, 5, 1])
-    x, kw = make_layout("packed", lengths.tolist(), 24, device=DEVICE)
+    """One long bag is cut into several chunks whose (max, sum, acc) states get merged; the
+    host's and the device's chunk maps agree (the device's padded with idle programs)."""
+    lengths = [2900, 5, 1]
+    x, kw = make_layout("packed", lengths, 24, device=DEVICE)
     R, B = x.shape[0], 3
-    chunk = kernels.chunk_size(R, x.device)
-    meta, single = kernels._chunk_map(kw["offsets"][:-1].cpu(), lengths, R, chunk, x.device)
-    assert not single and meta.shape[0] == kernels.meta_length(R, B, chunk)
+    chunk = config.chunk_size(R, x.device)
+    offsets = kw["offsets"].cpu()
+    meta, single = kernels.host_chunk_map(offsets.numpy(), chunk, True)
+    assert not single
     num_chunks, chunk_bag = meta[3 * B:4 * B], meta[4 * B:]
-    assert int(num_chunks[0]) > 1, "the long bag should span several programs"
-    assert chunk_bag.tolist() == sorted(chunk_bag.tolist()) and int(chunk_bag[-1]) == B
+    assert num_chunks.tolist() == [-(-n // chunk) for n in lengths] and num_chunks[0] > 1
+    assert chunk_bag.tolist() == sorted(chunk_bag.tolist()) and len(chunk_bag) == sum(num_chunks)
+    on_device = kernels.device_chunk_map(offsets, R, chunk)
+    assert on_device.shape[0] == kernels.meta_length(R, B, chunk)
+    assert on_device[:meta.shape[0]].tolist() == meta.tolist()
+    assert set(on_device[meta.shape[0]:].tolist()) <= {B}  # idle programs
     _check(x, make_weights(24, 16, None, device=DEVICE), torch.float32, **kw)
 
 
@@ -259,10 +248,9 @@ def test_small_bags_take_one_program_each_without_merge(monkeypatch):
     """Bags within a chunk, lengths on the host: one program per bag and no merge launch. The
     offsets are passed on the CPU (only host lengths take this path); x is on DEVICE."""
     lengths = torch.tensor([3, 0, 17])
-    R, B = 20, 3
-    meta, single = kernels._chunk_map(torch.tensor([0, 3, 3]), lengths, R,
-                                      kernels.chunk_size(R, torch.device(DEVICE)), DEVICE)
-    assert single and meta[4 * B:4 * B + B].tolist() == [0, 1, 2]
+    B = 3
+    meta, single = kernels.host_chunk_map(torch.tensor([0, 3, 3, 20]).numpy(), 128, True)
+    assert single and meta[4 * B:].tolist() == [0, 1, 2]
     merges = _LaunchSpy(kernels._merge_kernel)
     monkeypatch.setattr(kernels, "_merge_kernel", merges)
     x, kw = make_layout("packed", lengths.tolist(), 16, device=DEVICE)
@@ -272,44 +260,39 @@ def test_small_bags_take_one_program_each_without_merge(monkeypatch):
 
 
 def test_chunk_size_aims_at_programs_per_sm(monkeypatch):
-    """Chunks of a multiple of CHUNK_ALIGN rows, about PROGRAMS_PER_SM per SM (132 SMs: an
-    H100), at most 64·CHUNK_ALIGN rows; the numbers of benchmarks/gpu_runs/NOTES.md."""
-    monkeypatch.setattr(kernels, "_multi_processors", lambda index: 132)
+    """Chunks of a multiple of CHUNK_ALIGN rows, about ``programs_per_sm`` per SM (132 SMs: an
+    H100), at most 64·CHUNK_ALIGN rows; the numbers of docs/gpu-runs.md."""
+    monkeypatch.setattr(config, "_multi_processors", lambda index: 132)
     gpu = torch.device("cuda", 0)
-    assert kernels.chunk_size(100_000, gpu) == 256  # 391 chunks: one round of 396 slots
-    assert kernels.chunk_size(200_195, gpu) == 384  # 522 (+ partials): two rounds
-    assert kernels.chunk_size(10 ** 8, gpu) == 64 * kernels.CHUNK_ALIGN
-    monkeypatch.setattr(kernels, "PROGRAMS_PER_SM", 16)
-    assert kernels.chunk_size(200_195, gpu) == 128  # 1,564 chunks (+ partials)
-    assert kernels.chunk_size(10 ** 6, gpu) == 512
-    assert kernels.chunk_size(5, gpu) == kernels.CHUNK_ALIGN
+    assert config.chunk_size(100_000, gpu) == 256  # 391 chunks: one round of 396 slots
+    assert config.chunk_size(200_195, gpu) == 384  # 522 (+ partials): two rounds
+    assert config.chunk_size(10 ** 8, gpu) == 64 * config.CHUNK_ALIGN
+    with kernel_options(programs_per_sm=16):
+        assert config.chunk_size(200_195, gpu) == 128  # 1,564 chunks (+ partials)
+        assert config.chunk_size(10 ** 6, gpu) == 512
+        assert config.chunk_size(5, gpu) == config.CHUNK_ALIGN
 
 
-@pytest.mark.parametrize("kind,tiles", [(k, t) for k in kernels.TILE_CANDIDATES
-                                        for t in kernels.TILE_CANDIDATES[k]],
+@pytest.mark.parametrize("kind,tiles", [(k, t) for k in config.TILE_CANDIDATES
+                                        for t in config.TILE_CANDIDATES[k]],
                          ids=lambda v: v if isinstance(v, str) else "x".join(map(str, v)))
 def test_every_gpu_tile_candidate(kind, tiles, monkeypatch):
-    """Each tile configuration the GPU may pick, run in the interpreter on shapes that take
-    several D and L blocks (ragged ends) and several row tiles and chunks."""
-    if CUDA:
-        monkeypatch.setitem(kernels.TILE_OVERRIDE, kind, tiles)
-    else:
-        monkeypatch.setitem(kernels.INTERPRETER_TILES, kind, tiles)
-    monkeypatch.setattr(kernels, "SINGLE_CHUNK", False)
-    pq = kind.endswith("_pq")  # the default path: cuBLAS projection, p and q kept for backward
-    monkeypatch.setattr(kernels, "CUBLAS_PROJECTION", pq)
-    kinds = []
-    real = kernels._config
-    monkeypatch.setattr(kernels, "_config", lambda *a: kinds.append(a[-1]) or real(*a))
+    """Each tile configuration the GPU may pick, run (in the interpreter on CPU) on shapes that
+    take several D and L blocks (ragged ends) and several row tiles and chunks."""
+    name = {"fwd": "_fwd_kernel", "bwd": "_bwd_kernel"}[kind]
+    spy = _LaunchSpy(getattr(kernels, name))
+    monkeypatch.setattr(kernels, name, spy)
     D, L = 2 * tiles[1] + 7, 2 * tiles[2] + 5
     x, kw = make_layout("packed", [tiles[0] + 3, 0, 2], D, device=DEVICE)
-    _check(x, make_weights(D, L, 2, device=DEVICE), torch.float32, {"recompute": not pq}, **kw)
-    assert kind in kinds, kinds  # the kernel these tiles are for ran
+    with kernel_options(tiles={kind: tiles}, single=False):
+        _check(x, make_weights(D, L, 2, device=DEVICE), torch.float32, **kw)
+    launched = {(k["BLOCK_N"], k["num_warps"], k["num_stages"]) for _, k in spy.launches}
+    assert launched == {(tiles[0], tiles[3], tiles[4])}, launched  # the tile these are for ran
 
 
 def test_tile_key_classes():
     """Measured tiles are keyed by class, never by bag lengths: D rounds up to a power of two."""
-    key = kernels.tile_key
+    key = config.tile_key
     assert key("fwd", torch.bfloat16, 1536, 256, 1, True) == ("fwd", "16-bit", True, 2048, 256, 1)
     assert key("bwd", torch.float32, 500, 128, 4, False) == ("bwd", "fp32", False, 512, 128, 4)
     assert key("fwd", torch.float16, 1024, 256, 1, True) == key("fwd", torch.bfloat16, 1000,
@@ -318,65 +301,32 @@ def test_tile_key_classes():
 
 def test_measured_tiles_are_candidates():
     """A pasted table holds only tiles that the interpreter and sm_90 compile tests cover."""
-    for key, tile in kernels.MEASURED_TILES.items():
+    for key, tile in config.MEASURED_TILES.items():
         kind = key[0]
-        assert key == kernels.tile_key(kind, torch.float32 if key[1] == "fp32" else
-                                       torch.bfloat16, key[3], key[4], key[5], key[2]), key
-        assert tuple(tile) in kernels.TILE_CANDIDATES[kind], (key, tile)
+        assert key == config.tile_key(kind, torch.float32 if key[1] == "fp32" else
+                                      torch.bfloat16, key[3], key[4], key[5], key[2]), key
+        assert tuple(tile) in config.TILE_CANDIDATES[kind], (key, tile)
 
 
-def _tiles_file(tmp_path, entries):
-    import json
-
-    path = tmp_path / "tile_sweep.json"
-    path.write_text(json.dumps({"env": {}, "classes": [], "measured_tiles": entries}))
-    return str(path)
-
-
-def test_tile_table_precedence(tmp_path, monkeypatch):
-    """TILE_OVERRIDE, then the FASTMIL_TILES file, then MEASURED_TILES, then the defaults; a
-    class missing from a table falls through to the next."""
-    args = ("fwd", torch.bfloat16, 1024, 256, 1, True)
-    key = kernels.tile_key(*args)
-    default = kernels.GPU_TILES[("fwd", "16-bit")]
-    a, b, c = kernels.TILE_CANDIDATES["fwd"][1:4]
-    monkeypatch.delenv(kernels.TILES_ENV, raising=False)
-    monkeypatch.setattr(kernels, "MEASURED_TILES", {})  # whatever the GPU runs pasted there
-    assert kernels.gpu_tiles(*args) == default
-    monkeypatch.setitem(kernels.MEASURED_TILES, key, a)
-    assert kernels.gpu_tiles(*args) == a
-    assert kernels.gpu_tiles("fwd", torch.bfloat16, 1536, 256, 1, True) == default  # D class
-    other = list(kernels.tile_key("fwd", torch.float32, 500, 128, 1, True))
-    path = _tiles_file(tmp_path, [{"key": list(key), "tile": list(b), "note": ""},
-                                  {"key": other, "tile": list(c), "note": ""}])
-    monkeypatch.setattr(kernels, "_FILE_TILES", {})
-    monkeypatch.setenv(kernels.TILES_ENV, path)
-    assert kernels.gpu_tiles(*args) == b
-    assert kernels.gpu_tiles("fwd", torch.float32, 512, 128, 1, True) == c
-    assert kernels.gpu_tiles("bwd", *args[1:]) == kernels.GPU_TILES[("bwd", "16-bit")]
-    monkeypatch.setitem(kernels.TILE_OVERRIDE, "fwd", default)
-    assert kernels.gpu_tiles(*args) == default
-
-
-@pytest.mark.parametrize("entries,expected", [
-    (None, "could not read it"),
-    ([{"key": ["fwd", "16-bit", True, 1024, 256], "tile": [64, 32, 64, 8, 3]}], "entry 0"),
-    ([{"key": ["fwd", "bf16", True, 1024, 256, 1], "tile": [64, 32, 64, 8, 3]}], "entry 0"),
-    ([{"key": ["fwd", "16-bit", True, 1024, 256, 1], "tile": [64, 48, 64, 8, 3]}], "entry 0"),
-    ([{"key": ["sideways", "fp32", True, 1024, 256, 1], "tile": [64, 32, 64, 8, 3]}], "entry 0"),
-], ids=["no-table", "short-key", "dtype-name", "block-not-pow2", "kind"])
-def test_bad_tiles_file_names_variable_file_and_entry(tmp_path, monkeypatch, entries, expected):
-    if entries is None:
-        path = tmp_path / "notes.json"
-        path.write_text("{}")
-        path = str(path)
-    else:
-        path = _tiles_file(tmp_path, entries)
-    monkeypatch.setattr(kernels, "_FILE_TILES", {})
-    monkeypatch.setenv(kernels.TILES_ENV, path)
-    with pytest.raises(ValueError, match="FASTMIL_TILES") as err:
-        kernels.gpu_tiles("fwd", torch.bfloat16, 1024, 256, 1, True)
-    assert path in str(err.value) and expected in str(err.value)
+def test_tile_table_precedence(monkeypatch):
+    """The options' tile, then MEASURED_TILES, then the defaults; a class missing from the
+    table falls through to the default; BLOCK_D and BLOCK_L no wider than D and L need."""
+    args = ("fwd", torch.bfloat16, 1024, 256, 1, True, True)
+    key = config.tile_key(*args[:-1])
+    default = config.GPU_TILES[("fwd", "16-bit")]
+    a, b = config.TILE_CANDIDATES["fwd"][1:3]
+    monkeypatch.setattr(config, "MEASURED_TILES", {})  # whatever the GPU runs pasted there
+    config._table_tiles.cache_clear()
+    blocks = lambda t: (t[0], min(t[1], 1024), min(t[2], 256), 16, t[3], t[4])  # noqa: E731
+    assert config.tiles(*args) == blocks(default)
+    monkeypatch.setitem(config.MEASURED_TILES, key, a)
+    config._table_tiles.cache_clear()
+    assert config.tiles(*args) == blocks(a)
+    assert config.tiles("fwd", torch.bfloat16, 1536, 256, 1, True, True) == blocks(default)
+    with kernel_options(tiles={"fwd": b}):
+        assert config.tiles(*args) == blocks(b)
+    assert config.tiles("fwd", torch.float32, 20, 12, 1, True, True)[1:3] == (32, 16)
+    config._table_tiles.cache_clear()
 
 
 def test_wide_features_and_attention_take_several_blocks():
@@ -530,11 +480,13 @@ def test_fp32_honours_tf32_setting(monkeypatch):
     D, L = 256, 128
     x, kw = make_layout("packed", [300, 200], D, device=DEVICE)
     w = make_weights(D, L, None, device=DEVICE)
+    spy = _LaunchSpy(kernels._fwd_kernel)
+    monkeypatch.setattr(kernels, "_fwd_kernel", spy)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert kernels._precision(x) == "ieee"
     _check(x, w, torch.float32, **kw)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert kernels._precision(x) == "tf32"
+    call(fastmil.attention_pool, x, w, backend="triton", **kw)
+    assert [k["PRECISION"] for _, k in spy.launches] == ["ieee", "tf32"]
 
 
 @needs_cuda
