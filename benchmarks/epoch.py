@@ -47,6 +47,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -88,6 +89,12 @@ SPECS = [
     Spec("fastmil_graphs_16", "fastmil packed + CUDA graphs, 16/step", "fastmil", "packed", 16,
          graphs=True),
 ]
+try:
+    from fastmil.integrations.clam import CLAM_SB
+    SPECS.append(Spec("clam_sb_1", "CLAM_SB (fastmil twin), 1 slide/step, instance loss",
+                      "clam_sb", "one", 1))
+except ImportError:  # not in this fastmil
+    CLAM_SB = None
 BY_NAME = {s.name: s for s in SPECS}
 AUC_VARIANTS = ("clam_1", "fastmil_1", "fastmil_packed_16", "fastmil_packed_64",
                 "fastmil_graphs_16")
@@ -121,9 +128,20 @@ class Cohort:
     val: np.ndarray
     feats: torch.Tensor | None  # [T, D] bf16 on the device (placement gpu)
     host: torch.Tensor | None  # [T, D] bf16 in pinned host memory (placement pinned)
+    missing: list  # why a wanted placement could not be allocated
+
+
+def _alloc(wanted, make, missing):
+    try:
+        return make() if wanted else None
+    except (RuntimeError, torch.OutOfMemoryError) as e:  # that placement is then skipped
+        missing.append(f"{type(e).__name__}: {str(e).strip()[:200]}")
+        return None
 
 
 def make_cohort(slides, device, *, median=MEDIAN, seed=0, resident=True, pinned=False):
+    """The cohort; ``missing`` lists what could not be allocated (that placement is skipped)."""
+    missing = []
     rng = np.random.default_rng([seed, 2])
     lengths = slide_lengths(slides, median, seed)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -139,8 +157,10 @@ def make_cohort(slides, device, *, median=MEDIAN, seed=0, resident=True, pinned=
     T = int(offsets[-1])
     # a spare leading row: no slide starts at storage offset 0, which torch.compile would
     # specialize on (a recompile in the middle of a timed epoch)
-    feats = torch.empty(T + 1, D, dtype=torch.bfloat16, device=device)[1:] if resident else None
-    host = torch.empty(T, D, dtype=torch.bfloat16, pin_memory=True) if pinned else None
+    feats = _alloc(resident, lambda: torch.empty(T + 1, D, dtype=torch.bfloat16,
+                                                 device=device)[1:], missing)
+    host = _alloc(pinned, lambda: torch.empty(T, D, dtype=torch.bfloat16, pin_memory=True),
+                  missing)
     for i, n in enumerate(lengths.tolist()):
         x = torch.randn(n, D, generator=gen, device=device)
         x += centers[torch.randint(TYPES, (n,), generator=gen, device=device)]
@@ -155,7 +175,7 @@ def make_cohort(slides, device, *, median=MEDIAN, seed=0, resident=True, pinned=
         if host is not None:
             host[o:o + n].copy_(x, non_blocking=True)
     sync(device)
-    return Cohort(lengths, offsets, labels, train, val, feats, host)
+    return Cohort(lengths, offsets, labels, train, val, feats, host, missing)
 
 
 # The model ----------------------------------------------------------------------------------
@@ -187,6 +207,23 @@ class ABMIL(nn.Module):
         z = (self.pool(h, mask=mask, offsets=offsets) if self.fastmil
              else eager_pool(self.pool, h, mask))
         return self.classifier(z if z.dim() == 2 else z[None])
+
+
+class ClamTwin(nn.Module):
+    """fastmil's CLAM_SB (fastmil/integrations/clam.py), trained as CLAM trains it: instance
+    evaluation on every step (k_sample 8; it reads its instance labels back to the host, a
+    sync per step, as CLAM does), loss = 0.7 bag + 0.3 instance (CLAM's bag_weight)."""
+
+    def __init__(self, dropout=DROPOUT, fp32=False):
+        super().__init__()
+        self.fp32 = fp32
+        self.clam = CLAM_SB(gate=True, size_arg="small", dropout=dropout, n_classes=CLASSES,
+                            embed_dim=D)
+
+    def forward(self, x, label=None):
+        logits, _, _, _, out = self.clam(x.float() if self.fp32 else x, label=label,
+                                         instance_eval=label is not None)
+        return logits, out.get("instance_loss")
 
 
 # One epoch's steps --------------------------------------------------------------------------
@@ -277,7 +314,8 @@ class Trainer:
                  compile_backend="inductor"):
         self.spec, self.device, self.bf16 = spec, device, dtype == "bf16"
         torch.manual_seed(seed)
-        fresh = ABMIL(spec.pooling, dropout, fp32=not self.bf16)
+        fresh = (ClamTwin if spec.pooling == "clam_sb" else partial(ABMIL, spec.pooling))(
+            dropout, fp32=not self.bf16)
         if compiled is not None:
             self.model, self.fwd = compiled
             self.model.load_state_dict(fresh.state_dict())
@@ -304,8 +342,13 @@ class Trainer:
         else:
             x = b.packed(i)
             kw = {"offsets": b.offsets(i)} if self.spec.layout == "packed" else {}
+        if self.spec.pooling == "clam_sb":
+            kw = {"label": int(b.c.labels[b.steps[i][0]])}
         with self.autocast():
-            loss = F.cross_entropy(self.fwd(x, **kw).float(), b.labels(i))
+            logits, instance_loss = logits_of(self.fwd(x, **kw))
+            loss = F.cross_entropy(logits.float(), b.labels(i))
+            if instance_loss is not None:
+                loss = 0.7 * loss + 0.3 * instance_loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -391,6 +434,10 @@ class GraphTrainer(Trainer):
         self.graphs[self.buckets[i]].replay()
 
 
+def logits_of(out):
+    return out if isinstance(out, tuple) else (out, None)
+
+
 def make_trainer(spec, dtype, device, **kw):
     return (GraphTrainer if spec.graphs else Trainer)(spec, dtype, device, **kw)
 
@@ -407,45 +454,58 @@ def run_steps(trainer, b, steps, deadline=None):
 
 # Measurements -------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def environ(name, value):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
-
-
 def gpu_busy(trainer, b, steps, device):
-    """Union of the kernels' device intervals (copies apart) / host wall time, over these steps
-    under torch.profiler (CUDA activity only), sync to sync. A spin kernel first makes sure the
-    profiler is capturing; CUPTI is detached afterwards, so later timings run without it."""
+    """The fraction of the wall time the GPU was busy over these steps (sync to sync).
+
+    Default: the union of the kernels' device intervals under torch.profiler (CUDA activity
+    only; copies apart), after a spin kernel that makes sure the profiler is capturing; CUPTI
+    is detached afterwards, so later timings run without it. CUDA graphs: no profiler (CUPTI
+    teardown can crash a process holding graphs, and CUPTI misreports graph kernels): the sum
+    of each step's device span between two CUDA events, a proxy that counts any gap inside a
+    step (two host calls per step here) as busy."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    if trainer.spec.graphs:
+        marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                 for _ in steps]
+        sync(device)
+        t0 = time.perf_counter()
+        for (start, end), i in zip(marks, steps, strict=True):
+            start.record()
+            run_steps(trainer, b, [i])
+            end.record()
+        sync(device)
+        wall = time.perf_counter() - t0
+        busy = sum(start.elapsed_time(end) for start, end in marks) * 1e-3
+        return {"gpu_busy": busy / wall, "busy_method": "CUDA events per step / wall"}
     sync(device)
-    with environ("TEARDOWN_CUPTI", "0"), profile(activities=[ProfilerActivity.CUDA]) as prof:
+    old = os.environ.get("TEARDOWN_CUPTI")
+    os.environ["TEARDOWN_CUPTI"] = "0"
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         torch.cuda._sleep(2_000_000)
         sync(device)
         t0 = time.perf_counter()
         run_steps(trainer, b, steps)
         sync(device)
         wall = time.perf_counter() - t0
-    with environ("TEARDOWN_CUPTI", "1"), profile(activities=[ProfilerActivity.CUDA]):
+    os.environ["TEARDOWN_CUPTI"] = "1"
+    with profile(activities=[ProfilerActivity.CUDA]):
         pass
+    if old is None:
+        del os.environ["TEARDOWN_CUPTI"]
+    else:
+        os.environ["TEARDOWN_CUPTI"] = old
     spans = {"gpu_busy": [], "copy_busy": []}
     for e in prof.events():
         name = e.name.lower()
-        if e.device_type == DeviceType.CUDA and "sleep" not in name:
+        if e.device_type == DeviceType.CUDA and "spin_kernel" not in name:
             key = "copy_busy" if "memcpy" in name or "memset" in name else "gpu_busy"
             spans[key].append((e.time_range.start, e.time_range.end))
     if not spans["gpu_busy"]:
-        return {"gpu_busy": None, "busy_note": "the profiler recorded no kernels"}
-    out = {"kernels_per_step": len(spans["gpu_busy"]) / len(steps)}
+        return {"gpu_busy": None, "busy_method": "torch.profiler recorded no kernels"}
+    out = {"kernels_per_step": len(spans["gpu_busy"]) / len(steps),
+           "busy_method": "torch.profiler: union of kernel intervals / wall"}
     for key, s in spans.items():
         busy, end = 0.0, -math.inf
         for a, z in sorted(s):  # union of intervals, us
@@ -470,7 +530,7 @@ def measure_peaks(device):
         return best
 
     cuda = device.type == "cuda"
-    n, nbytes, out = (8192, 1 << 30, {}) if cuda else (512, 64 << 20, {})
+    n, nbytes, out = (8192, 1 << 30, {}) if cuda else (256, 16 << 20, {})
     for key, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         a = torch.randn(n, n, device=device, dtype=dt)
         c = torch.empty_like(a)
@@ -505,7 +565,8 @@ def evaluate(model, cohort, ids, device, bf16):
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for k, s in enumerate(ids.tolist()):
             o, n = int(cohort.offsets[s]), int(cohort.lengths[s])
-            probs[k] = torch.softmax(model(src[o:o + n].to(device)).float(), -1)[0, 1]
+            logits = logits_of(model(src[o:o + n].to(device)))[0]
+            probs[k] = torch.softmax(logits.float(), -1)[0, 1]
     model.train()
     return probs.cpu().numpy()
 
@@ -561,8 +622,8 @@ class Run:
     def unavailable(self, spec, placement):
         if not self.cuda and (placement == "pinned" or spec.graphs):
             return "CUDA only (" + ("CUDA graphs" if spec.graphs else "pinned placement") + ")"
-        if placement == "gpu" and self.c.feats is None:
-            return "the cohort is not resident on the device"
+        if (self.c.feats if placement == "gpu" else self.c.host) is None:
+            return f"no {placement} cohort: {'; '.join(self.c.missing) or 'not asked for'}"
         if self.deadline is not None and time.perf_counter() > self.deadline:
             return "budget"
         return None
@@ -723,7 +784,8 @@ def render_markdown(res):
                        f"{': ' + r['reason'] if r.get('reason') else ''} |")
         fl = res["floor"].get("/".join(group))
         if fl:
-            out.append(f"| roofline floor ({fl['bound']}) | | {fl['slides_per_s']:,.0f} | | | | | |")
+            out.append(f"| roofline floor ({fl['bound']}) | | {fl['slides_per_s']:,.0f} "
+                       "| | | | | |")
         out.append("")
     out += ["| target | group | measured | target | met |", "|---|---|---:|---|---|"]
     for t in res["targets"]:

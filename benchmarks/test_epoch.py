@@ -55,7 +55,7 @@ def losses(spec, cohort, ids, steps=2):
 
 @pytest.mark.parametrize("ids", [[4], [1, 6, 9]], ids=["one-slide", "three-slides"])
 def test_providers_agree_before_and_after_one_step(cohort, ids):
-    specs = [s for s in E.SPECS if not s.graphs and not s.compiled
+    specs = [s for s in E.SPECS if not s.graphs and not s.compiled and s.pooling != "clam_sb"
              and (len(ids) == 1 or s.per_step > 1)]
     got = {s.name: losses(s, cohort, ids) for s in specs}
     ref = got["clam_1" if len(ids) == 1 else "eager_padded_16"]
@@ -93,17 +93,19 @@ def test_bucket_ladder():
 
 def test_smoke_run_writes_complete_results(benchmark, tmp_path):
     out, md, png = tmp_path / "epoch.json", tmp_path / "epoch.md", tmp_path / "epoch.png"
-    argv = ["--smoke", "--slides", "16", "--warmup", "1", "--auc-seeds", "2", "--out", str(out),
-            "--md", str(md), "--png", str(png), "--providers",
-            "clam_1,fastmil_1,eager_padded_16,fastmil_packed_16,fastmil_graphs_16"]
+    providers = ["clam_1", "fastmil_packed_16", "fastmil_graphs_16"] + (
+        ["clam_sb_1"] if E.CLAM_SB is not None else [])  # few steps: AdamW is slow on CPU
+    argv = ["--smoke", "--slides", "8", "--median", "24", "--warmup", "1", "--auc-seeds", "2",
+            "--out", str(out), "--md", str(md), "--png", str(png),
+            "--providers", ",".join(providers)]
     res = benchmark.pedantic(E.main, args=(argv,), rounds=1, iterations=1)
     assert json.loads(out.read_text()) == json.loads(json.dumps(res, default=float))
     assert set(res) == {"schema", "env", "config", "peaks", "floor", "results", "auc",
                         "targets", "wall_s"} and res["schema"] == E.SCHEMA
-    assert res["config"]["train_slides"] + res["config"]["val_slides"] == 16
+    assert res["config"]["train_slides"] + res["config"]["val_slides"] == 8
     assert set(res["floor"]) == {"fp32/gpu", "fp32/pinned"}
     rows = {(r["provider"], r["placement"]): r for r in res["results"]}
-    assert len(rows) == 10
+    assert len(rows) == 2 * len(providers)
     for (name, placement), r in rows.items():
         if placement == "pinned" or name == "fastmil_graphs_16":  # CUDA only
             assert r["status"] == "skipped" and r["reason"].startswith("CUDA only"), r
@@ -112,8 +114,7 @@ def test_smoke_run_writes_complete_results(benchmark, tmp_path):
         assert r["slides_per_s"] > 0 and r["ms_per_step"] > 0 and np.isfinite(r["loss_mean"])
         assert r["slides"] == res["config"]["train_slides"]
     runs = res["auc"]["runs"]
-    assert {r["provider"] for r in runs if r["status"] == "ok"} == {
-        "clam_1", "fastmil_1", "fastmil_packed_16"}
+    assert {r["provider"] for r in runs if r["status"] == "ok"} == {"clam_1", "fastmil_packed_16"}
     assert all(0 <= r["auc"] <= 1 for r in runs if r["status"] == "ok")
     assert {t["target"] for t in res["targets"]} >= {t[0] for t in E.RATIO_TARGETS}
     assert all(t["met"] in (True, False, None) for t in res["targets"])
@@ -124,8 +125,8 @@ def test_smoke_run_writes_complete_results(benchmark, tmp_path):
 
 
 def test_budget_skips_what_would_start_late(tmp_path):
-    res = E.main(["--smoke", "--slides", "8", "--budget-s", "1e-6", "--auc-seeds", "2",
-                  "--providers", "clam_1,fastmil_packed_16"])
+    res = E.main(["--smoke", "--slides", "8", "--median", "24", "--budget-s", "1e-6",
+                  "--auc-seeds", "2", "--providers", "clam_1,fastmil_packed_16"])
     assert all(r["status"] == "skipped" for r in res["results"] + res["auc"]["runs"])
     assert {r["reason"] for r in res["results"] if r["placement"] == "gpu"} == {"budget"}
     assert all(t["met"] is None for t in res["targets"])
