@@ -46,6 +46,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -325,7 +326,8 @@ class Trainer:
                 self.fwd = torch.compile(self.model, dynamic=True, backend=compile_backend)
         self.model.train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr or lr_for(spec),
-                                     weight_decay=WEIGHT_DECAY, capturable=spec.graphs)
+                                     weight_decay=WEIGHT_DECAY,
+                                     capturable=spec.graphs and device.type == "cuda")
         self.loss_sum = torch.zeros((), device=device)
 
     def autocast(self, cache=True):
@@ -377,12 +379,18 @@ class GraphTrainer(Trainer):
         self.x, B = None, spec.per_step
         self.off = torch.zeros(B + 2, dtype=torch.int64, device=device)
         self.y = torch.full((B + 1,), -100, dtype=torch.int64, device=device)
-        self.graphs, self.pool, self.stepped = {}, torch.cuda.graph_pool_handle(), False
+        self.graphs, self.pool, self.stepped = {}, None, False
 
     def _loss(self, rows):
         with self.autocast(cache=False):  # autocast's cast cache cannot live in a graph
             logits = self.model(self.x[:rows], offsets=self.off)
             return F.cross_entropy(logits.float(), self.y, ignore_index=-100)
+
+    def _train_step(self, rows):  # what a graph holds
+        loss = self._loss(rows)
+        loss.backward()
+        self.opt.step()
+        self.loss_sum.add_(loss.detach())
 
     def prepare(self, b):
         """Per step its bucket, offsets and labels (one copy to the GPU per epoch); a graph
@@ -421,12 +429,9 @@ class GraphTrainer(Trainer):
                 self.stepped = True
         main.wait_stream(side)
         self.opt.zero_grad(set_to_none=True)  # the graph allocates .grad in its pool
-        g = torch.cuda.CUDAGraph()
+        g, self.pool = torch.cuda.CUDAGraph(), self.pool or torch.cuda.graph_pool_handle()
         with torch.cuda.graph(g, pool=self.pool):
-            loss = self._loss(rows)
-            loss.backward()
-            self.opt.step()
-            self.loss_sum.add_(loss.detach())
+            self._train_step(rows)
         self.graphs[rows] = g
 
     def step(self, b, i):
@@ -436,6 +441,10 @@ class GraphTrainer(Trainer):
 
 def logits_of(out):
     return out if isinstance(out, tuple) else (out, None)
+
+
+# AdamW(capturable=True) warns when it steps outside a capture, as the graphs' warm-up does
+warnings.filterwarnings("ignore", message=".*capturable=True.*")
 
 
 def make_trainer(spec, dtype, device, **kw):
@@ -594,7 +603,7 @@ class Run:
 
     def __init__(self, args, device, cohort, specs):
         self.args, self.device, self.c, self.cuda = args, device, cohort, device.type == "cuda"
-        self.t0, self.compiled = time.perf_counter(), {}
+        self.t0, self.compiled, self.broken = time.perf_counter(), {}, None
         self.deadline = self.t0 + args.budget_s if args.budget_s else None
         n = cohort.lengths
         config = {k: getattr(args, k) for k in (
@@ -626,7 +635,7 @@ class Run:
             return f"no {placement} cohort: {'; '.join(self.c.missing) or 'not asked for'}"
         if self.deadline is not None and time.perf_counter() > self.deadline:
             return "budget"
-        return None
+        return self.broken
 
     def guarded(self, row, job):
         """Run ``job(row)``; record a skip, OOM or error in ``row`` instead of raising."""
@@ -644,6 +653,11 @@ class Run:
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
+        if row["status"] == "error" and self.cuda:  # a failed capture can break the device
+            try:
+                F.dropout(torch.ones(8, device=self.device), 0.5).sum().item()
+            except Exception as e:  # noqa: BLE001
+                self.broken = f"device unusable after an error: {type(e).__name__}"
         return row
 
     def time_provider(self, spec, dtype, placement):
@@ -836,7 +850,8 @@ def parse(argv):
     add("--median", type=int, default=MEDIAN, help="median patches per slide")
     add("--dtype", choices=("fp32", "bf16", "both"), help="bf16 (fp32 with --smoke)")
     add("--placement", choices=("gpu", "pinned", "both"), default="both")
-    add("--providers", default="all", help="comma-separated: " + ", ".join(BY_NAME))
+    add("--providers", default="default", help="default (all but compile_1: ~40 s of "
+        "compiling), all, or comma-separated names: " + ", ".join(BY_NAME))
     add("--budget-s", type=float, default=0.0, help="skip what would start after this (0: no)")
     add("--out", help="the results JSON, rewritten after every job")
     add("--md", help="write the markdown tables here")
@@ -868,10 +883,11 @@ def run(args):
         torch.set_float32_matmul_precision("high")
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     placements = ["gpu", "pinned"] if args.placement == "both" else [args.placement]
-    wanted = None if args.providers == "all" else args.providers.split(",")
-    if set(wanted or ()) - set(BY_NAME):
+    wanted = {"all": list(BY_NAME), "default": [n for n in BY_NAME if n != "compile_1"]}.get(
+        args.providers, args.providers.split(","))
+    if set(wanted) - set(BY_NAME):
         raise SystemExit(f"unknown providers in {wanted}; choose from {list(BY_NAME)}")
-    specs = [s for s in SPECS if wanted is None or s.name in wanted]
+    specs = [s for s in SPECS if s.name in wanted]
     cuda = device.type == "cuda"
     cohort = make_cohort(args.slides, device, median=args.median, seed=args.seed,
                          resident="gpu" in placements or not cuda,
@@ -882,14 +898,13 @@ def run(args):
         for pl in placements:
             r.res["floor"][f"{dt}/{pl}"] = floor(r.res["config"]["train_patches"],
                                                  len(cohort.train), dt, pl, r.res["peaks"])
-    # CUDA-graph captures last: a failed capture can leave the device unusable for what follows
+    # timings first, AUC last; CUDA-graph captures after the other timings: a failed capture
+    # can leave the CUDA RNG unusable for what follows (then skipped, with that reason)
     auc = [s for s in specs if s.name in AUC_VARIANTS] if args.auc_epochs > 0 else []
-    jobs = []
-    for graphs in (False, True):
-        jobs += [(r.time_provider, s, dt, pl) for pl in placements for dt in dtypes
-                 for s in specs if s.graphs == graphs]
-        jobs += [(r.auc_run, s, k + args.seed, dtypes[-1]) for s in auc
-                 for k in range(args.auc_seeds) if s.graphs == graphs]
+    jobs = [(r.time_provider, s, dt, pl) for graphs in (False, True) for pl in placements
+            for dt in dtypes for s in specs if s.graphs == graphs]
+    jobs += [(r.auc_run, s, k + args.seed, dtypes[-1]) for graphs in (False, True) for s in auc
+             for k in range(args.auc_seeds) if s.graphs == graphs]
     bar = tqdm(jobs, desc="epoch benchmark", file=sys.stderr, mininterval=1.0)
     for fn, spec, x, y in bar:
         bar.set_postfix_str(f"{fn.__name__} {spec.name} {x} {y}")

@@ -5,7 +5,10 @@ here asserts a timing."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import types
 
 import numpy as np
 import pytest
@@ -45,6 +48,7 @@ def losses(spec, cohort, ids, steps=2):
     tr = E.make_trainer(spec, "fp32", torch.device("cpu"), seed=3, dropout=0.0, lr=1e-3,
                         compile_backend="aot_eager")
     b = E.Batches(cohort, np.asarray(ids), spec.per_step, torch.device("cpu"))
+    tr.prepare(b)
     out, before = [], 0.0
     for _ in range(steps):
         tr.step(b, 0)
@@ -70,6 +74,39 @@ def test_compiled_providers_agree(cohort):
                            (E.BY_NAME["compile_padded_16"], [1, 6, 9], "eager_padded_16")):
         np.testing.assert_allclose(losses(spec, cohort, ids), losses(E.BY_NAME[ref], cohort, ids),
                                    rtol=2e-5, err_msg=spec.name)
+
+
+def test_graph_step_without_the_graph_agrees(cohort, monkeypatch):
+    """The CUDA-graph provider's step, replayed eagerly on CPU: static buffers, the bucket's
+    padding rows as one ignored bag and 13 empty bags give packed fastmil's losses."""
+    def capture(self, rows):
+        self.graphs[rows] = types.SimpleNamespace(replay=lambda: self._train_step(rows))
+
+    monkeypatch.setattr(E.GraphTrainer, "_capture", capture)
+    ids = [1, 6, 9]
+    np.testing.assert_allclose(losses(E.BY_NAME["fastmil_graphs_16"], cohort, ids),
+                               losses(E.BY_NAME["fastmil_packed_16"], cohort, ids), rtol=2e-5)
+
+
+def test_pinned_prefetch_gives_each_step_its_slides(cohort, monkeypatch):
+    """The pinned placement's double buffer, with CUDA streams and events stubbed out (run in
+    order on CPU): every step, in any order of asking, reads its own slides."""
+    stub = types.SimpleNamespace(wait_event=lambda e: None, record=lambda s=None: None)
+    for name, fake in (("Stream", lambda *a: stub), ("Event", lambda *a: stub),
+                       ("current_stream", lambda *a: stub),
+                       ("stream", lambda s: contextlib.nullcontext())):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    host = dataclasses.replace(cohort, host=cohort.feats.clone(), feats=None)
+    cpu = torch.device("cpu")
+    for per_step in (1, 4):
+        ref = E.Batches(cohort, cohort.train, per_step, cpu)
+        b = E.Batches(host, cohort.train, per_step, cpu, "pinned")
+        for i in [0, 1, 2, 0, 1, 2, 2, 0] + list(range(len(b))):
+            i %= len(b)
+            assert torch.equal(b.packed(i), ref.packed(i)), (per_step, i)
+            x, mask = b.padded(i)
+            assert torch.equal(x, ref.padded(i)[0]) and torch.equal(mask, ref.padded(i)[1])
+            b.done(i)
 
 
 def test_packed_into_a_static_buffer(cohort):
