@@ -1,37 +1,31 @@
 """One epoch of whole-slide training, in slides per second: the benchmark a pathology user
 judges fastmil by.
 
-Cohort, made on the device: ``--slides`` slides, lengths from a two-piece log-normal (the log
-length is normal with one spread below the median and one above, so median 12,000, 5th
-percentile 2,000 and 95th 45,000 patches all hold; capped at 150,000), D = 1024 features in bf16
-as one packed [T, D] tensor + offsets, tissue clusters and a per-slide stain shift; half the
-slides positive, with 1-5% of their patches (one contiguous run) moved SIGNAL noise standard
-deviations along a hidden direction (the idea of examples/synthetic_wsi.py); 80/20 split.
-Model: CLAM's small ABMIL, Linear(1024, 512) + ReLU + Dropout(0.25), gated attention (L = 256,
-dropout 0.25), Linear(512, 2), cross-entropy, AdamW(2e-4 per slide in a step, at most 16x,
-weight decay 1e-5); the same weights from the same seed in every provider (SPECS), pooling
-eager (``eager_pool``) or through ``fastmil.AttentionPool``. Placements: ``gpu`` (resident) and
-``pinned`` (pinned host memory, each step's slides copied on a side stream one step ahead).
+Cohort, made on the device: ``--slides`` slides, lengths from a two-piece log-normal (median
+12,000 patches, 5th percentile 2,000, 95th 45,000, capped at 150,000), D = 1024 bf16 features as
+one packed [T, D] tensor + offsets; half the slides positive, 1-5% of their patches moved along
+a hidden direction (the idea of examples/synthetic_wsi.py); 80/20 train/validation split. Model:
+CLAM's small ABMIL (Linear 1024->512, ReLU, Dropout 0.25, gated attention L = 256 with dropout
+0.25, Linear 512->2), cross-entropy, AdamW; the same weights from one seed in every provider
+(``SPECS``), pooled eagerly (``eager_pool``) or by ``fastmil.AttentionPool``. Placements: ``gpu``
+(resident) and ``pinned`` (host memory, each step's slides copied on a side stream, one step
+ahead). Per provider: slides/s over a full epoch after ``--warmup`` steps, ms/step, GPU busy,
+peak memory; per precision and placement the epoch's roofline floor; then validation AUC of the
+one-slide and packed variants over ``--auc-seeds`` paired seeds; a targets table.
 
-Per provider: slides/s over a full epoch after ``--warmup`` steps, ms per step, GPU busy (the
-union of the kernels' device intervals / wall over ``--profile-steps`` more steps under
-torch.profiler), peak memory (and above what was held before), and per precision and placement
-the epoch's roofline floor (GEMM FLOPs; features read twice from HBM and, pinned, once over
-PCIe; against a bf16 / fp32 matmul, a device copy and a host-to-device copy timed in this run).
-Then validation AUC after ``--auc-epochs`` epochs of each one-slide and packed variant,
-``--auc-seeds`` paired seeds (same init and order across variants): noise = their spread.
-
-    python -m benchmarks.epoch --out epoch.json --budget-s 170     # the GPU check
+    python -m benchmarks.epoch --out epoch.json --budget-s 200     # the GPU check (bf16)
     python -m benchmarks.epoch --smoke                             # tiny, CPU
-    python -m benchmarks.epoch --render epoch.json --md t.md --png slides_per_s.png
+    python -m benchmarks.epoch --render epoch.json --md epoch.md --png epoch.png
 
-H100 estimate of the default run (bf16, both placements, 1,000 slides = 16.1 M patches, 33 GB):
-an epoch (800 slides, 12.9 M patches) is 47 TFLOP (0.07 s at 700 TFLOP/s), 53 GB from HBM
-(0.02 s), 26 GB over PCIe when pinned (~1 s at 25 GB/s). A one-slide step is ~100 launches at
-~10 us plus Python, ~2-3 ms: ~2.5 s per epoch for each of the 3 one-slide providers, 0.2-1 s for
-the others; both placements ~25 s, profiling ~10 s, cohort + pinned copy + peaks ~15 s, Triton
-compiles ~20 s, torch.compile of two models (cold) ~60 s, AUC (5 variants x 2 seeds x 2
-epochs) ~30 s: ~150 s. ``--dtype both`` adds ~90 s.
+Estimated default run on an H100 behind a slow host (~10 us a launch, ~2-3 ms of host per eager
+training step): an epoch is 800 slides, 12.9 M patches, 47 TFLOP (0.07 s at 700 TFLOP/s),
+53 GB of feature reads (0.02 s), 26 GB over PCIe when pinned (~1 s). Start-up and CUDA ~10 s;
+cohort (33 GB) + its 32 GiB pinned copy ~11 s; peaks ~3 s. GPU placement: the three one-slide
+loops (CLAM, fastmil, CLAM_SB twin) 800 steps of 2.5-5 ms, ~9 s; the batched ones ~1 s; first
+compiles: fastmil's Triton kernels ~15 s, torch.compile of the padded step (cold, dynamic) ~40 s;
+profiling ~4 s: ~70 s. Pinned: ~17 s. CUDA graphs (captures + epochs) ~5 s. AUC (2 seeds x 2
+epochs; one-slide ~3 s an epoch) ~30 s. In all ~150 s, the compile times least certain.
+``--providers all`` adds compile_1 (~40 s), ``--dtype both`` fp32 (~90 s).
 """
 
 from __future__ import annotations
@@ -650,14 +644,15 @@ class Run:
             text = str(e).strip().splitlines()
             row.update(status="oom" if isinstance(e, torch.OutOfMemoryError) else "error",
                        reason=f"{type(e).__name__}: {text[0][:300] if text else ''}")
+        try:  # a prefetch may still be writing into buffers about to be freed
+            sync(self.device)
+            if row["status"] == "error":  # a failed capture can leave the CUDA RNG unusable
+                F.dropout(torch.ones(8, device=self.device), 0.5).sum().item()
+        except Exception as e:  # noqa: BLE001
+            self.broken = f"device unusable after an error: {type(e).__name__}"
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
-        if row["status"] == "error" and self.cuda:  # a failed capture can break the device
-            try:
-                F.dropout(torch.ones(8, device=self.device), 0.5).sum().item()
-            except Exception as e:  # noqa: BLE001
-                self.broken = f"device unusable after an error: {type(e).__name__}"
         return row
 
     def time_provider(self, spec, dtype, placement):
