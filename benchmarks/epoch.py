@@ -618,6 +618,7 @@ class Run:
 
     def save(self):
         self.res["wall_s"] = time.perf_counter() - self.t0
+        self.res["targets"] = targets(self.res)
         if self.args.out:
             with open(self.args.out, "w") as f:
                 json.dump(self.res, f, separators=(",", ":"), default=float)
@@ -816,7 +817,7 @@ def plot(res, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["dtype"], r["placement"]) for r in res["results"]})
+    groups = sorted({(r["dtype"], r["placement"]) for r in res["results"] if r.get("slides_per_s")})
     labels = dict.fromkeys(r["label"] for r in res["results"])
     fig, ax = plt.subplots(figsize=(9, 1 + 0.3 * len(labels) * len(groups)))
     h = 0.8 / max(1, len(groups))
@@ -901,10 +902,12 @@ def run(args):
     jobs += [(r.auc_run, s, k + args.seed, dtypes[-1]) for graphs in (False, True) for s in auc
              for k in range(args.auc_seeds) if s.graphs == graphs]
     bar = tqdm(jobs, desc="epoch benchmark", file=sys.stderr, mininterval=1.0)
-    for fn, spec, x, y in bar:
-        bar.set_postfix_str(f"{fn.__name__} {spec.name} {x} {y}")
-        fn(spec, x, y)
-    r.res["targets"] = targets(r.res)
+    try:
+        for fn, spec, x, y in bar:
+            bar.set_postfix_str(f"{fn.__name__} {spec.name} {x} {y}")
+            fn(spec, x, y)
+    except KeyboardInterrupt:  # e.g. timeout -s INT: keep and report what was measured
+        r.res["interrupted"] = True
     r.save()
     return r.res
 
@@ -914,6 +917,7 @@ def main(argv=None):
     if args.render:
         with open(args.render) as f:
             res = json.load(f)
+        res["targets"] = targets(res)
     else:
         res = run(args)
     text = render_markdown(res)
