@@ -499,15 +499,19 @@ def gpu_busy(trainer, b, steps, device):
         del os.environ["TEARDOWN_CUPTI"]
     else:
         os.environ["TEARDOWN_CUPTI"] = old
-    spans = {"gpu_busy": [], "copy_busy": []}
+    spans, lead_in = {"gpu_busy": [], "copy_busy": []}, False
     for e in prof.events():
         name = e.name.lower()
-        if e.device_type == DeviceType.CUDA and "spin_kernel" not in name:
-            key = "copy_busy" if "memcpy" in name or "memset" in name else "gpu_busy"
-            spans[key].append((e.time_range.start, e.time_range.end))
+        if e.device_type != DeviceType.CUDA:
+            continue
+        if "spin_kernel" in name:  # seen: the capture began before the steps
+            lead_in = True
+            continue
+        key = "copy_busy" if "memcpy" in name or "memset" in name else "gpu_busy"
+        spans[key].append((e.time_range.start, e.time_range.end))
     if not spans["gpu_busy"]:
         return {"gpu_busy": None, "busy_method": "torch.profiler recorded no kernels"}
-    out = {"kernels_per_step": len(spans["gpu_busy"]) / len(steps),
+    out = {"kernels_per_step": len(spans["gpu_busy"]) / len(steps), "profiler_lead_in": lead_in,
            "busy_method": "torch.profiler: union of kernel intervals / wall"}
     for key, s in spans.items():
         busy, end = 0.0, -math.inf
@@ -572,6 +576,17 @@ def evaluate(model, cohort, ids, device, bf16):
             probs[k] = torch.softmax(logits.float(), -1)[0, 1]
     model.train()
     return probs.cpu().numpy()
+
+
+def auc_score(labels, scores):
+    """scikit-learn's roc_auc_score where it is installed, else the same number from all
+    positive-negative pairs (ties count half)."""
+    try:
+        from sklearn.metrics import roc_auc_score
+    except ImportError:
+        pos, neg = scores[labels == 1][:, None], scores[labels == 0][None]
+        return float(((pos > neg) + 0.5 * (pos == neg)).mean())
+    return float(roc_auc_score(labels, scores))
 
 
 # The run ------------------------------------------------------------------------------------
@@ -708,9 +723,8 @@ class Run:
                 tr.prepare(b)
                 if run_steps(tr, b, range(len(b)), self.deadline) < len(b):
                     raise LookupError("budget")
-            from sklearn.metrics import roc_auc_score
             probs = evaluate(tr.model, c, c.val, dev, dtype == "bf16")
-            row.update(status="ok", auc=float(roc_auc_score(c.labels[c.val], probs)),
+            row.update(status="ok", auc=auc_score(c.labels[c.val], probs),
                        train_s=time.perf_counter() - t)
 
         row = self.guarded({"provider": spec.name, "seed": seed, "dtype": dtype,
@@ -872,7 +886,10 @@ def parse(argv):
 
 
 def run(args):
-    from tqdm.auto import tqdm
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # a bare GPU image: no progress bar
+        tqdm = partial(_NoBar)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.tf32:
@@ -910,6 +927,14 @@ def run(args):
         r.res["interrupted"] = True
     r.save()
     return r.res
+
+
+class _NoBar(list):
+    def __init__(self, items, **_):
+        super().__init__(items)
+
+    def set_postfix_str(self, text):
+        print(text, file=sys.stderr, flush=True)
 
 
 def main(argv=None):

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
+import sys
 import types
 
 import numpy as np
@@ -120,6 +122,14 @@ def test_packed_into_a_static_buffer(cohort):
                        torch.from_numpy(cohort.lengths[b.steps[0]]))
 
 
+def test_auc_without_scikit_learn_agrees(monkeypatch):
+    rng = np.random.default_rng(0)
+    labels, scores = np.arange(40) % 2, rng.integers(0, 6, 40) / 5  # with ties
+    got = E.auc_score(labels, scores)
+    monkeypatch.setitem(sys.modules, "sklearn.metrics", None)  # as if not installed
+    assert E.auc_score(labels, scores) == pytest.approx(got, abs=1e-12)
+
+
 def test_bucket_ladder():
     rows = np.unique(np.geomspace(1, 3e6, 400).astype(int))
     got = [E.bucket(int(r)) for r in rows]
@@ -132,9 +142,10 @@ def test_smoke_run_writes_complete_results(benchmark, tmp_path):
     out, md, png = tmp_path / "epoch.json", tmp_path / "epoch.md", tmp_path / "epoch.png"
     providers = ["clam_1", "fastmil_packed_16", "fastmil_graphs_16"] + (
         ["clam_sb_1"] if E.CLAM_SB is not None else [])  # few steps: AdamW is slow on CPU
+    plots = importlib.util.find_spec("matplotlib") is not None  # a bare GPU image has none
     argv = ["--smoke", "--slides", "8", "--median", "24", "--warmup", "1", "--auc-seeds", "2",
-            "--out", str(out), "--md", str(md), "--png", str(png),
-            "--providers", ",".join(providers)]
+            "--out", str(out), "--md", str(md), "--providers", ",".join(providers)]
+    argv += ["--png", str(png)] if plots else []
     res = benchmark.pedantic(E.main, args=(argv,), rounds=1, iterations=1)
     assert json.loads(out.read_text()) == json.loads(json.dumps(res, default=float))
     assert set(res) == {"schema", "env", "config", "peaks", "floor", "results", "auc",
@@ -157,7 +168,7 @@ def test_smoke_run_writes_complete_results(benchmark, tmp_path):
     assert all(t["met"] in (True, False, None) for t in res["targets"])
     text = md.read_text()
     assert "| provider | slides/step | slides/s |" in text and "| target |" in text
-    assert png.stat().st_size > 1000
+    assert not plots or png.stat().st_size > 1000
     assert E.main(["--render", str(out)])["results"] == json.loads(out.read_text())["results"]
 
 
