@@ -124,6 +124,8 @@ class Cohort:
     feats: torch.Tensor | None  # [T, D] bf16 on the device (placement gpu)
     host: torch.Tensor | None  # [T, D] bf16 in pinned host memory (placement pinned)
     missing: list  # why a wanted placement could not be allocated
+    regions: np.ndarray  # [S, 2] the signal's rows (start, count) per slide; count 0: none
+    direction: torch.Tensor  # [D] the signal's direction, a unit vector
 
 
 def _alloc(wanted, make, missing):
@@ -139,6 +141,7 @@ def make_cohort(slides, device, *, median=MEDIAN, seed=0, resident=True, pinned=
     missing = []
     rng = np.random.default_rng([seed, 2])
     lengths = slide_lengths(slides, median, seed)
+    regions = np.zeros((slides, 2), np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     labels = rng.permutation(np.arange(slides) % 2)
     val = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c),
@@ -164,13 +167,14 @@ def make_cohort(slides, device, *, median=MEDIAN, seed=0, resident=True, pinned=
             k = max(1, round(rng.uniform(*REGION) * n))
             a = int(rng.integers(0, n - k + 1))
             x[a:a + k] += SIGNAL * tumour
+            regions[i] = a, k
         x, o = x.to(torch.bfloat16), int(offsets[i])
         if feats is not None:
             feats[o:o + n] = x
         if host is not None:
             host[o:o + n].copy_(x, non_blocking=True)
     sync(device)
-    return Cohort(lengths, offsets, labels, train, val, feats, host, missing)
+    return Cohort(lengths, offsets, labels, train, val, feats, host, missing, regions, tumour)
 
 
 # The model ----------------------------------------------------------------------------------
