@@ -893,7 +893,7 @@ def run(args):
     try:
         from tqdm.auto import tqdm
     except ImportError:  # a bare GPU image: no progress bar
-        tqdm = partial(_NoBar)
+        tqdm = _NoBar
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.tf32:
