@@ -1,369 +1,388 @@
-"""The session object behind the benchmark tests: inputs of the current case, providers built
-once per (case, provider), warmed up (compiled), checked against ``fastmil.reference`` and
-measured for memory once per (case, provider, workload), then timed per mode.
+"""The attention_pool benchmark: cases (shapes and workloads), providers, and timing.
 
-With ``kernel_profile`` (CUDA; by default in the gpu-check suite) each case also gets the cuBLAS
-time of its GEMMs, ``cases[name]["gemm"]`` in the JSON (``timing.gemm_reference``), and each
-test the per-kernel device time of one call (``timing.profile_kernels``, in its record).
+Workloads, what one timed call does:
 
-Tests run case by case (see ``conftest.pytest_generate_tests``): when the case changes, the
-previous case's inputs and providers are dropped before the next ones are built.
+* ``frozen``: x without grad, the weights with it: forward + backward (features extracted once
+  by a frozen encoder, as whole-slide pipelines train);
+* ``train``: x with grad too: forward + backward (an encoder trains with the pooling);
+* ``infer``: forward under ``torch.no_grad()``, returning the attention.
+
+Cost model per instance (D features, attention size L, K branches), for the roofline floor::
+
+    projections P = 4·L·D, scores S = 2·L·K, pooling A = 2·D·K
+    flops: infer P + S + A; frozen 3·P + 3·S + 2·A (no dx); train 4·P + 3·S + 3·A
+    bytes: x read once per pass (twice with a backward), dx written once (train), the attention
+           written (infer, fp32), weights and z negligible
+
+Timing is the wall clock a training loop feels: calls back to back (the host queues the next
+while the GPU runs the last), the device synchronised at the end of each batch, per call = batch
+÷ calls. On CUDA each test also records where one call's device time goes (torch.profiler:
+kernels, their count and time), its host time (the call alone, the GPU idle before it), its
+memory, and its error against ``fastmil.reference``.
 """
 
 from __future__ import annotations
 
-import gc
-import itertools
-import json
-import os
+import contextlib
+import random
+import statistics
 import time
 from dataclasses import dataclass
 
 import torch
 
-from .cases import Case, InputSet, Weights, make_inputs, n_input_sets
-from .providers import Provider, Unavailable, build_provider
-from .timing import (
-    cuda_memory,
-    env_info,
-    error_text,
-    gemm_reference,
-    launch_us,
-    measure_peaks,
-    saved_tensor_bytes,
-)
+import fastmil
+from fastmil.kernels.config import kernel_options
 
-__all__ = ["Bench", "Broken", "Skip", "WORKLOAD", "derived_metrics", "make_runner"]
+from .eager import eager_attention_pool
 
-# Relative-RMS error of z against fastmil.reference above which a result is flagged
-# (fastmil providers fail the test; third-party ones are timed and flagged in the report).
-TOLERANCE = {"fp32": 5e-3, "fp16": 3e-2, "bf16": 3e-2}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WORKLOADS = ("frozen", "train", "infer")
+
+
+def draw_lengths(n: int, lo: int, hi: int, seed: int = 0) -> tuple[int, ...]:
+    rng = random.Random(seed)
+    return tuple(rng.randint(lo, hi) for _ in range(n))
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    lengths: tuple[int, ...]
+    D: int
+    L: int
+    dtype: str
+    workloads: tuple[str, ...]
+    K: int = 1
+
+    @property
+    def B(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def T(self) -> int:
+        return sum(self.lengths)
+
+    def flops(self, workload: str) -> float:
+        P, S, A = 4 * self.L * self.D, 2 * self.L * self.K, 2 * self.D * self.K
+        per = {"infer": P + S + A, "frozen": 3 * P + 3 * S + 2 * A, "train": 4 * P + 3 * S + 3 * A}
+        return float(self.T * per[workload])
+
+    def bytes(self, workload: str) -> float:
+        x = self.T * self.D * DTYPES[self.dtype].itemsize
+        return float({"infer": x + 4 * self.T * self.K, "frozen": 2 * x, "train": 3 * x}[workload])
+
+    def describe(self) -> str:
+        bags = f"B=1, N={self.T:,}" if self.B == 1 else \
+            f"B={self.B}, {min(self.lengths):,}–{max(self.lengths):,} each (T={self.T:,})"
+        return f"{bags}, D={self.D}, L={self.L}{f', K={self.K}' if self.K > 1 else ''}, " \
+               f"{self.dtype}"
+
+
+SUITES = {
+    # the shapes of the targets, each in its workload (benchmarks/gpu_check.sh)
+    "gpu": [
+        Case("slide", (100_000,), 1024, 256, "bf16", ("frozen",)),
+        Case("slides-8", draw_lengths(8, 1_000, 50_000), 1024, 256, "bf16", ("frozen",)),
+        Case("clam-step-fp32", (15_000,), 512, 256, "fp32", ("train",)),
+        Case("clam-step-bf16", (15_000,), 512, 256, "bf16", ("train",)),
+        Case("mnist", draw_lengths(512, 5, 15), 500, 128, "fp32", ("train",)),
+        Case("inference", (100_000,), 1536, 256, "bf16", ("infer",)),
+        Case("clam-mb-k4", (100_000,), 1024, 256, "bf16", ("frozen",), K=4),
+    ],
+    # tiny stand-ins for a CPU (CI): fastmil's kernels run in Triton's interpreter
+    "smoke": [
+        Case("smoke-slide", (300,), 16, 16, "fp32", WORKLOADS),
+        Case("smoke-slides", draw_lengths(4, 20, 120), 16, 16, "fp32", ("frozen",)),
+        Case("smoke-mnist", draw_lengths(16, 5, 15), 16, 16, "fp32", ("train",)),
+        Case("smoke-k4", (200,), 16, 16, "fp32", ("frozen",), K=4),
+    ],
+}
+
+
+class Unavailable(Exception):
+    """A provider that cannot run here (a library not installed, a backend not usable)."""
 
 
 @dataclass
-class Skip:
-    reason: str
-    status: str  # "unavailable" | "OOM"
+class Inputs:
+    """One case's tensors on the device: packed x [T, D] with host offsets, the same bags padded
+    [B, N, D] with a mask, the weights (leaves with grad) and the upstream gradient of z."""
+
+    x: torch.Tensor
+    offsets: torch.Tensor
+    xp: torch.Tensor
+    mask: torch.Tensor
+    V: torch.Tensor
+    U: torch.Tensor
+    bV: torch.Tensor
+    bU: torch.Tensor
+    w: torch.Tensor
+    dz: torch.Tensor
 
 
-@dataclass
-class Broken:
-    message: str
-    error: BaseException | None = None
+def make_inputs(case: Case, device) -> Inputs:
+    g = torch.Generator().manual_seed(0)
+    dt = DTYPES[case.dtype]
+    rnd = lambda *s, std=1.0: (torch.randn(*s, generator=g) * std).to(device, dt)  # noqa: E731
+    bags = [rnd(n, case.D) for n in case.lengths]
+    x, offsets = fastmil.pack(bags)
+    xp, mask = fastmil.pad(x, offsets)
+    del bags
+    leaf = lambda t: t.requires_grad_()  # noqa: E731
+    w = rnd(case.L) if case.K == 1 else rnd(case.K, case.L)
+    dz = rnd(case.B, case.D) if case.K == 1 else rnd(case.B, case.K, case.D)
+    return Inputs(x, offsets.cpu(), xp, mask, leaf(rnd(case.L, case.D, std=case.D ** -0.5)),
+                  leaf(rnd(case.L, case.D, std=case.D ** -0.5)), leaf(rnd(case.L, std=0.5)),
+                  leaf(rnd(case.L, std=0.5)), leaf(w), dz)
 
 
-def _oom_types() -> tuple[type[BaseException], ...]:
-    return (torch.cuda.OutOfMemoryError,)
+def _module(inp: Inputs, case: Case, **kwargs) -> fastmil.AttentionPool:
+    pool = fastmil.AttentionPool(case.D, case.L, branches=None if case.K == 1 else case.K,
+                                 **kwargs).to(inp.x.device, inp.x.dtype)
+    with torch.no_grad():
+        for mine, theirs in ((pool.attn.weight, inp.V), (pool.gate.weight, inp.U),
+                             (pool.attn.bias, inp.bV), (pool.gate.bias, inp.bU),
+                             (pool.score.weight, inp.w.reshape(case.K, case.L))):
+            mine.copy_(theirs)
+        pool.score.bias.zero_()
+    return pool
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+def _fastmil(backend="triton", options=None, **kwargs):
+    """fastmil's AttentionPool (what users hold: [V; U] in one block), packed bags with their
+    offsets on the host (as fastmil.collate makes them); ``options``: kernel options."""
+    def build(case, inp):
+        x = inp.x
+        if backend == "triton" and fastmil.triton_backend.triton_unavailable_reason(x):
+            raise Unavailable(fastmil.triton_backend.triton_unavailable_reason(x))
+        pool = _module(inp, case, backend=backend, **kwargs)
+        scope = (lambda: kernel_options(**options)) if options else contextlib.nullcontext
+
+        def call(x, attention=False):
+            with scope():
+                return pool(x, offsets=inp.offsets, return_attention=attention)
+        return call, x, list(pool.parameters())
+    return build
 
 
-def _zero_grads(tensors) -> None:
-    for t in tensors:
-        t.grad = None
+def _eager(compiled=False):
+    """The padded formulation MIL code runs today (``benchmarks/eager.py``), or torch.compile of
+    it (default mode, static shapes)."""
+    def build(case, inp):
+        fn = torch.compile(eager_attention_pool) if compiled else eager_attention_pool
+
+        def call(xp, attention=False):
+            return fn(xp, inp.V, inp.U, inp.w, attn_bias=inp.bV, gate_bias=inp.bU,
+                      mask=inp.mask, return_attention=attention)
+        return call, inp.xp, [inp.V, inp.U, inp.bV, inp.bU, inp.w]
+    return build
 
 
-# the modes that share one warm-up, accuracy check and memory probe
-WORKLOAD = {"fwd": "e2e", "bwd": "e2e", "fwd_bwd": "e2e", "frozen": "frozen", "infer": "infer"}
-# providers whose returned attention is the softmax weights (torchmil returns raw scores, PyG none)
-_ATTENTION_CHECKED = ("fastmil_triton", "fastmil_triton_save", "fastmil_torch", "eager",
-                      "compile_default", "compile_max_autotune")
+def _torchmil(case, inp):
+    try:
+        from torchmil.nn.attention import AttentionPool
+    except ImportError as e:
+        raise Unavailable("torchmil is not installed") from e
+    if case.K > 1:
+        raise Unavailable("torchmil's AttentionPool has one branch")
+    pool = AttentionPool(in_dim=case.D, att_dim=case.L, act="tanh", gated=True)
+    pool = pool.to(inp.x.device, inp.x.dtype)
+    # torchmil wraps nn.Linear in its own LazyLinear (.module)
+    lin = lambda m: getattr(m, "module", m)  # noqa: E731
+    with torch.no_grad():
+        for layer, weight, bias in ((lin(pool.fc1), inp.V, inp.bV),
+                                    (lin(pool.fc_gated), inp.U, inp.bU)):
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+        pool.fc2.weight.copy_(inp.w[None])
+
+    def call(xp, attention=False):
+        if attention:
+            z, f = pool(xp, mask=inp.mask, return_att=True)
+            return z, torch.softmax(f.masked_fill(~inp.mask, float("-inf")), dim=1)
+        return pool(xp, mask=inp.mask)
+    return call, inp.xp, list(pool.parameters())
 
 
-def _forward(prov: Provider, s: InputSet, mode: str):
-    """The forward pass of ``mode`` on ``s``: z (and the attention for ``infer``)."""
-    if mode == "infer":
-        with torch.no_grad():
-            return prov.fn(s, attention=True)
-    return prov.fn(s.frozen() if mode == "frozen" else s)
+def _pyg(case, inp):
+    try:
+        from torch_geometric.utils import scatter, softmax
+    except ImportError as e:
+        raise Unavailable("torch-geometric is not installed") from e
+    index = fastmil.bags.segment_ids(inp.offsets[1:] - inp.offsets[:-1], case.T).to(inp.x.device)
+    w = inp.w.reshape(case.K, case.L)
+
+    def call(x, attention=False):
+        h = torch.tanh(x @ inp.V.t() + inp.bV) * torch.sigmoid(x @ inp.U.t() + inp.bU)
+        a = softmax(h @ w.t(), index, num_nodes=case.T, dim=0)  # [T, K]
+        z = scatter(a[:, :, None] * x[:, None, :], index, dim=0, dim_size=case.B, reduce="sum")
+        z = z[:, 0] if case.K == 1 else z
+        return (z, a[:, 0] if case.K == 1 else a) if attention else z
+    return call, inp.x, [inp.V, inp.U, inp.bV, inp.bU, inp.w]
 
 
-def make_runner(prov: Provider, weights: Weights, sets: list[InputSet], mode: str):
-    """``(setup, step)``: ``setup()`` returns the positional arguments of ``step`` and is never
-    timed. It picks the next input set (round robin), drops gradients (so no accumulation kernel
-    is timed) and, for ``bwd``, runs the forward pass."""
-    counter = itertools.count()
-    leaves = weights.leaves() + prov.params
-
-    def pick() -> InputSet:
-        s = sets[next(counter) % len(sets)]
-        _zero_grads(leaves + s.leaves())
-        return s
-
-    if mode in ("fwd", "infer"):
-        def setup():
-            return (pick(),)
-
-        def step(s):
-            return _forward(prov, s, mode)
-    elif mode == "bwd":
-        def setup():
-            s = pick()
-            z = prov.fn(s)
-            return z, s.dz.reshape(z.shape)
-
-        def step(z, dz):
-            z.backward(dz)
-    elif mode in ("fwd_bwd", "frozen"):
-        def setup():
-            return (pick(),)
-
-        def step(s):
-            z = _forward(prov, s, mode)
-            z.backward(s.dz.reshape(z.shape))
-    else:
-        raise ValueError(f"unknown mode {mode!r}")
-    return setup, step
+PROVIDERS = {
+    "fastmil": _fastmil(),
+    "fastmil-recompute": _fastmil(recompute=True),
+    "fastmil-fma-sum": _fastmil(options=dict(fma_sum=True)),
+    "fastmil-16-per-sm": _fastmil(options=dict(programs_per_sm=16)),
+    "fastmil-torch": _fastmil("torch"),
+    "eager": _eager(),
+    "compile": _eager(compiled=True),
+    "torchmil": _torchmil,
+    "pyg": _pyg,
+}
+# the fastmil variants that only the GPU can tell apart
+GPU_ONLY = ("fastmil-fma-sum", "fastmil-16-per-sm")
 
 
-def derived_metrics(case: Case, mode: str, median_ms: float, peaks: dict) -> dict:
-    """Achieved TFLOP/s and GB/s, and the roofline floor max(flops / peak, bytes / bandwidth)
-    from the peaks measured in this run (bf16 peak for 16-bit cases, tf32 for fp32 on CUDA)."""
-    flops, nbytes = case.flops(mode), case.bytes(mode)
-    t = median_ms * 1e-3
-    out = {"flops": flops, "bytes": nbytes, "tflops": flops / t / 1e12, "gbps": nbytes / t / 1e9}
-    if case.dtype in ("bf16", "fp16"):
-        key = "peak_bf16_tflops"
-    else:
-        key = "peak_tf32_tflops" if "peak_tf32_tflops" in peaks else "peak_fp32_tflops"
-    if key in peaks and "peak_copy_gbps" in peaks:
-        compute_s = flops / (peaks[key] * 1e12)
-        memory_s = nbytes / (peaks["peak_copy_gbps"] * 1e9)
-        floor_s = max(compute_s, memory_s)
-        out.update(floor_ms=floor_s * 1e3, floor_fraction=floor_s / t,
-                   floor_bound="compute" if compute_s >= memory_s else "memory",
-                   floor_peak=key)
+def runner(provider: str, case: Case, workload: str, inp: Inputs):
+    """A function that makes one call of ``workload`` and returns the output to check (z; in
+    inference z and the attention); after a backward, ``run.grads()`` gives the gradients."""
+    call, x, params = PROVIDERS[provider](case, inp)
+    xin = x.detach().requires_grad_(workload == "train")
+
+    def run():
+        if workload == "infer":
+            with torch.no_grad():
+                return call(x, attention=True)
+        for p in params:
+            p.grad = None
+        xin.grad = None
+        z = call(xin)
+        z.backward(inp.dz)
+        return z
+
+    run.grads = lambda: [p.grad for p in params] + ([xin.grad] if xin.requires_grad else [])
+    return run
+
+
+def reference(case: Case, inp: Inputs, workload: str):
+    """z (and the attention in inference) from ``fastmil.reference``, in float64 on the CPU for
+    small cases, else in float32 on the device (bags of 10⁵ in float64 on a GPU take seconds)."""
+    small = case.T * case.D <= 4_000_000
+    dt = torch.float64 if small else torch.float32
+    dev = "cpu" if small else inp.x.device
+    t = lambda v: v.detach().to(dev, dt)  # noqa: E731
+    out = fastmil.reference.attention_pool_reference(
+        t(inp.x), t(inp.V), t(inp.U), t(inp.w), attn_bias=t(inp.bV), gate_bias=t(inp.bU),
+        offsets=inp.offsets, return_attention=workload == "infer")
     return out
 
 
-class Bench:
-    def __init__(self, device: torch.device, smoke: bool, rounds: int, rep_ms: float, *,
-                 suite: str = "full", interpret: bool = False, budget_s: float | None = None,
-                 json_path: str | None = None, kernel_profile: bool = False):
-        self.device, self.smoke, self.rounds, self.rep_ms = device, smoke, rounds, rep_ms
-        self.suite, self.interpret, self.json_path = suite, interpret, json_path
-        # per-kernel profile of each test and cuBLAS GEMM reference of each case (CUDA only)
-        self.kernel_profile = kernel_profile and device.type == "cuda"
-        self.deadline = None if budget_s is None else time.monotonic() + budget_s
-        self._env: dict | None = None
-        self._case: Case | None = None
-        self._weights: Weights | None = None
-        self._sets: list[InputSet] = []
-        self._ref: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._providers: dict[str, Provider | Skip | Broken] = {}
-        self._workloads: dict[tuple[str, str], dict | Skip | Broken] = {}
-        self.skipped: list[dict] = []
-        self.cases: dict[str, dict] = {}
-        self.records: list[dict] = []
-
-    # -- environment ---------------------------------------------------------------------------
-    @property
-    def env(self) -> dict:
-        if self._env is None:
-            env = env_info(self.device, self.smoke)
-            env.update(measure_peaks(self.device))
-            env["suite"] = self.suite
-            if self.kernel_profile:  # before any profile: see launch_us_after_profile
-                env["launch_us"] = launch_us()
-            self._env = env
-        return self._env
-
-    @property
-    def env_if_measured(self) -> dict | None:
-        return self._env
-
-    def over_budget(self) -> bool:
-        return self.deadline is not None and time.monotonic() > self.deadline
-
-    # -- results -------------------------------------------------------------------------------
-    def section(self) -> dict:
-        """The top-level ``"fastmil"`` entry of the JSON."""
-        return {"env": self._env, "cases": self.cases, "skipped": self.skipped,
-                "suite": self.suite}
-
-    def add_record(self, info: dict) -> None:
-        """Keep one test's numbers; with ``json_path``, rewrite that file at once, so a run cut
-        short (a time limit, a crash) keeps what it measured."""
-        self.records.append(dict(info))
-        self._write()
-
-    def record_skip(self, provider: str, mode: str | None, skip: Skip) -> None:
-        self.skipped.append({"case": self._case.name, "provider": provider, "mode": mode,
-                             "status": skip.status, "reason": skip.reason})
-        self._write()
-
-    def _write(self) -> None:
-        if not self.json_path:
-            return
-        out = {"benchmarks": [{"extra_info": r} for r in self.records],
-               "version": "fastmil incremental", "fastmil": self.section()}
-        tmp = self.json_path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(out, fh, indent=1, default=str)
-        os.replace(tmp, self.json_path)
-
-    # -- cases ---------------------------------------------------------------------------------
-    def use_case(self, case: Case) -> None:
-        self.cases.setdefault(case.name, case.as_dict())
-        if self._case is not None and self._case.name == case.name:
-            return
-        self._case, self._weights, self._sets, self._ref = None, None, [], None
-        self._providers, self._workloads = {}, {}
-        _free(self.device)
-        self._weights, self._sets = make_inputs(case, self.device,
-                                                n_input_sets(case, self.device))
-        self._case = case
-        if self.kernel_profile and "gemm" not in self.cases[case.name]:
-            self.cases[case.name]["gemm"] = self._gemm_reference(case)
-
-    def _gemm_reference(self, case: Case) -> dict:
-        """cuBLAS time of the case's GEMMs (``timing.gemm_reference``; every case is gated: the
-        projection has 2·L columns), or ``{"error": ...}``: a reference never fails a test."""
-        try:
-            return gemm_reference(self._sets[0].x, 2 * case.L, self.rep_ms)
-        except Exception as e:
-            return {"error": error_text(e)}
-        finally:
-            _free(self.device)
-
-    @property
-    def weights(self) -> Weights:
-        return self._weights
-
-    @property
-    def sets(self) -> list[InputSet]:
-        return self._sets
-
-    def _reference(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """z [B, K, D] and the attention [T, K] (packed order) of the first input set."""
-        if self._ref is None:
-            from fastmil.reference import attention_pool_reference
-
-            case, W, s = self._case, self._weights, self._sets[0]
-            with torch.no_grad():
-                z, a = attention_pool_reference(
-                    s.x.detach(), W.V.detach(), W.U.detach(), W.w.detach(),
-                    attn_bias=W.bV.detach(), gate_bias=W.bU.detach(),
-                    offsets=None if case.B == 1 else s.offsets, return_attention=True)
-            self._ref = (z.float().reshape(case.B, case.K, case.D),
-                         a.float().reshape(case.T, case.K))
-            _free(self.device)
-        return self._ref
-
-    def _packed_attention(self, prov: Provider, s: InputSet, a: torch.Tensor) -> torch.Tensor:
-        """A provider's attention in packed order, [T, K]."""
-        case = self._case
-        if prov.uses_padded and case.B > 1:
-            a = a.reshape(case.B, case.N, case.K)[s.padded()[1]]
-        return a.float().reshape(case.T, case.K)
-
-    # -- providers -----------------------------------------------------------------------------
-    def provider(self, name: str) -> Provider | Skip | Broken:
-        if name not in self._providers:
-            try:
-                self._providers[name] = build_provider(name, self._case, self._weights,
-                                                       self.device, interpret=self.interpret)
-            except Unavailable as e:
-                self._providers[name] = Skip(str(e), "unavailable")
-            _free(self.device)
-        return self._providers[name]
-
-    def workload(self, name: str, mode: str) -> dict | Skip | Broken:
-        """Per provider and workload (``WORKLOAD[mode]``), once: warm-up (compile, autotune) on
-        every input set, accuracy of z (and of the attention, for inference) against
-        ``fastmil.reference``, and memory. The dict goes into each record's ``extra_info``."""
-        prov = self.provider(name)
-        if not isinstance(prov, Provider):
-            return prov
-        key = (name, WORKLOAD[mode])
-        if key not in self._workloads:
-            self._workloads[key] = self._prepare(prov, mode)
-            _free(self.device)
-        return self._workloads[key]
-
-    def _prepare(self, prov: Provider, mode: str) -> dict | Skip | Broken:
-        case, W, sets, device, name = self._case, self._weights, self._sets, self.device, prov.name
-        workload = WORKLOAD[mode]
-        if workload == "infer" and prov.infer:
-            return Skip(prov.infer, "unavailable")
-        if workload == "infer" and name == "fastmil_triton_save":
-            return Skip("recompute=False only changes the backward: inference is the fastmil "
-                        "triton column", "unavailable")
-        warm = "fwd_bwd" if workload == "e2e" else mode
-        leaves = W.leaves() + prov.params
-        attn_err = None
-        try:
-            t0 = time.perf_counter()
-            first = None
-            for s in sets:  # warm-up: compile / autotune, every input set
-                _zero_grads(leaves + s.leaves())
-                out = _forward(prov, s, warm)
-                z = out[0] if isinstance(out, tuple) else out
-                if first is None:
-                    first = (z.detach().float().reshape(case.B, case.K, case.D),
-                             out[1].detach() if isinstance(out, tuple) else None)
-                if warm != "infer":
-                    z.backward(s.dz.reshape(z.shape))
-                del out, z
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            warmup_s = time.perf_counter() - t0
-            z_ref, a_ref = self._reference()
-            rel_err = _rel_err(first[0], z_ref)
-            if first[1] is not None and name in _ATTENTION_CHECKED:
-                attn_err = _rel_err(self._packed_attention(prov, sets[0], first[1]), a_ref)
-            del first
-            s = sets[0]
-            _zero_grads(leaves + s.leaves())
-            _free(device)
-            mem = self._memory(prov, s, warm, leaves)
-            _zero_grads(leaves + s.leaves())
-        except _oom_types() as e:
-            return Skip(f"out of memory while warming up: {str(e).splitlines()[0]}", "OOM")
-        except NotImplementedError as e:
-            if name.endswith("_graph"):  # captured for one workload only
-                return Skip(str(e), "unavailable")
-            if not name.startswith("fastmil_triton"):
-                raise
-            return Skip(f"not implemented in fastmil yet: {e}", "unavailable")
-        except Exception as e:  # a provider that crashes fails its tests, with the cause
-            return Broken(f"{name} failed on {case.name} ({workload}): {type(e).__name__}: {e}",
-                          e)
-        tol = TOLERANCE[case.dtype]
-        info = {"workload": workload, "warmup_s": warmup_s, "rel_err": rel_err,
-                "rel_err_tol": tol, "accurate": rel_err <= tol, **mem}
-        if attn_err is not None:
-            info.update(attn_rel_err=attn_err, accurate=info["accurate"] and attn_err <= tol)
-        if name.startswith("fastmil") and not info["accurate"]:
-            what = f"z {rel_err:.3g}" + ("" if attn_err is None else f", attention {attn_err:.3g}")
-            return Broken(f"{name} on {case.name} ({workload}): relative RMS error vs "
-                          f"fastmil.reference: {what} > {tol:g}")
-        return info
-
-    def _memory(self, prov: Provider, s: InputSet, mode: str, leaves) -> dict:
-        """Bytes autograd saves for backward (saved_tensors_hooks, every device) and, on CUDA,
-        the allocator's view: kept across the forward, and the peak over forward + backward."""
-        xs = s.frozen() if mode == "frozen" else s
-        if mode == "infer":
-            if self.device.type != "cuda":
-                return {"saved_bytes": 0, "memory_method": "no_grad: nothing saved"}
-            mem = cuda_memory(lambda: _forward(prov, s, mode), None)
-            return {"saved_bytes": 0, "peak_bytes": mem["peak_bytes"],
-                    "memory_method": "no_grad: nothing saved; peak: " + mem["memory_method"]}
-        out = saved_tensor_bytes(lambda: _forward(prov, s, mode), leaves + xs.leaves())
-        _zero_grads(leaves + s.leaves())
-        if self.device.type == "cuda":
-            mem = cuda_memory(lambda: _forward(prov, s, mode),
-                              lambda z: z.backward(s.dz.reshape(z.shape)))
-            out.update(kept_bytes=mem["kept_bytes"], peak_bytes=mem["peak_bytes"],
-                       memory_method=out["memory_method"] + "; kept / peak: "
-                       + mem["memory_method"])
-        return out
+def relative_error(out, ref, case: Case) -> float:
+    """max |out − ref| ÷ max |ref| over z (and the attention), as the packed layout aligns it."""
+    outs = out if isinstance(out, tuple) else (out,)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    err = 0.0
+    for o, r in zip(outs, refs, strict=True):
+        if o.shape != r.shape:  # a padded provider's attention [B, N(, K)]: its real slots
+            mask = torch.arange(o.shape[1], device=o.device)[None] < torch.tensor(
+                case.lengths, device=o.device)[:, None]
+            o = o[mask]
+        o, r = o.detach().double().cpu(), r.detach().double().cpu()
+        err = max(err, ((o - r).abs().max() / r.abs().max().clamp(min=1e-30)).item())
+    return err
 
 
-def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def batch_size(run, device, target_s: float) -> int:
+    """Calls per timed batch: at least ``target_s`` seconds of them (and at least one)."""
+    sync(device)
+    t0 = time.perf_counter()
+    run()
+    sync(device)
+    return max(1, int(target_s / max(time.perf_counter() - t0, 1e-6)))
+
+
+def host_ms(run, device, reps: int = 5) -> float:
+    """Host time of one call with the device idle before it: until the call returns."""
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    sync(device)
+    return statistics.median(times) * 1e3
+
+
+def kernel_profile(run, device) -> dict:
+    """Device time of one call per kernel (torch.profiler): total ms, count, and the top
+    kernels by time (name -> [count, ms])."""
+    if device.type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        sync(device)
+    kernels, copies = {}, 0
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.name
+        if name.startswith(("Memcpy", "Memset", "[memory]")):
+            copies += 1
+            continue
+        count, ms = kernels.get(name, (0, 0.0))
+        kernels[name] = (count + 1, ms + e.device_time_total / 1e3)
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1][1])[:6])
+    return dict(kernels_ms=sum(ms for _, ms in kernels.values()),
+                launches=sum(n for n, _ in kernels.values()), copies=copies,
+                top={n[:80]: [c, round(ms, 4)] for n, (c, ms) in top.items()})
+
+
+def memory(run, device, workload: str) -> dict:
+    """Peak memory of one call, and what the forward keeps for the backward (CUDA)."""
+    if device.type != "cuda":
+        return {}
+    sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    sync(device)
+    return dict(peak_mib=(torch.cuda.max_memory_allocated() - base) / 2**20)
+
+
+def measure_peaks(device) -> dict:
+    """bf16 and fp32 matmul TFLOP/s and device copy GB/s, measured here (the roofline)."""
+    if device.type != "cuda":
+        return {}
+    out = {}
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a = torch.randn(8192, 8192, device=device, dtype=dt)
+        ms = _best_ms(lambda a=a: a @ a, device)
+        out[f"{name}_tflops"] = 2 * 8192 ** 3 / ms / 1e9
+    src = torch.empty(2**28, dtype=torch.float32, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    out["copy_gbs"] = 2 * src.numel() * 4 / _best_ms(lambda: dst.copy_(src), device) / 1e6
+    return out
+
+
+def _best_ms(fn, device, reps: int = 10) -> float:
+    fn()
+    sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def floor_ms(case: Case, workload: str, peaks: dict) -> float | None:
+    """The roofline floor: the slower of the FLOPs at the matmul peak and the bytes at the copy
+    bandwidth (None without measured peaks)."""
+    if not peaks:
+        return None
+    tflops = peaks["bf16_tflops" if case.dtype != "fp32" else "fp32_tflops"]
+    return max(case.flops(workload) / tflops / 1e9, case.bytes(workload) / peaks["copy_gbs"] / 1e6)

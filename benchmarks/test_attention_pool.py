@@ -1,15 +1,9 @@
-"""Time attention-MIL pooling per provider, case and mode (workload).
+"""Time attention_pool per case, workload and provider (``pytest benchmarks/``).
 
-Parametrised in conftest.py (case × provider × mode, case-major, from the chosen suite). Each
-test records in pytest-benchmark's ``extra_info``: the median time (CUDA events on GPU,
-perf_counter on CPU), achieved TFLOP/s and GB/s, the roofline floor from the peaks measured in
-this run and the fraction of it reached, memory (saved for backward, and on CUDA kept after the
-forward and the peak), warm-up / compile time, and the relative error of z (and of the attention,
-for inference) against ``fastmil.reference``. With ``--kernel-profile`` (CUDA, by default in the
-gpu-check suite) also where the device time of one call goes, per kernel: ``kernels`` (name,
-count, ms; the top 8 and "(other)"), ``kernels_total_ms``, ``kernels_count``, ``memcpy_*`` /
-``memset_*``, ``kernels_attempts``, ``launch_us_after_profile`` (or ``kernels_error``), from
-``timing.profile_kernels``; the cuBLAS time of the case's GEMMs goes to ``fastmil.cases``.
+Each test times batches of calls with pytest-benchmark (one round = ``calls`` calls and a device
+synchronisation) and records in ``extra_info``: the wall time per call, the roofline floor and
+the fraction of it reached, the host time of a call alone, where one call's device time goes
+(CUDA), peak memory, and the error against ``fastmil.reference``.
 """
 
 from __future__ import annotations
@@ -17,65 +11,65 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .cases import get_case
-from .harness import Broken, Skip, derived_metrics, make_runner
-from .timing import cuda_bench, profile_kernels, summarize
+from .harness import (
+    GPU_ONLY,
+    Unavailable,
+    batch_size,
+    floor_ms,
+    host_ms,
+    kernel_profile,
+    make_inputs,
+    memory,
+    reference,
+    relative_error,
+    runner,
+    sync,
+)
+
+_INPUTS = {}  # the current case's inputs (the tests run case by case)
 
 
-def test_attention_pool(case_name, provider, mode, bench, benchmark):
-    case = get_case(case_name)
-    env = bench.env  # measures the device peaks on first use
-    bench.use_case(case)
-    if bench.over_budget():
-        skip = Skip("the run's time budget (--bench-budget-s) was spent first", "budget")
-        bench.record_skip(provider, mode, skip)
-        pytest.skip(f"{provider}: {skip.reason}")
-    prov = bench.workload(provider, mode)
-    if isinstance(prov, Skip):
-        bench.record_skip(provider, mode, prov)
-        pytest.skip(f"{provider}: {prov.reason}")
-    if isinstance(prov, Broken):
-        bench.record_skip(provider, mode, Skip(prov.message, "failed"))
-        raise AssertionError(prov.message) from prov.error
-
-    benchmark.group = f"{case.name} {mode}"
-    info = benchmark.extra_info
-    info.update(case=case.name, case_group=case.group, provider=provider, mode=mode,
-                device=env["device"], smoke=case.smoke, n_input_sets=len(bench.sets), **prov)
-    setup, step = make_runner(bench.provider(provider), bench.weights, bench.sets, mode)
-
-    if bench.device.type == "cuda":
-        try:
-            samples = cuda_bench(setup, step, rep_ms=bench.rep_ms)
-        except torch.cuda.OutOfMemoryError as e:
-            skip = Skip(f"out of memory while timing {mode}: {str(e).splitlines()[0]}", "OOM")
-            del e
-            bench.record_skip(provider, mode, skip)
+def _inputs(case, device):
+    if case.name not in _INPUTS:
+        _INPUTS.clear()
+        if device.type == "cuda":
             torch.cuda.empty_cache()
-            pytest.skip(f"{provider}: {skip.reason}")
-        info.update(summarize(samples), timer="CUDA events, L2 flushed, median")
+        _INPUTS[case.name] = make_inputs(case, device)
+    return _INPUTS[case.name]
 
-        def setup_synced():
-            args = setup()
-            torch.cuda.synchronize()
-            return args, {}
 
-        def step_synced(*args):
-            step(*args)
-            torch.cuda.synchronize()
+def test_attention_pool(case, provider, workload, device, peaks, budget, batch_s, benchmark):
+    if device.type != "cuda" and provider in GPU_ONLY:
+        pytest.skip("a kernel option that only a GPU's timings tell apart")
+    inp = _inputs(case, device)
+    try:
+        run = runner(provider, case, workload, inp)
+        out = run()  # (warm-up: compiles)
+    except Unavailable as e:
+        pytest.skip(str(e))
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        pytest.skip("out of memory")
+    err = relative_error(out, reference(case, inp, workload), case)
+    del out
+    calls = batch_size(run, device, batch_s)
 
-        # pytest-benchmark's own table: wall clock of a few synchronised calls (includes launch
-        # and sync overhead); the numbers above are the ones the report uses.
-        benchmark.pedantic(step_synced, setup=setup_synced, rounds=bench.rounds)
-        if bench.kernel_profile and not provider.endswith("_graph"):  # one more call, profiled
-            # (not graph replays: see report.PROVIDERS)
-            info.update(profile_kernels(setup, step))
-    else:
-        benchmark.pedantic(step, setup=lambda: (setup(), {}), rounds=bench.rounds,
-                           warmup_rounds=1)
-        if benchmark.stats is None:  # --benchmark-disable
-            return
-        info.update(summarize([t * 1e3 for t in benchmark.stats.stats.data]),
-                    timer="perf_counter (pytest-benchmark), median")
-    info.update(derived_metrics(case, mode, info["median_ms"], env))
-    bench.add_record(info)
+    def batch():
+        for _ in range(calls):
+            run()
+        sync(device)
+
+    cuda = device.type == "cuda"  # (a CPU run is CI's smoke test: as few calls as will do)
+    benchmark.group = f"{case.name} {workload}"
+    benchmark.pedantic(batch, rounds=5 if cuda else 2, warmup_rounds=1 if cuda else 0)
+    wall = benchmark.stats.stats.median / calls * 1e3
+    floor = floor_ms(case, workload, peaks)
+    benchmark.extra_info.update(
+        case=case.name, describe=case.describe(), workload=workload, provider=provider,
+        wall_ms=wall, calls_per_round=calls, host_ms=host_ms(run, device, 5 if cuda else 1),
+        error=err,
+        floor_ms=floor, of_floor=None if floor is None else floor / wall,
+        **kernel_profile(run, device), **memory(run, device, workload))
+    # fastmil's own providers must be right; peers are recorded as they are
+    if provider.startswith("fastmil"):
+        assert err < (2e-2 if case.dtype != "fp32" else 1e-4), err
