@@ -42,6 +42,9 @@ __all__ = ["attention_pool_torch", "attention_scores", "POOL_ROWS"]
 POOL_ROWS = 8192
 # Rows per slice of a small weight gradient (see _sliced_weight_grad).
 SUM_ROWS = 1024
+# The packed weighted sum runs as one-hot GEMMs where a slice holds at most this many
+# (bag, branch) pairs, else as index_add (see _SegmentWeightedSum).
+DENSE_COLS = 32
 
 
 def _dropout(t, p):
@@ -55,75 +58,94 @@ def _long_float32(x, rows):
 
 def _sliced_weight_grad(dy, x):
     """``dy [T, O]``, ``x [T, I]`` -> ``dy^T x [O, I]`` with no float32 running sum over more
-    than POOL_ROWS rows. A small product (O·I <= 64·(O+I): memory-bound, and BLASes sum such
-    shapes as long dot products) goes as one bmm over SUM_ROWS-row slices, whose partials
-    (at most 1/16 of the inputs' size) torch.sum adds up, cascaded. A large one goes as one
-    multithreaded GEMM per POOL_ROWS-row slice, the slices added up in float64."""
+    than POOL_ROWS rows: one bmm over the whole slices of the rows ([n, O, I] partials; slices
+    of SUM_ROWS rows for a small product, O·I <= 64·(O+I), which BLASes sum as long dot
+    products, else of POOL_ROWS rows: partials at most O/POOL_ROWS of x's size), the partials
+    added up by torch.sum (a cascaded float32 sum), and the tail rows by one addmm."""
     T, O = dy.shape
     I = x.shape[1]
-    if O * I <= 64 * (O + I):
-        S = SUM_ROWS
-        head = T // S * S
-        w = torch.bmm(dy[:head].reshape(-1, S, O).transpose(1, 2),
-                      x[:head].reshape(-1, S, I)).sum(0)  # [O, I]
-        return w + dy[head:].t() @ x[head:] if T > head else w
-    w = dy.new_zeros(O, I, dtype=torch.float64)
-    for dy_c, x_c in zip(dy.split(POOL_ROWS), x.split(POOL_ROWS), strict=True):
-        w = w + dy_c.t() @ x_c
-    return w.to(dy.dtype)
+    S = SUM_ROWS if O * I <= 64 * (O + I) else POOL_ROWS
+    n = T // S
+    head = n * S
+    if n == 1:
+        w = dy[:head].t() @ x[:head]  # [O, I]
+    else:
+        w = torch.bmm(dy[:head].reshape(n, S, O).transpose(1, 2),
+                      x[:head].reshape(n, S, I)).sum(0)
+    return torch.addmm(w, dy[head:].t(), x[head:]) if T > head else w
 
 
-class _RowSlicedLinear(torch.autograd.Function):
-    """``F.linear`` whose weight gradient sums its rows in slices (_sliced_weight_grad).
+class _Linear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` with two options for its backward.
 
-    A float32 GEMM runs its reduction dimension as float32 running sums, in an order the BLAS
-    picks by shape and thread count: one ``[O, T] @ [T, I]`` over T = 10⁶ rows came 3·10⁻⁵ off
+    ``sliced``: the weight gradient sums its rows in slices (_sliced_weight_grad). A float32
+    GEMM runs its reduction dimension as float32 running sums, in an order the BLAS picks by
+    shape and thread count: one ``[O, T] @ [T, I]`` over T = 10⁶ rows came 3·10⁻⁵ off
     (relative) with one thread and 5·10⁻⁷ with 32 (MKL splits T between threads), so the same
     gradient had a different precision on every machine. Slices bound every running sum to
-    POOL_ROWS terms on any BLAS and thread count. The input and bias gradients are
-    F.linear's. Differentiable twice."""
+    POOL_ROWS terms on any BLAS and thread count.
+
+    ``alias``: a second output, x itself (a view), for the caller's other use of x (the
+    weighted sum): its gradient arrives here with the output's, and the input gradient is
+    accumulated onto it inside the GEMM (``addmm_``, beta = 1) instead of by autograd's
+    separate [.., D] add of the two. Differentiable twice."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, sliced, alias):
         ctx.save_for_backward(x, weight)
-        return F.linear(x, weight, bias)
+        ctx.sliced = sliced
+        y = F.linear(x, weight, bias)
+        return (y, x.view_as(x)) if alias else y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, dx_alias=None):
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dy2 = dy.reshape(-1, dy.shape[-1])  # [T, O]
-        dx = dy @ weight if need_x else None
-        dw = _sliced_weight_grad(dy2, x.reshape(-1, x.shape[-1])) if need_w else None
+        x2 = x.reshape(-1, x.shape[-1])  # [T, I]
+        dx = None
+        if need_x and dx_alias is None:
+            dx = dy @ weight
+        elif need_x and not torch.is_grad_enabled() and dx_alias.is_contiguous():
+            dx = dx_alias  # a fresh tensor from the weighted sum's backward, ours to add to
+            dx.view(-1, dx.shape[-1]).addmm_(dy2, weight)
+        elif need_x:
+            dx = dx_alias + dy @ weight
+        dw = None
+        if need_w:
+            dw = _sliced_weight_grad(dy2, x2) if ctx.sliced else dy2.t() @ x2
         db = dy2.sum(0) if need_b else None
-        return dx, dw, db
+        return dx, dw, db, None, None
 
 
-def _linear(x, weight, bias=None):
+def _linear(x, weight, bias=None, alias=False):
     """``F.linear``; for a long float32 ``x`` whose weight needs a gradient, with that gradient
-    summed in slices (_RowSlicedLinear). Other dtypes accumulate in float32 or wider inside the
-    GEMM already, and up to POOL_ROWS rows keep the one GEMM of F.linear."""
-    if (weight.requires_grad and torch.is_grad_enabled()
-            and _long_float32(x, x.shape[:-1].numel())):
-        return _RowSlicedLinear.apply(x, weight, bias)
+    summed in slices (_Linear). Other dtypes accumulate in float32 or wider inside the GEMM
+    already, and up to POOL_ROWS rows keep the one GEMM of F.linear. ``alias``: returns
+    ``(y, x)`` with x's two gradients added inside the backward's GEMM (see _Linear)."""
+    sliced = (weight.requires_grad and torch.is_grad_enabled()
+              and _long_float32(x, x.shape[:-1].numel()))
+    if alias or sliced:
+        return _Linear.apply(x, weight, bias, sliced, alias)
     return F.linear(x, weight, bias)
 
 
 def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight,
-                     activation="tanh", dropout_p=0.0):
+                     activation="tanh", dropout_p=0.0, alias=False):
     """Scores ``s = w·(act(V h + b_V) ⊙ sigmoid(U h + b_U))``: x [..., D] -> [..., K].
 
     With ``dropout_p > 0`` the activation's and the sigmoid's outputs each get their own
     dropout mask (scaled by 1/(1-p)), as in CLAM's ``Attn_Net_Gated``. The projections run as
     one GEMM in x's dtype (float32 accumulation inside the GEMM), the nonlinearities in x's dtype
     as in the eager formulation, and the score product in float32 (float64 for float64 input),
-    which is also the dtype of the returned scores.
+    which is also the dtype of the returned scores. ``alias``: returns ``(s, x')``, x' a view of
+    x to pool with, whose gradient the projection's backward adds to its own (see _Linear).
     """
     acc = torch.promote_types(x.dtype, torch.float32)
     L = attn_weight.shape[0]
     act = ACTIVATIONS[activation]
     if gate_weight is None:
-        hidden = _dropout(act(_linear(x, attn_weight, attn_bias)), dropout_p)  # [..., L]
+        weight, bias = attn_weight, attn_bias
     else:
         weight = torch.cat([attn_weight, gate_weight])  # [2L, D]
         if attn_bias is None and gate_bias is None:
@@ -132,14 +154,22 @@ def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_we
             zeros = attn_weight.new_zeros(L)
             bias = torch.cat([zeros if attn_bias is None else attn_bias,
                               zeros if gate_bias is None else gate_bias])  # [2L]
-        p, q = _linear(x, weight, bias).split(L, dim=-1)  # [..., L] each (split: its
-        # backward is one cat, where slicing would zero-fill and copy [.., 2L] twice)
+    pq = _linear(x, weight, bias, alias)  # [..., L] or [..., 2L]
+    if alias:
+        pq, x = pq
+    if gate_weight is None:
+        hidden = _dropout(act(pq), dropout_p)  # [..., L]
+    else:
+        p, q = pq.split(L, dim=-1)  # [..., L] each (split: its backward is one cat, where
+        # slicing would zero-fill and copy [.., 2L] twice)
         hidden = _dropout(act(p), dropout_p) * _dropout(torch.sigmoid(q), dropout_p)  # [..., L]
     if hidden.dtype == acc or score_weight.shape[0] > 1:
-        return _linear(hidden.to(acc), score_weight.to(acc))  # [..., K]
-    # one branch of 16-bit input: products in x's dtype, summed in float32 (about twice as fast
-    # on CPU as upcasting hidden to float32 first)
-    return (hidden * score_weight[0]).sum(-1, keepdim=True, dtype=acc)  # [..., 1]
+        s = _linear(hidden.to(acc), score_weight.to(acc))  # [..., K]
+    else:
+        # one branch of 16-bit input: products in x's dtype, summed in float32 (about twice as
+        # fast on CPU as upcasting hidden to float32 first)
+        s = (hidden * score_weight[0]).sum(-1, keepdim=True, dtype=acc)  # [..., 1]
+    return (s, x) if alias else s
 
 
 def _softmax_lastdim(st):
@@ -153,17 +183,39 @@ def _softmax_lastdim(st):
     return (e / e.sum(-1, keepdim=True, dtype=torch.float64)).to(st.dtype)
 
 
-def _sliced_bmm(a, x):
-    """``a [B, K, N] @ x [B, N, D]``; for long float32 bags one bmm per POOL_ROWS-row slice of
-    N, the slices added up in float64, so that no float32 running sum is longer than a slice
-    (see _RowSlicedLinear)."""
-    if not _long_float32(x, a.shape[-1]):
-        return torch.bmm(a, x)
-    z = None
-    for a_c, x_c in zip(a.split(POOL_ROWS, -1), x.split(POOL_ROWS, 1), strict=True):
-        part = torch.bmm(a_c, x_c).double()  # [B, K, D]
-        z = part if z is None else z + part
-    return z.to(x.dtype)
+class _RowSlicedBmm(torch.autograd.Function):
+    """``a [B, K, N] @ x [B, N, D]`` -> ``[B, K, D]`` with the sum over N in slices of POOL_ROWS
+    rows, so that no float32 running sum is longer than a slice (see _RowSlicedLinear): one
+    bmm over all whole slices ([B·n, K, S] @ [B·n, S, D]; one per bag where x's bags are not one
+    stride apart), the partials ([B, n, K, D]) and the tail rows' bmm added up in float64.
+    The backward sums over K and D only: one bmm each for dx and da, differentiable (double
+    backward), with no [B, N, D] temporary beyond dx itself."""
+
+    @staticmethod
+    def forward(ctx, a, x):
+        ctx.save_for_backward(a, x)
+        B, K, N = a.shape
+        D = x.shape[2]
+        S = POOL_ROWS
+        n = N // S
+        head = n * S
+        a_s = a[:, :, :head].reshape(B, K, n, S).transpose(1, 2)  # [B, n, K, S]
+        if B == 1 or head == N:
+            part = torch.bmm(a_s.reshape(B * n, K, S), x[:, :head].reshape(B * n, S, D))
+        else:
+            part = torch.cat([torch.bmm(a_s[b], x[b, :head].reshape(n, S, D)) for b in range(B)])
+        z = part.view(B, n, K, D).sum(1, dtype=torch.float64)  # [B, K, D]
+        if N > head:
+            z = z + torch.bmm(a[:, :, head:], x[:, head:])
+        return z.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dz):
+        a, x = ctx.saved_tensors
+        need_a, need_x = ctx.needs_input_grad
+        da = torch.bmm(dz, x.transpose(1, 2)) if need_a else None  # [B, K, N]
+        dx = torch.bmm(a.transpose(1, 2), dz) if need_x else None  # [B, N, D]
+        return da, dx
 
 
 def _pool_padded(x, s, mask):
@@ -181,70 +233,154 @@ def _pool_padded(x, s, mask):
     # for large h. bfloat16 has float32's range and stays in bfloat16 (float32 accumulation
     # inside the GEMM), which halves the time of this step on CPU.
     dtype = x.dtype if x.dtype == torch.bfloat16 else a.dtype
-    z = _sliced_bmm(a.to(dtype), x.to(dtype))  # [B, K, D]
+    ad, xd = a.to(dtype), x.to(dtype)
+    z = _RowSlicedBmm.apply(ad, xd) if _long_float32(xd, a.shape[-1]) else torch.bmm(ad, xd)
     return z, a.transpose(1, 2)
 
 
+def _slice_groups(T, whole):
+    """The packed rows [0, T) in slices of POOL_ROWS rows, as groups ``(start, n, S)`` of n
+    slices of S rows from row ``start``: all whole slices in one group (``whole``: one batched
+    GEMM for them all) or one group per slice, and the tail rows (fewer than POOL_ROWS) last."""
+    S = POOL_ROWS
+    n = T // S
+    groups = ([(0, n, S)] if n else []) if whole else [(i * S, 1, S) for i in range(n)]
+    return groups + ([(n * S, 1, T - n * S)] if T > n * S else [])
+
+
+def _local_bags(seg_s, B):
+    """Bag ids ``seg_s [n, S]`` of n slices (ascending in each) -> ``local [n, S]``, the rank of
+    each row's bag among the bags in its slice (0, 1, …), ``bag [n, nb]``, the bag of each rank
+    (0 past the last one: its partial is zero), and nb = min(S, B)."""
+    n, S = seg_s.shape
+    nb = min(S, B)
+    local = torch.zeros_like(seg_s)
+    local[:, 1:] = torch.cumsum(seg_s[:, 1:] != seg_s[:, :-1], 1)
+    return local, seg_s.new_zeros(n, nb).scatter_(1, local, seg_s), nb
+
+
+def _one_hot_weights(a_s, local, nb):
+    """``a_s [n, S, K]``, ``local [n, S]`` -> ``[n, S, nb·K]``: each row holds its K weights in
+    the K columns of its bag's rank, zeros elsewhere."""
+    n, S, K = a_s.shape
+    w = a_s.new_zeros(n, S, nb, K)
+    w.scatter_(2, local[:, :, None, None].expand(n, S, 1, K), a_s[:, :, None, :])
+    return w.view(n, S, nb * K)
+
+
 class _SegmentWeightedSum(torch.autograd.Function):
-    """z[b, k] = Σ_{n in bag b} a[n, k] x[n] for packed rows, one slice of POOL_ROWS rows at a
-    time: each slice's products [S, K, D] are summed per bag into a partial (the bags present in
-    a slice get local ids 0, 1, … in row order), and the partials into z. No bag sums more than
-    POOL_ROWS terms in a row, and no temporary (forward or backward) or saved tensor is larger
-    than one slice: autograd keeps only a, x and the bag ids. No host sync."""
+    """z[b, k] = Σ_{n in bag b} a[n, k] x[n] for packed rows ``a [T, K]``, ``x [T, D]``, sorted
+    bag ids ``seg [T]`` -> ``z [B, K, D]``. No host sync.
+
+    Few bags (B·K <= min(DENSE_COLS, D)): one GEMM of the one-hot weights ``[B·K, T]`` (each
+    row's a in its bag's columns, zeros elsewhere: at most x's size) by x, and one GEMM each for
+    dx and da in the backward. Zeros add nothing, so each bag's running sum covers only its own
+    rows: with ``whole`` (the caller knows that no bag is longer than POOL_ROWS rows) that is all
+    of it. Else the rows go in slices of POOL_ROWS (the bags in a slice get local ranks 0, 1, …
+    in row order, at most nb = min(POOL_ROWS, B) of them), their partials ``[nb, K, D]`` added
+    up in float64: with few bags per slice (nb·K <= min(DENSE_COLS, D)) each slice is one such
+    GEMM (all whole slices of a float32 / float64 x in one bmm), with many each slice's
+    products ``[S, K, D]`` are summed per bag by index_add. No bag sums more than POOL_ROWS
+    terms in a row, and no temporary (forward or backward) is larger than one slice's products
+    or x. Autograd keeps a, x, the bag ids and the one-hot weights of the one-GEMM path."""
 
     @staticmethod
-    def forward(ctx, a, x, seg, B):
+    def forward(ctx, a, x, seg, B, whole):
         T, K = a.shape
-        z = a.new_zeros(B, K, x.shape[1])
-        for x_c, a_c, seg_c in zip(x.split(POOL_ROWS), a.split(POOL_ROWS), seg.split(POOL_ROWS),
-                                   strict=True):
-            prod = a_c[:, :, None] * x_c.to(a.dtype)[:, None, :]  # [S, K, D]
-            if T <= POOL_ROWS:
-                z.index_add_(0, seg_c, prod)
-                break
-            starts = torch.ones_like(seg_c)
-            starts[1:] = seg_c[1:] != seg_c[:-1]
-            local = torch.cumsum(starts, 0) - 1  # [S]: rank of the row's bag in this slice
-            nb = min(seg_c.shape[0], B)
-            part = a.new_zeros(nb, K, x.shape[1]).index_add_(0, local, prod)  # [nb, K, D]
-            bag = seg_c.new_zeros(nb).scatter_(0, local, seg_c)  # local id -> bag (unused: +0)
-            z.index_add_(0, bag, part)
+        D = x.shape[1]
+        ctx.B = B
+        ctx.one = (whole or T <= POOL_ROWS) and B * K <= min(DENSE_COLS, D) and (
+            T <= POOL_ROWS or x.dtype == a.dtype)
+        ctx.dense = min(POOL_ROWS, T, B) * K <= min(DENSE_COLS, D)
+        if ctx.one:  # the bags' own ids as ranks
+            w = _one_hot_weights(a[None], seg[None], B)[0]  # [T, B·K]
+            ctx.save_for_backward(a, x, seg, w)
+            return (w.t() @ x.to(a.dtype)).view(B, K, D)
         ctx.save_for_backward(a, x, seg)
-        return z
+        if T <= POOL_ROWS:  # many bags, one slice
+            return a.new_zeros(B, K, D).index_add_(0, seg, a[:, :, None] * x.to(a.dtype)[:, None])
+        z = a.new_zeros(B, K, D, dtype=torch.float64)
+        if not ctx.dense:
+            for x_c, a_c, seg_c in zip(x.split(POOL_ROWS), a.split(POOL_ROWS),
+                                       seg.split(POOL_ROWS), strict=True):
+                prod = a_c[:, :, None] * x_c.to(a.dtype)[:, None, :]  # [S, K, D]
+                local, bag, nb = _local_bags(seg_c[None], B)
+                part = a.new_zeros(nb, K, D).index_add_(0, local[0], prod)  # [nb, K, D]
+                z.index_add_(0, bag[0], part.double())
+            return z.to(a.dtype)
+        for start, n, S in _slice_groups(T, x.dtype == a.dtype):
+            rows = slice(start, start + n * S)
+            local, bag, nb = _local_bags(seg[rows].view(n, S), B)
+            w = _one_hot_weights(a[rows].view(n, S, K), local, nb)  # [n, S, nb·K]
+            part = torch.bmm(w.transpose(1, 2), x[rows].reshape(n, S, D).to(a.dtype))
+            z.index_add_(0, bag.flatten(), part.view(n * nb, K, D).double())
+        return z.to(a.dtype)
 
     @staticmethod
     def backward(ctx, dz):
-        a, x, seg = ctx.saved_tensors
+        a, x, seg = ctx.saved_tensors[:3]
         need_a, need_x = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph=True: the same sums, differentiable, whole
             dz_rows = dz[seg]  # [T, K, D]
             return ((dz_rows * x.to(dz.dtype)[:, None, :]).sum(-1) if need_a else None,
-                    (a[:, :, None] * dz_rows).sum(1).to(x.dtype) if need_x else None, None, None)
+                    (a[:, :, None] * dz_rows).sum(1).to(x.dtype) if need_x else None,
+                    None, None, None)
+        T, K = a.shape
+        D = x.shape[1]
+        if ctx.one:
+            w = ctx.saved_tensors[3]  # [T, B·K]
+            dz2 = dz.reshape(ctx.B * K, D)
+            dx = (w @ dz2).to(x.dtype) if need_x else None
+            da = None
+            if need_a:  # x_row · dz[bag, k] for every bag, each row's own picked
+                cols = seg[:, None] * K + torch.arange(K, device=seg.device)  # [T, K]
+                da = (x.to(dz.dtype) @ dz2.t()).gather(1, cols)
+            return da, dx, None, None, None
         da = torch.empty_like(a) if need_a else None  # [T, K]
-        dx = torch.empty_like(x) if need_x else None  # [T, D], filled slice by slice
-        for i, (x_c, a_c, seg_c) in enumerate(zip(x.split(POOL_ROWS), a.split(POOL_ROWS),
-                                                  seg.split(POOL_ROWS), strict=True)):
-            rows = slice(i * POOL_ROWS, i * POOL_ROWS + x_c.shape[0])
-            dz_c = dz[seg_c]  # [S, K, D]
-            if need_a:
-                torch.sum(dz_c * x_c.to(dz.dtype)[:, None, :], -1, out=da[rows])  # [S, K]
-            if need_x:
-                dx[rows] = (a_c[:, :, None] * dz_c).sum(1)  # [S, D]
-        return da, dx, None, None
+        dx = x.new_empty(x.shape) if need_x else None  # [T, D], filled slice by slice
+        if not ctx.dense:
+            for i, (x_c, a_c, seg_c) in enumerate(zip(x.split(POOL_ROWS), a.split(POOL_ROWS),
+                                                      seg.split(POOL_ROWS), strict=True)):
+                rows = slice(i * POOL_ROWS, i * POOL_ROWS + x_c.shape[0])
+                dz_c = dz[seg_c]  # [S, K, D]
+                if need_a:
+                    torch.sum(dz_c * x_c.to(dz.dtype)[:, None, :], -1, out=da[rows])  # [S, K]
+                if need_x:
+                    dx[rows] = (a_c[:, :, None] * dz_c).sum(1)  # [S, D]
+            return da, dx, None, None, None
+        for start, n, S in _slice_groups(T, x.dtype == a.dtype):
+            rows = slice(start, start + n * S)
+            local, bag, nb = _local_bags(seg[rows].view(n, S), ctx.B)
+            dz_s = dz[bag].view(n, nb * K, D)  # [n, nb·K, D]: the slices' bags
+            w = _one_hot_weights(a[rows].view(n, S, K), local, nb)  # [n, S, nb·K]
+            if need_x and x.dtype == dz.dtype:
+                torch.bmm(w, dz_s, out=dx[rows].view(n, S, D))
+            elif need_x:
+                dx[rows] = torch.bmm(w, dz_s).view(n * S, D)
+            if need_a:  # x_row · dz[bag, k] for every bag of the slice, each row's own picked
+                g = torch.bmm(x[rows].reshape(n, S, D).to(dz.dtype), dz_s.transpose(1, 2))
+                da[rows] = g.view(n, S, nb, K).gather(
+                    2, local[:, :, None, None].expand(n, S, 1, K)).view(n * S, K)
+        return da, dx, None, None, None
 
 
 def _pool_packed(x, s, offsets):
     """x [T, D], s [T, K], offsets [B+1] -> z [B, K, D], a [T, K]."""
     T, K = s.shape
     B = offsets.shape[0] - 1
-    seg = segment_ids(offsets[1:] - offsets[:-1], T)  # [T]
+    lengths = offsets[1:] - offsets[:-1]
+    seg = segment_ids(lengths, T)  # [T]
     m = s.new_full((B, K), float("-inf")).scatter_reduce(
         0, seg[:, None].expand(T, K), s.detach(), "amax")  # [B, K]
     e = torch.exp(s - m[seg])  # [T, K]; every row belongs to a non-empty bag, so m is finite
     # the normaliser summed in float64: exact to float32 rounding for bags of any length
     l = torch.zeros(B, K, dtype=torch.float64, device=s.device).index_add(0, seg, e.double())
     a = (e / l[seg]).to(s.dtype)  # [T, K]
-    return _SegmentWeightedSum.apply(a, x, seg, B), a
+    # no bag longer than POOL_ROWS: the weighted sum needs no slices (read on the host, free
+    # for CPU offsets; elsewhere it slices by the static shapes)
+    whole = (T > POOL_ROWS and B > 0 and offsets.device.type == "cpu"
+             and not torch.compiler.is_compiling() and int(lengths.max()) <= POOL_ROWS)
+    return _SegmentWeightedSum.apply(a, x, seg, B, whole), a
 
 
 def attention_pool_torch(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight,
@@ -271,12 +407,17 @@ def attention_pool_torch(x, attn_weight, attn_bias, gate_weight, gate_bias, scor
     no_autocast = (torch.autocast(device_type, enabled=False) if has_autocast
                    else contextlib.nullcontext())
     with no_autocast:
+        if (mask is not None and device_type == "cpu" and not torch.compiler.is_compiling()
+                and bool(mask.all())):
+            mask = None  # no padding: no copy of x (a host read, free on the CPU only)
         if mask is not None:  # padding may hold anything (NaN, inf): keep it out of the math
             x = x.masked_fill(~mask[..., None], 0)
         args = (x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight, activation,
                 dropout_p)
         if recompute and torch.is_grad_enabled():
             s = checkpoint(attention_scores, *args, use_reentrant=False)
+        elif x.requires_grad and torch.is_grad_enabled():  # the pooling takes the alias of x
+            s, x = attention_scores(*args, alias=True)
         else:
             s = attention_scores(*args)
         if offsets is None:
