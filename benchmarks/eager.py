@@ -5,24 +5,13 @@ baseline of every benchmark."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from fastmil.reference import ACTIVATIONS
+from fastmil.reference import scores
 
 
-def eager_attention_pool(
-    x,
-    attn_weight,
-    gate_weight,
-    score_weight,
-    *,
-    attn_bias=None,
-    gate_bias=None,
-    score_bias=None,
-    mask=None,
-    activation="tanh",
-    return_attention=False,
-):
+def eager_attention_pool(x, attn_weight, gate_weight, score_weight, *, attn_bias=None,
+                         gate_bias=None, score_bias=None, mask=None, activation="tanh",
+                         return_attention=False):
     """The padded formulation most MIL code uses (ABMIL, CLAM, torchmil, MIL-Lab).
 
     x: [B, N, D], mask: [B, N] bool or None, score_weight: [L] or [K, L].
@@ -33,10 +22,7 @@ def eager_attention_pool(
     single_branch = score_weight.dim() == 1
     w = score_weight[None, :] if single_branch else score_weight
     bw = None if score_bias is None else score_bias.reshape(w.shape[0])
-    hidden = ACTIVATIONS[activation](F.linear(x, attn_weight, attn_bias))  # [B, N, L]
-    if gate_weight is not None:
-        hidden = hidden * torch.sigmoid(F.linear(x, gate_weight, gate_bias))
-    s = F.linear(hidden, w, bw)  # [B, N, K]
+    s = scores(x, attn_weight, gate_weight, w, attn_bias, gate_bias, bw, activation)  # [B, N, K]
     if mask is not None:
         s = s.masked_fill(~mask[..., None], torch.finfo(s.dtype).min)
     a = torch.softmax(s, dim=1)  # [B, N, K]

@@ -300,16 +300,20 @@ def batch_size(run, device, target_s: float) -> int:
     return max(1, int(target_s / max(time.perf_counter() - t0, 1e-6)))
 
 
-def host_ms(run, device, reps: int = 5) -> float:
-    """Host time of one call with the device idle before it: until the call returns."""
-    times = []
+def host_ms(run, device, reps: int = 5, warmup: int = 0) -> tuple[float, float]:
+    """Medians over ``reps`` calls, each with the device idle before it, of the host time (until
+    the call returns) and of the wall time (until the device has finished it), in ms."""
+    for _ in range(warmup):
+        run()
+    host, wall = [], []
     for _ in range(reps):
         sync(device)
         t0 = time.perf_counter()
         run()
-        times.append(time.perf_counter() - t0)
-    sync(device)
-    return statistics.median(times) * 1e3
+        host.append(time.perf_counter() - t0)
+        sync(device)
+        wall.append(time.perf_counter() - t0)
+    return statistics.median(host) * 1e3, statistics.median(wall) * 1e3
 
 
 def kernel_profile(run, device) -> dict:

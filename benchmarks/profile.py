@@ -9,9 +9,9 @@ per inference call, for fastmil's triton backend (the AttentionPool users hold) 
 formulation, on the MNIST-bags shape (512 bags of 5–15) and one slide (one bag). On a CPU (the
 default) fastmil's kernels are compiled for sm_90 and launched through Triton's whole launch path
 into a stand-in driver (``tests/standin_driver.py``) that skips only the final C launch; the aten
-ops around them, and all of eager's, run on CPU tensors, with D = L = 16 and a slide of 1,000
+ops around them, and all of eager's, run on CPU tensors, with D = L = 1 and a slide of 1,000
 instances so that their arithmetic stays a few microseconds (host time does not depend on sizes,
-the arithmetic does, for both alike). fastmil is timed with its direct launches (the default)
+the arithmetic does, for both alike; the stand-in records no arguments). fastmil is timed with its direct launches (the default)
 and through ``JITFunction.run`` on every launch. With ``--device cuda`` the calls run for real
 at the cases' sizes: *host* until the call returns (the GPU idle before it), *wall* until the GPU
 has finished.
@@ -31,13 +31,11 @@ import contextlib
 import dataclasses
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
-from .harness import SUITES, make_inputs, runner, sync
+from .harness import SUITES, host_ms, make_inputs, runner, sync
 
 HOST_CASES = ("mnist", "slide")
 # aten ops that make no kernel on a GPU (views and metadata)
@@ -53,11 +51,11 @@ def _host_case(name: str, cuda: bool):
     if cuda:
         return case
     lengths = (1000,) if name == "slide" else case.lengths
-    return dataclasses.replace(case, lengths=lengths, D=16, L=16, dtype="fp32")
+    return dataclasses.replace(case, lengths=lengths, D=1, L=1, dtype="fp32")
 
 
 @contextlib.contextmanager
-def standin_kernels():
+def standin_kernels(record: bool = True):
     """fastmil's kernels compiled for sm_90 and launched through Triton's launch path into a
     stand-in driver, on CPU tensors (the documented seam: the stand-in driver, and
     ``fastmil.triton_backend.triton_unavailable_reason``, which otherwise sends CPU tensors to
@@ -70,7 +68,7 @@ def standin_kernels():
 
     from fastmil import triton_backend
 
-    driver.set_active(standin_driver.StandInDriver(90))
+    driver.set_active(standin_driver.StandInDriver(90, record=record))
     saved = triton_backend.triton_unavailable_reason
     triton_backend.triton_unavailable_reason = lambda x: None
     try:
@@ -80,39 +78,34 @@ def standin_kernels():
         driver._active = None  # (reset_active would look for a real GPU driver)
 
 
-def _median_us(fn, reps, warmup, device):
-    for _ in range(warmup):
-        fn()
-    host, wall = [], []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        host.append(time.perf_counter() - t0)
-        sync(device)
-        wall.append(time.perf_counter() - t0)
-    return statistics.median(host) * 1e6, statistics.median(wall) * 1e6
-
-
-def measure_host(device, reps: int, warmup: int) -> dict:
+def measure_host(device, reps: int, warmup: int, rounds: int = 10) -> dict:
+    """Host (and on CUDA wall) µs per call of each provider and workload; the calls of all of
+    them are interleaved in ``rounds`` rounds, so that a neighbour's load falls on all alike."""
     from fastmil.kernels.config import kernel_options
 
     torch.set_num_threads(1)
     cuda = device.type == "cuda"
-    rows, shapes = [], {}
+    configs, shapes = [], {}
     for name in HOST_CASES:
         case = _host_case(name, cuda)
         shapes[name] = case.describe()
         inp = make_inputs(case, device)
         for provider, launch in (("fastmil", "direct"), ("fastmil", "jit"), ("eager", None)):
             for workload in ("train", "infer"):
-                run = runner(provider, case, workload, inp)
-                with kernel_options(direct_launch=launch != "jit"):
-                    host, wall = _median_us(run, reps, warmup, device)
-                rows.append(dict(shape=name, provider=provider, launch=launch, workload=workload,
-                                 host_us=round(host, 1), wall_us=round(wall, 1) if cuda else None))
-                print(f"{name:<6} {provider:<8} {launch or '':<7} {workload:<6} host {host:8.1f} "
-                      f"µs" + (f"  wall {wall:8.1f} µs" if cuda else ""), flush=True)
+                configs.append(((name, provider, launch, workload),
+                                runner(provider, case, workload, inp), []))
+    for r in range(rounds):
+        for key, run, times in configs:
+            with kernel_options(direct_launch=key[2] != "jit"):
+                times.append(host_ms(run, device, max(1, reps // rounds), warmup if r == 0 else 0))
+    rows = []
+    for (name, provider, launch, workload), _, times in configs:
+        host = 1e3 * sorted(t[0] for t in times)[len(times) // 2]
+        wall = 1e3 * sorted(t[1] for t in times)[len(times) // 2]
+        rows.append(dict(shape=name, provider=provider, launch=launch, workload=workload,
+                         host_us=round(host, 1), wall_us=round(wall, 1) if cuda else None))
+        print(f"{name:<6} {provider:<8} {launch or '':<7} {workload:<6} host {host:8.1f} µs"
+              + (f"  wall {wall:8.1f} µs" if cuda else ""), flush=True)
     return dict(device=torch.cuda.get_device_name() if cuda else "CPU, stand-in sm_90 driver",
                 torch=torch.__version__, threads=1, reps=reps, shapes=shapes, rows=rows)
 
@@ -120,8 +113,9 @@ def measure_host(device, reps: int, warmup: int) -> dict:
 def host_table(result: dict) -> str:
     """Markdown: host µs per call, fastmil (direct launches, and through the JIT) and eager."""
     by = {(r["shape"], r["provider"], r["launch"], r["workload"]): r for r in result["rows"]}
-    lines = [f"Host time per call, µs ({result['device']}, one thread, median of "
-             f"{result['reps']}; {'; '.join(f'{k}: {v}' for k, v in result['shapes'].items())}):",
+    lines = [f"Host time per call, µs ({result['device']}, one thread, {result['reps']} calls "
+             "each, interleaved, median of the rounds' medians; "
+             f"{'; '.join(f'{k}: {v}' for k, v in result['shapes'].items())}):",
              "", "| shape | workload | fastmil | fastmil, launches through the JIT | eager "
              "| fastmil ÷ eager |", "| :--- | :--- | ---: | ---: | ---: | ---: |"]
     for shape in result["shapes"]:
@@ -206,7 +200,7 @@ def main(argv=None) -> int:
         return 0
     cuda = torch.cuda.is_available() and getattr(args, "device", "cuda") == "cuda"
     device = torch.device("cuda" if cuda else "cpu")
-    with contextlib.nullcontext() if cuda else standin_kernels():
+    with contextlib.nullcontext() if cuda else standin_kernels(record=args.what != "host"):
         result = measure_host(device, args.reps, args.warmup) if args.what == "host" \
             else count_launches(device)
     if args.what == "host":

@@ -66,7 +66,7 @@ def test_attention_pool(case, provider, workload, device, peaks, budget, batch_s
     floor = floor_ms(case, workload, peaks)
     benchmark.extra_info.update(
         case=case.name, describe=case.describe(), workload=workload, provider=provider,
-        wall_ms=wall, calls_per_round=calls, host_ms=host_ms(run, device, 5 if cuda else 1),
+        wall_ms=wall, calls_per_round=calls, host_ms=host_ms(run, device, 5 if cuda else 1)[0],
         error=err,
         floor_ms=floor, of_floor=None if floor is None else floor / wall,
         **kernel_profile(run, device), **memory(run, device, workload))

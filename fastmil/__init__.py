@@ -2,8 +2,8 @@
 
 Public API: :func:`attention_pool`, :class:`AttentionPool`, the bag utilities
 :func:`pack`, :func:`pad`, :func:`unpad`, :func:`collate`, and the torchmil drop-in
-:func:`patch_torchmil` / :func:`unpatch_torchmil` (:mod:`fastmil.compat`, which also maps CLAM
-checkpoints). The ground truth lives in :mod:`fastmil.reference`.
+:func:`patch_torchmil` / :func:`unpatch_torchmil`; CLAM's models and checkpoint key maps are in
+:mod:`fastmil.integrations.clam`. The ground truth lives in :mod:`fastmil.reference`.
 """
 
 from . import reference

@@ -10,23 +10,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["pack", "pad", "unpad", "collate", "lengths_to_offsets", "check_offsets_values",
            "derived", "segment_ids"]
 
-# tensor -> (its _version when the values were derived, {name: value})
-_DERIVED = WeakIdKeyDictionary()
-
-
 def derived(t: torch.Tensor) -> dict:
     """A dict for what is derived from the values of ``t`` (a batch's offsets: that they were
-    checked, its chunk map), kept with ``t`` until ``t`` is changed in place (its version
-    counter moves) or freed. A batch's layout is so worked out once, not once per call."""
-    entry = _DERIVED.get(t)
+    checked, its chunk map), kept with ``t`` (as an attribute of the tensor object) until ``t``
+    is changed in place (its version counter moves) or freed. A batch's layout is so worked out
+    once, not once per call."""
+    entry = getattr(t, "_fastmil_derived", None)
     if entry is None or entry[0] != t._version:
         entry = (t._version, {})
-        _DERIVED[t] = entry
+        t._fastmil_derived = entry
     return entry[1]
 
 

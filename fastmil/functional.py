@@ -72,6 +72,42 @@ def _check_options(activation, dropout_p, return_attention, return_scores, recom
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
 
 
+def _well_formed(x, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, score_bias,
+                 mask, offsets) -> bool:
+    """Whether every input is as :func:`_validate` requires, checked as cheaply as possible (a
+    training loop calls this on every step); False sends the call through ``_validate`` for the
+    error that names what is wrong."""
+    try:
+        dtype, device, D = x.dtype, x.device, x.shape[-1]
+        L = attn_weight.shape[0]
+        if x.dim() not in (2, 3) or dtype not in _FLOAT_DTYPES or attn_weight.shape != (L, D):
+            return False
+        K = score_weight.shape[0] if score_weight.dim() == 2 else 1
+        if score_weight.shape[-1] != L or score_weight.dim() not in (1, 2):
+            return False
+        if gate_weight is None and gate_bias is not None:
+            return False
+        for t, shape in ((attn_weight, None), (gate_weight, (L, D)), (score_weight, None),
+                         (attn_bias, (L,)), (gate_bias, (L,)), (score_bias, None)):
+            if t is not None and (t.dtype != dtype or t.device != device
+                                  or (shape is not None and t.shape != shape)):
+                return False
+        if score_bias is not None and (score_bias.numel() != K or score_bias.dim() > 1):
+            return False
+        if mask is not None and (offsets is not None or x.dim() != 3
+                                 or mask.shape != x.shape[:2] or mask.is_floating_point()
+                                 or mask.is_complex() or mask.device != device):
+            return False
+        if offsets is not None and (x.dim() != 2 or offsets.dim() != 1 or len(offsets) < 1
+                                    or offsets.dtype not in (torch.int32, torch.int64)
+                                    or (offsets.device != device
+                                        and offsets.device.type != "cpu")):
+            return False
+        return True
+    except (AttributeError, TypeError, IndexError):  # not a tensor, or no such dimension
+        return False
+
+
 def _validate(x, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, score_bias,
               mask, offsets):
     """Raise a TypeError / ValueError naming the argument for every malformed input."""
@@ -151,15 +187,19 @@ def _validate(x, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, s
         if offsets.device != x.device and offsets.device.type != "cpu":
             raise ValueError(f"offsets is on {offsets.device} but x is on {x.device}: pass "
                              "them on x's device or on the CPU")
-        # Value checks read the data. On the CPU that is free; on a GPU it would stall the
-        # host until the device catches up, so offsets on the GPU are trusted as given (the
-        # kernels never read outside x, whatever the offsets hold). Inside a compiled function
-        # nothing is read, so as not to break the graph.
-        if offsets.device.type == "cpu" and not torch.compiler.is_compiling():
-            memo = derived(offsets)  # once per batch, not once per call
-            if memo.get("checked") != x.shape[0]:
-                check_offsets_values(offsets, x.shape[0])
-                memo["checked"] = x.shape[0]
+
+
+def _check_offsets(x, offsets):
+    """The offsets' values: start at 0, never decrease, end at T. Reading them is free on the
+    host, and done once per offsets tensor (``bags.derived``); on a GPU it would stall the host
+    until the device catches up, so offsets on the GPU are trusted as given (the kernels never
+    read outside x, whatever the offsets hold). Inside a compiled function nothing is read, so
+    as not to break the graph."""
+    if offsets.device.type == "cpu" and not torch.compiler.is_compiling():
+        memo = derived(offsets)
+        if memo.get("checked") != x.shape[0]:
+            check_offsets_values(offsets, x.shape[0])
+            memo["checked"] = x.shape[0]
 
 
 def _autocast(tensors, device_type):
@@ -253,8 +293,12 @@ def attention_pool(x, attn_weight, gate_weight, score_weight, *, attn_bias=None,
     x, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, score_bias = _autocast(
         [x, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, score_bias],
         device_type)
-    _validate(x, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, score_bias,
-              mask, offsets)
+    args = (x, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, score_bias, mask,
+            offsets)
+    if not _well_formed(*args):
+        _validate(*args)
+    if offsets is not None:
+        _check_offsets(x, offsets)
     backend = _resolve_backend(backend, x)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask != 0

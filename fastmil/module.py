@@ -99,7 +99,9 @@ class AttentionPool(nn.Module):
         self._stack_attn_and_gate()
 
     def forward(self, x, mask=None, offsets=None, return_attention=False, return_scores=False):
-        score_weight = self.score.weight if self.branches is not None else self.score.weight[0]
+        # one branch: w [L] as a view (its backward is free; weight[0]'s would launch a copy)
+        score_weight = self.score.weight if self.branches is not None else \
+            self.score.weight.view(-1)
         return attention_pool(
             x, self.attn.weight, None if self.gate is None else self.gate.weight, score_weight,
             attn_bias=self.attn.bias, gate_bias=None if self.gate is None else self.gate.bias,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "attention_pool_reference"]
+__all__ = ["ACTIVATIONS", "attention_pool_reference", "scores"]
 
 # The attention branch's activation, by name (torchmil's ``act``): GELU is the exact erf form,
 # as ``nn.GELU()``.
@@ -27,9 +27,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _scores(h, attn_weight, gate_weight, score_weight, attn_bias, gate_bias, score_bias,
-            activation="tanh"):
-    """The textbook scores: h [..., D] -> [..., K] (score_weight made 2-D by the caller)."""
+def scores(h, attn_weight, gate_weight, score_weight, attn_bias=None, gate_bias=None,
+           score_bias=None, activation="tanh"):
+    """The textbook scores ``w · (act(V h + b_V) ⊙ sigmoid(U h + b_U)) + b_w``: h [..., D] ->
+    [..., K] for a 2-D score_weight [K, L], in h's dtype, as two ``F.linear`` and the
+    elementwise ops (the eager formulation)."""
     hidden = ACTIVATIONS[activation](F.linear(h, attn_weight, attn_bias))
     if gate_weight is not None:
         hidden = hidden * torch.sigmoid(F.linear(h, gate_weight, gate_bias))
@@ -83,13 +85,13 @@ def attention_pool_reference(
     else:  # single bag
         bags = [x.to(acc)]
 
-    zs, attns, scores = [], [], []
+    zs, attns, raw = [], [], []
     for h in bags:
-        s = _scores(h, V, U, w, bV, bU, bw, activation)  # [n, K]
+        s = scores(h, V, U, w, bV, bU, bw, activation)  # [n, K]
         a = torch.softmax(s, dim=0)  # [n, K]
         zs.append(a.t() @ h)  # [K, D]; zeros for an empty bag
         attns.append(a)
-        scores.append(s)
+        raw.append(s)
     z = torch.stack(zs) if zs else torch.zeros(0, K, D, dtype=acc, device=x.device)
 
     def align(per_bag, fill):  # per-bag [n_b, K] values -> aligned with x's instance axis
@@ -104,7 +106,7 @@ def attention_pool_reference(
     if return_attention:
         outs.append(align(attns, 0.0))
     if return_scores:
-        outs.append(align(scores, float("-inf")))
+        outs.append(align(raw, float("-inf")))
     if x.dim() == 2 and offsets is None:  # single bag
         outs[0] = z[0]
     if single_branch:

@@ -173,7 +173,8 @@ class _Call(NamedTuple):
 
 def _forward(x, row_mask, v, u, bv, bu, w, seed, call: _Call):
     """-> z [B, K, D] (x's dtype), s [R, K], lse [B, K], and what the backward needs: pq
-    [R, GL] (empty unless saved) and z32 (None when no gradient is needed)."""
+    [R, GL] (empty unless saved), z32 (None when no gradient is needed), and the stacked
+    weight [V; U] [GL, D] and bias [GL] (or None)."""
     k = _kernels()
     gated = u is not None
     weight = _stacked(v, u)  # [GL, D]
@@ -181,26 +182,25 @@ def _forward(x, row_mask, v, u, bv, bu, w, seed, call: _Call):
     pq = x @ weight.t() if call.layout.B > 0 else x.new_empty(0)  # [R, GL]: cuBLAS
     z, z32, s, lse = k.forward(x, pq, row_mask, call.layout, bias, w, seed, call.p_drop,
                                call.act, gated, call.need_grad, call.opts)
-    return z, s, lse, pq if call.save_pq else x.new_empty(0), z32
+    return z, s, lse, pq if call.save_pq else x.new_empty(0), z32, weight, bias
 
 
-def _backward(needs, dz, gs, glse, x, row_mask, v, u, bv, bu, w, seed, pq, z32, s, lse,
-              call: _Call):
-    """Gradients dx [R, D], dW = d[V; U] [GL, D], db = d[b_V; b_U] [GL] and dw [K, L] where
-    ``needs`` = (x, v, u, bv, bu, w) asks for them (None elsewhere)."""
+def _backward(needs, dz, gs, glse, x, row_mask, weight, bias, gated, w, bw, seed, pq, z32, s,
+              lse, call: _Call):
+    """Gradients dx [R, D], dW = d[V; U] [GL, D], db = d[b_V; b_U] [GL], dw [K, L] and the
+    score bias's (exact zeros) where ``needs`` = (x, v, u, bv, bu, w, bw) asks for them (None
+    elsewhere); ``weight`` and ``bias`` are the forward's stacked ones."""
     k = _kernels()
-    need_x, need_v, need_u, need_bv, need_bu, need_w = needs
-    gated = u is not None
-    weight = _stacked(v, u)
-    bias = _stacked_bias(bv, bu, gated)
+    need_x, need_v, need_u, need_bv, need_bu, need_w, need_bw = needs
     need_dweight, need_db = need_v or need_u, need_bv or need_bu
-    if not (need_x or need_dweight or need_db or need_w):
-        return None, None, None, None
+    if not (need_x or need_dweight or need_db or need_w or need_bw):
+        return None, None, None, None, None
     if pq.numel() == 0 and call.layout.B > 0:  # recompute=True: make p and q again
         pq = x @ weight.t()
-    dh0, dpq, dw, db = k.backward(
-        dz, glse, gs, x, pq, row_mask, call.layout, bias, w, seed, call.p_drop, call.act, gated,
-        z32, s, lse, need_x, need_x or need_dweight or need_db, need_w, need_db, call.opts)
+    dh0, dpq, dw, db, dbw = k.backward(
+        dz, glse, gs, x, pq, row_mask, call.layout, bias, w, bw, seed, call.p_drop, call.act,
+        gated, z32, s, lse, need_x, need_x or need_dweight or need_db, need_w, need_db, need_bw,
+        call.opts)
     dx = dweight = None
     if need_x:
         dx = dpq @ weight if dh0 is None else torch.addmm(dh0, dpq, weight)  # [R, D]
@@ -208,15 +208,16 @@ def _backward(needs, dz, gs, glse, x, row_mask, v, u, bv, bu, w, seed, pq, z32, 
         if row_mask is not None:  # padding may hold anything (NaN, inf): 0 · NaN must not leak
             x = x.masked_fill(~row_mask[:, None], 0)
         dweight = dpq.t() @ x  # [GL, D]
-    return dx, dweight, db, dw
+    return dx, dweight, db, dw, dbw
 
 
 def _split(grads, needs, L):
-    """(dx, dW, db, dw) of :func:`_backward` -> the gradients of (x, v, u, bv, bu, w)."""
-    dx, dweight, db, dw = grads
-    _, need_v, need_u, need_bv, need_bu, _ = needs
+    """(dx, dW, db, dw, dbw) of :func:`_backward` -> the gradients of (x, v, u, bv, bu, w,
+    bw)."""
+    dx, dweight, db, dw, dbw = grads
+    _, need_v, need_u, need_bv, need_bu, _, _ = needs
     return (dx, dweight[:L] if need_v else None, dweight[L:] if need_u else None,
-            db[:L] if need_bv else None, db[L:] if need_bu else None, dw)
+            db[:L] if need_bv else None, db[L:] if need_bu else None, dw, dbw)
 
 
 _NO_DOUBLE_BACKWARD = ("fastmil's triton backward has no derivative of its own, so it cannot be "
@@ -246,32 +247,31 @@ class _Pool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, row_mask, v, u, bv, bu, w, bw, seed, call):
-        z, s, lse, pq, z32 = _forward(x, row_mask, v, u, bv, bu, w, seed, call)
-        ctx.save_for_backward(x, row_mask, v, u, bv, bu, w, bw, seed, pq, z32, s, lse)
-        ctx.call = call
+        z, s, lse, pq, z32, weight, bias = _forward(x, row_mask, v, u, bv, bu, w, seed, call)
+        ctx.save_for_backward(x, row_mask, weight, bias, w, bw, seed, pq, z32, s, lse)
+        ctx.call, ctx.gated, ctx.L = call, u is not None, v.shape[0]
         # outputs nobody differentiated reach the backward as None, not as zeros to read
         ctx.set_materialize_grads(False)
         return z, s, lse
 
     @staticmethod
     def backward(ctx, dz, gs, glse):
-        x, row_mask, v, u, bv, bu, w, bw, seed, pq, z32, s, lse = ctx.saved_tensors
+        x, row_mask, weight, bias, w, bw, seed, pq, z32, s, lse = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        args = ((needs[0], *needs[2:7]), dz, gs, glse, x, row_mask, v, u, bv, bu, w, seed, pq,
-                z32, s, lse, ctx.call)
+        args = ((needs[0], *needs[2:8]), dz, gs, glse, x, row_mask, weight, bias, ctx.gated, w,
+                bw, seed, pq, z32, s, lse, ctx.call)
         if not torch.is_grad_enabled():  # the usual backward (create_graph=False)
-            grads = _split(_backward(*args), args[0], v.shape[0])
+            grads = _split(_backward(*args), args[0], ctx.L)
         else:  # create_graph=True: tie the gradients to a node that refuses to be differentiated
             with torch.no_grad():
-                grads = _split(_backward(*args), args[0], v.shape[0])
+                grads = _split(_backward(*args), args[0], ctx.L)
             live = [g for g in grads if g is not None]
             sources = [t for t in (*ctx.saved_tensors, dz, gs, glse)
                        if t is not None and t.requires_grad]
             if live and sources:
                 wrapped = iter(_NotTwiceDifferentiable.apply(len(live), *live, *sources))
                 grads = tuple(None if g is None else next(wrapped) for g in grads)
-        dx, dv, du, dbv, dbu, dw = grads
-        dbw = torch.zeros_like(bw) if needs[7] else None  # the softmax ignores a common shift
+        dx, dv, du, dbv, dbu, dw, dbw = grads
         return dx, None, dv, du, dbv, dbu, dw, dbw, None, None
 
 
@@ -304,7 +304,7 @@ def _fwd_op(x: Tensor, offsets: Tensor, row_mask: Tensor | None, v: Tensor, u: T
     """-> z, s, lse, and for the backward pq and z32 (each empty when not kept: z32 is z for
     float32 x) and the chunk map."""
     call = _compiled_call(x, offsets, p_drop, act, save_pq)
-    z, s, lse, pq, z32 = _forward(x, row_mask, v, u, bv, bu, w, seed, call)
+    z, s, lse, pq, z32, _, _ = _forward(x, row_mask, v, u, bv, bu, w, seed, call)
     z32 = x.new_empty(0, dtype=torch.float32) if z32 is z else z32
     return z, s, lse, pq, z32, call.layout.meta
 
@@ -334,8 +334,9 @@ def _bwd_op(dz: Tensor | None, gs: Tensor | None, glse: Tensor | None, x: Tensor
     chunk = config.chunk_size(x.shape[0], x.device, opts)
     layout = k.Layout(meta, B, meta.shape[0] - 4 * B, chunk, False)  # (single: forward only)
     call = _Call(layout, act, p_drop, True, pq.numel() > 0, opts)
-    grads = _backward(tuple(needs), dz, gs, glse, x, row_mask, v, u, bv, bu, w, seed, pq,
-                      z if z32.numel() == 0 else z32, s, lse, call)
+    weight, bias = _stacked(v, u), _stacked_bias(bv, bu, u is not None)
+    grads = _backward((*needs, False), dz, gs, glse, x, row_mask, weight, bias, u is not None, w,
+                      None, seed, pq, z if z32.numel() == 0 else z32, s, lse, call)[:4]
     return [x.new_empty(0) if g is None else g for g in grads]
 
 
@@ -371,8 +372,8 @@ def _op_backward(ctx, dz, gs, glse, *_):
                       meta, ctx.p_drop, ctx.act, wanted)
         x_, v_, u_, bv_, bu_, w_ = wanted  # which of (dx, dW, db, dw) hold a gradient
         kept = (x_, v_ or u_, bv_ or bu_, w_)
-        split = _split([g if keep else None for g, keep in zip(out, kept, strict=True)],
-                       wanted, v.shape[0])
+        split = _split([g if keep else None for g, keep in zip(out, kept, strict=True)] + [None],
+                       (*wanted, False), v.shape[0])[:6]
         grads.update(zip(("x", "v", "u", "bv", "bu", "w"), split, strict=True))
     if needs["bw"]:
         grads["bw"] = torch.zeros_like(bw)
@@ -421,7 +422,6 @@ def attention_pool_triton(x, attn_weight, attn_bias, gate_weight, gate_bias, sco
         z, s, lse, *_ = _fwd_op(rows, offsets, row_mask, attn_weight, gate_weight, attn_bias,
                                 gate_bias, score_weight, score_bias, seed, float(dropout_p), act,
                                 save_pq)
-        lengths = offsets[1:] - offsets[:-1]
     else:
         opts = config.options()
         layout = _layout(offsets, rows.shape[0], x.device, opts)
@@ -430,17 +430,21 @@ def attention_pool_triton(x, attn_weight, attn_bias, gate_weight, gate_bias, sco
             z, s, lse = _Pool.apply(rows, row_mask, attn_weight, gate_weight, attn_bias,
                                     gate_bias, score_weight, score_bias, seed, call)
         else:  # no graph to record: the forward alone
-            z, s, lse, _, _ = _forward(rows, row_mask, attn_weight, gate_weight, attn_bias,
-                                       gate_bias, score_weight, seed, call)
-        lengths = layout.meta[layout.B:2 * layout.B]
+            z, s, lse, *_ = _forward(rows, row_mask, attn_weight, gate_weight, attn_bias,
+                                     gate_bias, score_weight, seed, call)
     if not (need_attention or need_scores):
         return z, None, None
-    if x.dim() == 3:
+    attn = None
+    if need_attention and (torch.compiler.is_compiling() or s.requires_grad):
+        # a = exp(s - lse of the row's bag), differentiable (a training loop that uses the
+        # attention, CLAM's instance loss for one)
+        lengths = offsets[1:] - offsets[:-1] if torch.compiler.is_compiling() else \
+            layout.meta[layout.B:2 * layout.B]  # (on the device already: no copy, no sync)
+        lse_rows = lse[segment_ids(lengths.to(x.device), rows.shape[0])]
+        attn = torch.exp(s - lse_rows)
+    elif need_attention:  # the same without a graph, in one launch
+        attn = _kernels().attention(s, lse, layout, opts)
+    if x.dim() == 3:  # (s is -inf at masked slots: the kernels write every row of a bag)
         s = s.view(B, N, K)
-        if mask is not None:  # rows of masked slots are never written
-            s = s.masked_fill(~mask[..., None], float("-inf"))
-        lse_rows = lse[:, None, :]
-    else:  # each row's bag (no host sync)
-        lse_rows = lse[segment_ids(lengths.to(x.device), x.shape[0])]
-    attn = torch.exp(s - lse_rows) if need_attention else None  # a = exp(s - lse of the bag)
+        attn = None if attn is None else attn.view(B, N, K)
     return z, attn, s if need_scores else None

@@ -97,13 +97,15 @@ def _variants():
     for label, (kinds, flags) in extras.items():
         for kind in ("fwd", "bwd") if kinds == "both" else (kinds,):
             tiles = tile(kind, "bf16", 1024, 256, 1, True)
-            if flags.get("DROPOUT"):  # as config.tiles halves BLOCK_L for dropout
-                tiles = (tiles[0], tiles[1], tiles[2] // 2, *tiles[3:])
+            if flags.get("DROPOUT"):  # as config.tiles narrows the tiles for dropout
+                tiles = (tiles[0] if kind == "fwd" else min(tiles[0], 32), tiles[1],
+                         min(tiles[2], 32), *tiles[3:])
             out.append((f"{kind} bf16 gated nomask K=1 {label} tiles={tiles}", kind, "bf16",
                         1024, 256, 1, True, False, tiles, base | flags))
     for kind, dt in itertools.product(("fwd", "bwd"), DTYPES):  # dropout, masked, K=4
         tiles = tile(kind, dt, 1024, 256, 4, True)
-        tiles = (tiles[0], tiles[1], tiles[2] // 2, *tiles[3:])  # as config.tiles for dropout
+        tiles = (tiles[0] if kind == "fwd" else min(tiles[0], 32), tiles[1], min(tiles[2], 32),
+                 *tiles[3:])  # as config.tiles narrows the tiles for dropout
         out.append((f"{kind} {dt} gated mask K=4 dropout tiles={tiles}", kind, dt, 1024, 256, 4,
                     True, True, tiles, base | dict(DROPOUT=True)))
     for kind in ("fwd", "bwd"):
@@ -190,9 +192,18 @@ def _compile_small_kernels(arch):
     for need_dw, need_db in ((True, True), (True, False), (False, True)):
         name = f"sm_{arch} partial sums dw={need_dw} db={need_db}"
         try:
-            compiled = k._sum_kernel.warmup(part, dw, dw, 64, 256, 768, NEED_DW=need_dw,
-                                            NEED_DB=need_db, BLOCK_C=16, BLOCK_J=128, grid=(1,),
-                                            num_warps=4)
+            compiled = k._sum_kernel.warmup(part, dw, dw, dw, 64, 256, 768, 1, NEED_DW=need_dw,
+                                            NEED_DB=need_db, NEED_DBW=True, BLOCK_C=16,
+                                            BLOCK_J=128, grid=(1,), num_warps=4)
+            out.append(_report(name, compiled))
+        except Exception as e:  # noqa: BLE001
+            out.append((f"{name}: FAILED {type(e).__name__}: {e}", False))
+    for K in (1, 4):
+        name = f"sm_{arch} attention K={K}"
+        try:
+            compiled = k._attention_kernel.warmup(part, part, meta, part, 4, 4096, 512, K=K,
+                                                  BLOCK_N=128, BLOCK_K=max(1, K), grid=(1,),
+                                                  num_warps=4)
             out.append(_report(name, compiled))
         except Exception as e:  # noqa: BLE001
             out.append((f"{name}: FAILED {type(e).__name__}: {e}", False))

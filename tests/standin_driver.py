@@ -14,23 +14,33 @@ TRITON_INTERPRET unset.
 from __future__ import annotations
 
 import collections
+import weakref
 
 import torch
 from triton.backends.compiler import GPUTarget
 
-# The latest launches handed to a stand-in launcher: (kernel name, grid, stream, args).
+# The latest launches handed to a stand-in launcher: (kernel name, grid, stream, args), tensor
+# arguments as weak references.
 LAUNCHES: collections.deque = collections.deque(maxlen=64)
 
 
 class _Launcher:
     """Records a launch instead of calling the GPU: what ``CompiledKernel.run`` calls."""
 
+    record = True  # StandInDriver(record=False): count the launches only (host timing)
+
     def __init__(self, src, metadata):
         self.name = metadata.name
 
     def __call__(self, grid_x, grid_y, grid_z, stream, function, kernel_metadata,
                  launch_metadata, enter_hook, exit_hook, *args):
-        LAUNCHES.append((self.name, (grid_x, grid_y, grid_z), stream, args))
+        if not self.record:
+            LAUNCHES.append((self.name, (grid_x, grid_y, grid_z), stream, ()))
+            return
+        # tensors by weak reference: a record must not keep a gradient alive (autograd then
+        # copies it instead of taking it as the parameter's .grad)
+        LAUNCHES.append((self.name, (grid_x, grid_y, grid_z), stream,
+                         tuple(weakref.ref(a) if torch.is_tensor(a) else a for a in args)))
 
 
 class _Utils:
@@ -45,10 +55,10 @@ class StandInDriver:
     """Just enough of a driver for the JIT to compile for sm_ARCH and to launch (into
     :data:`LAUNCHES`)."""
 
-    def __init__(self, arch: int = 90):
+    def __init__(self, arch: int = 90, record: bool = True):
         self.target = GPUTarget("cuda", arch, 32)
         self.utils = _Utils()
-        self.launcher_cls = _Launcher
+        self.launcher_cls = type("Launcher", (_Launcher,), {"record": record})
 
     def get_current_target(self):
         return self.target

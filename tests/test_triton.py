@@ -313,7 +313,7 @@ def test_tile_table_precedence(monkeypatch):
     table falls through to the default; BLOCK_D and BLOCK_L no wider than D and L need."""
     args = ("fwd", torch.bfloat16, 1024, 256, 1, True, True)
     key = config.tile_key(*args[:-1])
-    default = config.GPU_TILES[("fwd", "16-bit")]
+    default = config.GPU_TILES[("fwd", "16-bit", 1)]
     a, b = config.TILE_CANDIDATES["fwd"][1:3]
     monkeypatch.setattr(config, "MEASURED_TILES", {})  # whatever the GPU runs pasted there
     config._table_tiles.cache_clear()

@@ -78,7 +78,7 @@ import triton.language as tl
 from .config import cdiv, pow2, tiles
 from .launch import launcher
 
-__all__ = ["ACTIVATION_CODES", "Layout", "backward", "device_chunk_map", "forward",
+__all__ = ["ACTIVATION_CODES", "Layout", "attention", "backward", "device_chunk_map", "forward",
            "host_chunk_map", "meta_length"]
 
 ACTIVATION_CODES = {"tanh": 0, "relu": 1, "gelu": 2}
@@ -338,6 +338,24 @@ def _merge_kernel(
 
 
 @launcher
+@triton.jit(do_not_specialize=["B", "R", "CHUNK"])
+def _attention_kernel(s_ptr, lse_ptr, meta_ptr, a_ptr, B, R, CHUNK,
+                      K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The attention a = exp(s − lse of the row's bag), per chunk of rows (0 at masked rows,
+    whose scores are −inf)."""
+    i_c, live, i_b, row_lo, row_hi = _chunk_rows(meta_ptr, B, R, CHUNK)
+    o_k = tl.arange(0, BLOCK_K)
+    m_k = o_k < K
+    b_lse = tl.load(lse_ptr + i_b * K + o_k, mask=m_k, other=0.0)  # [BLOCK_K]
+    for n0 in range(row_lo, row_hi, BLOCK_N):
+        o_row = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        m = (o_row < row_hi)[:, None] & m_k[None, :]
+        o_s = o_row[:, None] * K + o_k[None, :]
+        b_s = tl.load(s_ptr + o_s, mask=m, other=float("-inf"))
+        tl.store(a_ptr + o_s, tl.exp(b_s - b_lse[None, :]), mask=m)
+
+
+@launcher
 @triton.jit(do_not_specialize=["B", "R", "CHUNK", "p_drop"])
 def _bwd_kernel(
     x_ptr, pq_ptr, row_mask_ptr, meta_ptr, b_ptr, w_ptr, seed_ptr,
@@ -441,12 +459,16 @@ def _bwd_kernel(
 
 @launcher
 @triton.jit(do_not_specialize=["C"])
-def _sum_kernel(part_ptr, dw_ptr, db_ptr, C, KL, PW,
-                NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCK_J: tl.constexpr):
+def _sum_kernel(part_ptr, dw_ptr, db_ptr, dbw_ptr, C, KL, PW, K,
+                NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, NEED_DBW: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr):
     """dw = Σ_c part[c, :KL] and db = Σ_c part[c, KL:], over the chunks in a fixed order, written
-    in their parameters' dtypes."""
+    in their parameters' dtypes; and the score bias's gradient, exactly zero (the softmax
+    ignores a shift), so that it costs no launch of its own."""
     o_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)  # [BLOCK_J]
+    if NEED_DBW:
+        tl.store(dbw_ptr + tl.minimum(o_j, K - 1), tl.zeros([BLOCK_J], dtype=tl.float32).to(
+            dbw_ptr.dtype.element_ty), mask=o_j < K)
     m_j = o_j < PW
     b_acc = tl.zeros([BLOCK_C, BLOCK_J], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -582,15 +604,27 @@ def forward(x, pq, row_mask, layout, b, w, seed, p_drop, act, gated, need_z32, o
     return z, z32 if need_z32 else None, s, lse
 
 
-def backward(dz, glse, gs, x, pq, row_mask, layout, b, w, seed, p_drop, act, gated, z32, s,
-             lse, need_dh0, need_dpq, need_dw, need_db, opts):
+def attention(s, lse, layout, opts):
+    """The attention [R, K] fp32 from the raw scores s [R, K] and each bag's lse [B, K]."""
+    R, K = s.shape
+    meta, B, C, chunk, _ = layout
+    a = _empty((R, K), torch.float32, s.device, opts.poison)
+    if B > 0 and C > 0:
+        _attention_kernel[(C,)](s, lse, meta, a, B, R, chunk, K=K, BLOCK_N=128,
+                                BLOCK_K=pow2(K, 1), num_warps=4)
+    return a
+
+
+def backward(dz, glse, gs, x, pq, row_mask, layout, b, w, bw, seed, p_drop, act, gated, z32,
+             s, lse, need_dh0, need_dpq, need_dw, need_db, need_dbw, opts):
     """Backward launch, from the gradients of (z, lse, s) — dz [B, K, D], glse [B, K], gs [R, K],
     each None when that output was not differentiated, of any dtype and strides (stride 0
     included) — and what the forward kept (pq [R, GL]: saved, or made again by the caller's
     GEMM; z32 [B, K, D] fp32). Forms only what is asked for: ``dh0 = Σ_k a_k dz_k`` [R, D]
     (need_dh0, with dz) and ``dpq = [dp | dq]`` [R, GL] (need_dpq) in x's dtype, dw [K, L] in
-    w's dtype (need_dw) and db [GL] in b's dtype (need_db); None where not asked for. Rows no
-    program reaches (padding past a bag's end, masked rows, empty batches) read as zero."""
+    w's dtype (need_dw), db [GL] in b's dtype (need_db), and the score bias bw's gradient,
+    exact zeros (need_dbw); None where not asked for. Rows no program reaches (masked rows,
+    empty batches) read as zero."""
     R, D = x.shape
     K, L = w.shape
     meta, B, C, chunk, _ = layout
@@ -609,8 +643,12 @@ def backward(dz, glse, gs, x, pq, row_mask, layout, b, w, seed, p_drop, act, gat
         else:
             out[name] = _empty(shape, dtype, dev, poison)
     dh0, dpq, dw, db = out["dh0"], out["dpq"], out["dw"], out["db"]
+    part_needed = (need_dw or need_db) and B > 0
+    dbw = None
+    if need_dbw:  # written by the partial sums' kernel when it runs
+        dbw = _empty(bw.shape, bw.dtype, dev, poison) if part_needed else torch.zeros_like(bw)
     if B == 0 or not (need_dpq or need_dw or need_db or need_dh0):
-        return dh0, dpq, dw, db
+        return dh0, dpq, dw, db, dbw
     block_n, block_d, block_l, block_k, num_warps, num_stages = tiles(
         "bwd", dt, D, L, K, gated, x.is_cuda, opts, dropout=seed is not None)
     PW = K * L + GL
@@ -638,7 +676,9 @@ def backward(dz, glse, gs, x, pq, row_mask, layout, b, w, seed, p_drop, act, gat
     if part is not None:
         block_j = 128
         _sum_kernel[(cdiv(PW, block_j),)](
-            part, dummy if dw is None else dw, dummy if db is None else db, C, K * L, PW,
-            NEED_DW=need_dw, NEED_DB=need_db, BLOCK_C=16, BLOCK_J=block_j, num_warps=4,
+            part, dummy if dw is None else dw, dummy if db is None else db,
+            dummy if dbw is None else dbw, C, K * L, PW, K,
+            NEED_DW=need_dw, NEED_DB=need_db, NEED_DBW=dbw is not None, BLOCK_C=16,
+            BLOCK_J=block_j, num_warps=4,
         )
-    return dh0, dpq, dw, db
+    return dh0, dpq, dw, db, dbw

@@ -22,20 +22,25 @@ __all__ = ["GPU_TILES", "INTERPRETER_TILES", "MEASURED_TILES", "TILE_CANDIDATES"
            "chunk_size", "kernel_options", "options", "pow2", "tile_key", "tiles"]
 
 # Defaults per kind and dtype class: spill-free on sm_90 for every dtype, gating, mask, K and
-# option with Triton 3.6 and 3.9 (``python tests/aot_compile.py``). The 16-bit backward tile is
-# the one that won in every class swept on an H100 (2026-11-26); the 16-bit forward keeps two
-# pipeline stages, which a masked multi-branch forward needs to stay spill-free.
+# option with Triton 3.6 and 3.9 (``python tests/aot_compile.py``), per kernel, dtype class and
+# branch count (one, or several). The 16-bit backward tile is the one that won in every class
+# swept on an H100 (2026-11-26); several branches take a 16-bit forward tile of their own, the
+# candidate that compiles without spills there for every mask and gate.
 GPU_TILES = {
-    ("fwd", "16-bit"): (64, 32, 64, 4, 2),
-    ("fwd", "fp32"): (64, 32, 64, 4, 3),
-    ("bwd", "16-bit"): (16, 256, 64, 4, 3),
-    ("bwd", "fp32"): (64, 32, 16, 8, 3),
+    ("fwd", "16-bit", 1): (64, 32, 64, 4, 3),
+    ("fwd", "16-bit", 2): (128, 32, 64, 8, 3),
+    ("fwd", "fp32", 1): (64, 32, 64, 4, 3),
+    ("fwd", "fp32", 2): (64, 32, 64, 4, 3),
+    ("bwd", "16-bit", 1): (16, 256, 64, 4, 3),
+    ("bwd", "16-bit", 2): (16, 256, 64, 4, 3),
+    ("bwd", "fp32", 1): (64, 32, 16, 8, 3),
+    ("bwd", "fp32", 2): (64, 32, 16, 8, 3),
 }
 # What a tile sweep may pick (benchmarks/tile_sweep.py); tests run each in the interpreter and
 # compile each for sm_90.
 TILE_CANDIDATES = {
-    "fwd": [(64, 32, 64, 4, 3), (64, 32, 64, 4, 2), (64, 64, 64, 4, 3), (128, 32, 64, 8, 3),
-            (128, 32, 64, 4, 3), (32, 64, 64, 4, 2), (64, 256, 64, 8, 3)],
+    "fwd": [(64, 32, 64, 4, 3), (64, 64, 64, 4, 3), (128, 32, 64, 8, 3), (128, 32, 64, 4, 3),
+            (32, 64, 64, 4, 2), (64, 256, 64, 8, 3)],
     "bwd": [(64, 32, 16, 8, 3), (32, 64, 64, 8, 3), (64, 64, 64, 8, 3), (32, 128, 64, 8, 3),
             (32, 256, 64, 8, 3), (16, 256, 64, 4, 3)],
 }
@@ -136,19 +141,21 @@ def _table_tiles(kind, dtype, D, L, K, gated, cuda):
     if not cuda:
         return INTERPRETER_TILES[kind]
     found = MEASURED_TILES.get(tile_key(kind, dtype, D, L, K, gated))
-    return found or GPU_TILES[(kind, dtype_class(dtype))]
+    return found or GPU_TILES[(kind, dtype_class(dtype), min(K, 2))]
 
 
 def tiles(kind, dtype, D, L, K, gated, cuda, opts=None, dropout=False):
     """(BLOCK_N, BLOCK_D, BLOCK_L, BLOCK_K, num_warps, num_stages) of one launch: the options'
     tile, else the measured or default GPU tile, else the interpreter's; BLOCK_D and BLOCK_L
-    no wider than D and L need. With dropout a CUDA launch takes attention blocks half as wide:
-    the random numbers of two masks per block would spill registers otherwise."""
+    no wider than D and L need. With dropout a CUDA launch takes tiles of at most 32 attention
+    columns (and 32 rows in the backward): the random numbers of two masks per tile spill
+    registers otherwise."""
     opts = opts or options()
     tile = (opts.tiles or {}).get(kind) or _table_tiles(kind, dtype, D, L, K, gated, cuda)
     block_n, block_d, block_l, num_warps, num_stages = tile
     if dropout and cuda:
-        block_l = max(16, block_l // 2)
+        block_l = min(block_l, 32)
+        block_n = min(block_n, 32) if kind == "bwd" else block_n
     return block_n, min(block_d, pow2(D)), min(block_l, pow2(L)), pow2(K), num_warps, num_stages
 
 

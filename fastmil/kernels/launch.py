@@ -18,6 +18,8 @@ from .config import options
 
 __all__ = ["Launcher", "launcher"]
 
+_runtime = _driver = None  # triton.knobs.runtime and triton.runtime.driver.driver, once imported
+
 
 def _binder(params):
     """A function with the kernel's signature (plus the launch options) that returns (the
@@ -62,14 +64,18 @@ class Launcher:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid, args, kwargs):
-        from triton import knobs
-        from triton.runtime.driver import driver
+        global _runtime, _driver
+        if _runtime is None:  # (Triton's modules, looked up once: the launch is a hot path)
+            from triton import knobs
+            from triton.runtime.driver import driver
 
-        runtime = knobs.runtime  # (the interpreter's functions have no device caches)
+            _runtime, _driver = knobs.runtime, driver
+        runtime = _runtime  # (the interpreter's functions have no device caches)
         if not hasattr(self.fn, "device_caches") or _hooked(runtime.launch_enter_hook) \
                 or _hooked(runtime.launch_exit_hook) or runtime.debug \
                 or not options().direct_launch:
             return self.fn[grid](*args, **kwargs)
+        driver = _driver
         device = driver.active.get_current_device()
         caches = self.fn.device_caches.get(device)
         if caches is None:  # the first launch on this device sets up the JIT's binder
