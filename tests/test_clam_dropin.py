@@ -448,30 +448,35 @@ def test_real_clam_gives_the_stored_reference():
                                                    atol=1e-6, err_msg=f"{name} {part} {key}")
 
 
-def _docs_blocks():
-    """The recipe code and its printed output from docs/clam.md (the fenced blocks after the
-    ``<!-- recipe -->`` and ``<!-- recipe output -->`` markers)."""
-    with open(os.path.join(ROOT, "docs", "clam.md")) as f:
+RECIPES = [("docs/clam.md", "recipe"), ("README.md", "clam recipe")]
+
+
+def _docs_blocks(path, marker):
+    """A recipe's code and its printed output from a page (the fenced blocks after the
+    ``<!-- MARKER -->`` and ``<!-- MARKER output -->`` markers)."""
+    with open(os.path.join(ROOT, path)) as f:
         text = f.read()
 
     def block(marker):
         found = re.findall(rf"<!-- {marker} -->\n```\w*\n(.*?)```", text, flags=re.S)
-        assert len(found) == 1, f"docs/clam.md: expected one block marked <!-- {marker} -->"
+        assert len(found) == 1, f"{path}: expected one block marked <!-- {marker} -->"
         return found[0]
 
-    return block("recipe"), block("recipe output")
+    return block(marker), block(f"{marker} output")
 
 
-def test_docs_recipe_blocks_are_marked():
-    code, output = _docs_blocks()
+@pytest.mark.parametrize("path,marker", RECIPES)
+def test_docs_recipe_blocks_are_marked(path, marker):
+    code, output = _docs_blocks(path, marker)
     assert "CLAM_DIR" in code and output.strip()
 
 
 @real_clam
-def test_real_clam_docs_recipe_runs_as_printed():
-    """docs/clam.md's recipe runs as printed (CLAM_DIR from the environment) and prints the
+@pytest.mark.parametrize("path,marker", RECIPES)
+def test_real_clam_docs_recipe_runs_as_printed(path, marker):
+    """The page's CLAM recipe runs as printed (CLAM_DIR from the environment) and prints the
     output the page shows."""
-    code, output = _docs_blocks()
+    code, output = _docs_blocks(path, marker)
     _demo_checkpoint()
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=child_env(CLAM_DIR=CLAM_DIR), cwd=ROOT, timeout=300)
