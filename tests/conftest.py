@@ -184,7 +184,8 @@ def make_layout(layout, lengths, D, dtype=torch.float32, *, scale=1.0, device="c
     """Random bags of the given lengths in one of LAYOUTS.
 
     Returns ``(x, kwargs)`` where kwargs holds ``mask`` or ``offsets`` as the layout needs.
-    "padded" needs equal lengths, "single" exactly one length. Padding slots are filled with
+    "padded" needs equal lengths, "single" exactly one length; "padded_holes" is "padded_mask"
+    with each bag's real instances scattered among its padding. Padding slots are filled with
     random (finite) garbage, not zeros, so that a backend which reads them gets caught.
     """
     bags = make_bags(lengths, D, dtype, scale=scale, device=device)
@@ -200,8 +201,11 @@ def make_layout(layout, lengths, D, dtype=torch.float32, *, scale=1.0, device="c
         torch.zeros(1, dtype=torch.int64, device=device))
     if layout == "packed":
         return x, {"offsets": offsets}
-    if layout == "padded_mask":
+    if layout in ("padded_mask", "padded_holes"):
         xp, mask = fastmil.pad(x, offsets)
+        if layout == "padded_holes":  # each bag's real instances scattered among its padding
+            order = torch.argsort(torch.rand(mask.shape), dim=1).to(mask.device)
+            xp, mask = xp.gather(1, order[..., None].expand_as(xp)), mask.gather(1, order)
         garbage = (torch.randn(xp.shape, dtype=torch.float64) * scale).to(xp)
         xp = torch.where(mask[..., None], xp, garbage)
         return xp, {"mask": mask}

@@ -200,6 +200,12 @@ def test_output_shapes_and_dtypes(backend, device, layout, K, dtype):
     assert z.dtype == dtype
     assert a.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert isinstance(z_only, torch.Tensor) and torch.equal(z_only, z)
+    # and the values: the reference's, on the same (rounded) inputs, computed in float64
+    z_ref, a_ref = call(attention_pool_reference, x.double(),
+                        {n: None if t is None else t.double() for n, t in weights.items()},
+                        return_attention=True, **kw)
+    assert_close(z, z_ref, dtype, what="z")
+    assert_close(a, a_ref, dtype, what="attention")
 
 
 def test_score_bias_0d_for_single_branch(backend, device):

@@ -97,6 +97,7 @@ def _check(x, weights, dtype, options=None, **kwargs):
 CASES = [
     ("packed", [3, 0, 1, 33, 70]),
     ("padded_mask", [3, 0, 1, 33, 12]),
+    ("padded_holes", [3, 0, 1, 33, 12]),
     ("padded", [9, 9]),
     ("single", [41]),
 ]
