@@ -259,6 +259,13 @@ def _local_bags(seg_s, B):
     return local, seg_s.new_zeros(n, nb).scatter_(1, local, seg_s), nb
 
 
+def _few_cols(cols, D):
+    """Whether the weighted sum runs as GEMMs with ``cols`` (bag, branch) columns of one-hot
+    weights: at most DENSE_COLS of them, and a quarter of D (the weights stay at most a quarter
+    of x's size)."""
+    return cols <= DENSE_COLS and 4 * cols <= D
+
+
 def _one_hot_weights(a_s, local, nb):
     """``a_s [n, S, K]``, ``local [n, S]`` -> ``[n, S, nb·K]``: each row holds its K weights in
     the K columns of its bag's rank, zeros elsewhere."""
@@ -272,13 +279,13 @@ class _SegmentWeightedSum(torch.autograd.Function):
     """z[b, k] = Σ_{n in bag b} a[n, k] x[n] for packed rows ``a [T, K]``, ``x [T, D]``, sorted
     bag ids ``seg [T]`` -> ``z [B, K, D]``. No host sync.
 
-    Few bags (B·K <= min(DENSE_COLS, D)): one GEMM of the one-hot weights ``[B·K, T]`` (each
-    row's a in its bag's columns, zeros elsewhere: at most x's size) by x, and one GEMM each for
+    Few bags (B·K <= DENSE_COLS and <= D/4, _few_cols): one GEMM of the one-hot weights
+    ``[B·K, T]`` (each row's a in its bag's columns, zeros elsewhere) by x, and one GEMM each for
     dx and da in the backward. Zeros add nothing, so each bag's running sum covers only its own
     rows: with ``whole`` (the caller knows that no bag is longer than POOL_ROWS rows) that is all
     of it. Else the rows go in slices of POOL_ROWS (the bags in a slice get local ranks 0, 1, …
     in row order, at most nb = min(POOL_ROWS, B) of them), their partials ``[nb, K, D]`` added
-    up in float64: with few bags per slice (nb·K <= min(DENSE_COLS, D)) each slice is one such
+    up in float64: with few bags per slice (_few_cols(nb·K)) each slice is one such
     GEMM (all whole slices of a float32 / float64 x in one bmm), with many each slice's
     products ``[S, K, D]`` are summed per bag by index_add. No bag sums more than POOL_ROWS
     terms in a row, and no temporary (forward or backward) is larger than one slice's products
@@ -289,9 +296,9 @@ class _SegmentWeightedSum(torch.autograd.Function):
         T, K = a.shape
         D = x.shape[1]
         ctx.B = B
-        ctx.one = (whole or T <= POOL_ROWS) and B * K <= min(DENSE_COLS, D) and (
+        ctx.one = (whole or T <= POOL_ROWS) and _few_cols(B * K, D) and (
             T <= POOL_ROWS or x.dtype == a.dtype)
-        ctx.dense = min(POOL_ROWS, T, B) * K <= min(DENSE_COLS, D)
+        ctx.dense = _few_cols(min(POOL_ROWS, T, B) * K, D)
         if ctx.one:  # the bags' own ids as ranks
             w = _one_hot_weights(a[None], seg[None], B)[0]  # [T, B·K]
             ctx.save_for_backward(a, x, seg, w)

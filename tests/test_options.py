@@ -463,3 +463,99 @@ def test_float32_long_bag_at_least_as_precise_as_eager():
                                                             tol[name])
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("path", "pool_rows", "dense_cols", "lengths"), [
+    ("one", 16, 32, [3, 0, 16, 9, 12]),  # T > POOL_ROWS, no bag longer: one GEMM for all rows
+    ("sliced", 16, 32, [3, 40, 0, 21]),  # a bag longer than POOL_ROWS: one bmm over the slices
+    ("index_add", 16, 0, [3, 40, 0, 21]),  # no GEMM: index_add slice by slice
+    ("index_add", 64, 0, [3, 40, 0, 21]),  # ... in one slice
+], ids=["one", "sliced", "index_add-sliced", "index_add-one-slice"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_packed_weighted_sum_paths(monkeypatch, path, pool_rows, dense_cols, lengths,
+                                         dtype):
+    """Each way the torch backend's packed weighted sum runs (one GEMM of one-hot weights, one
+    per slice, index_add) matches the float64 reference, forward and backward; 16-bit x goes
+    slice by slice (each converted to float32 on its own)."""
+    import fastmil.torch_backend as tb
+
+    monkeypatch.setattr(tb, "POOL_ROWS", pool_rows)
+    monkeypatch.setattr(tb, "DENSE_COLS", dense_cols)
+    rows = []  # rows of the slices that one-hot GEMMs ran on
+    real = tb._one_hot_weights
+    monkeypatch.setattr(tb, "_one_hot_weights",
+                        lambda a_s, *rest: rows.append(tuple(a_s.shape[:2])) or real(a_s, *rest))
+    _assert_matches_reference("torch", "packed", lengths, 64, 8, 2, dtype=dtype,
+                              return_attention=True)
+    T = sum(lengths)
+    if path == "index_add":
+        assert rows == []
+    elif path == "one" and dtype == torch.float32:
+        assert rows == [(1, T)]  # forward only: the backward reuses the weights
+    else:
+        assert rows and all(S <= pool_rows for _, S in rows)
+        assert dtype == torch.float32 or all(n == 1 for n, _ in rows)
+
+
+@pytest.mark.parametrize(("dense_cols", "lengths"), [
+    (32, [200] * 8),  # no bag longer than POOL_ROWS: one GEMM
+    (32, [30, 400, 0, 210, 900, 20]),  # one GEMM per slice
+    (0, [30, 400, 0, 210, 900, 20]),  # index_add per slice
+    (32, [12] * 130),  # too many bags per slice for GEMMs: index_add per slice
+], ids=["one", "sliced", "index_add", "many-bags"])
+def test_torch_packed_keeps_no_x_sized_temporary(monkeypatch, dense_cols, lengths):
+    """Forward and backward of the torch backend's packed path (x and every weight trained)
+    make no tensor of a quarter of x's size or more but x's gradient: the weighted sum's
+    products stay within one slice, its one-hot weights within a quarter of x, and x's two
+    gradients (the projection's, the weighted sum's) are added in place, not as a third."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import fastmil.torch_backend as tb
+
+    monkeypatch.setattr(tb, "POOL_ROWS", 256)
+    monkeypatch.setattr(tb, "DENSE_COLS", dense_cols)
+    D = 128
+    x, lay = make_layout("packed", lengths, D)
+    T = x.shape[0]
+    big = {}
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.numel() * 4 >= T * D:
+                    big[t.untyped_storage().data_ptr()] = (str(func), tuple(t.shape))
+            return out
+
+    weights = clone_weights(make_weights(D, 4, None))
+    xx = x.clone().requires_grad_()
+    big[xx.untyped_storage().data_ptr()] = "x"  # views of x itself
+    with Watch():
+        z = call(attention_pool, xx, weights, backend="torch", **lay)
+        (gx,) = torch.autograd.grad(z.square().sum(), [xx])
+    del big[xx.untyped_storage().data_ptr()]
+    assert [shape for _, shape in big.values()] == [(T, D)], big
+    assert gx.untyped_storage().data_ptr() in big
+
+
+def test_torch_all_true_mask_is_no_mask():
+    """Padded input whose CPU mask is all True pools as without the mask (the same results,
+    bit for bit), without the masked copy of x."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, _ = make_layout("padded", [9, 9, 9], 16)
+    weights = make_weights(16, 8, 2)
+    ops = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        got, g = _fwd_bwd(attention_pool, x, weights, backend="torch", return_attention=True,
+                          mask=torch.ones(3, 9, dtype=torch.bool))
+    want, g_want = _fwd_bwd(attention_pool, x, weights, backend="torch", return_attention=True)
+    assert "masked_fill" not in ops
+    for t, u in zip([*got, *g.values()], [*want, *g_want.values()], strict=True):
+        assert torch.equal(t, u)
