@@ -1,31 +1,9 @@
-"""One epoch of whole-slide training, in slides per second: the benchmark a pathology user
-judges fastmil by.
+"""One epoch of whole-slide training, in slides/s, per provider, precision and placement.
 
-Cohort, made on the device: ``--slides`` slides, lengths from a two-piece log-normal (median
-12,000 patches, 5th percentile 2,000, 95th 45,000, capped at 150,000), D = 1024 bf16 features as
-one packed [T, D] tensor + offsets; half the slides positive, 1-5% of their patches moved along
-a hidden direction (the idea of examples/synthetic_wsi.py); 80/20 train/validation split. Model:
-CLAM's small ABMIL (Linear 1024->512, ReLU, Dropout 0.25, gated attention L = 256 with dropout
-0.25, Linear 512->2), cross-entropy, AdamW; the same weights from one seed in every provider
-(``SPECS``), pooled eagerly (``eager_pool``) or by ``fastmil.AttentionPool``. Placements: ``gpu``
-(resident) and ``pinned`` (host memory, each step's slides copied on a side stream, one step
-ahead). Per provider: slides/s over a full epoch after ``--warmup`` steps, ms/step, GPU busy,
-peak memory; per precision and placement the epoch's roofline floor; then validation AUC of the
-one-slide and packed variants over ``--auc-seeds`` paired seeds; a targets table.
-
-    python -m benchmarks.epoch --out epoch.json --budget-s 200     # the GPU check (bf16)
-    python -m benchmarks.epoch --smoke                             # tiny, CPU
-    python -m benchmarks.epoch --render epoch.json --md epoch.md --png epoch.png
-
-Estimated default run on an H100 behind a slow host (~10 us a launch, ~2-3 ms of host per eager
-training step): an epoch is 800 slides, 12.9 M patches, 47 TFLOP (0.07 s at 700 TFLOP/s),
-53 GB of feature reads (0.02 s), 26 GB over PCIe when pinned (~1 s). Start-up and CUDA ~10 s;
-cohort (33 GB) + its 32 GiB pinned copy ~11 s; peaks ~3 s. GPU placement: the three one-slide
-loops (CLAM, fastmil, CLAM_SB twin) 800 steps of 2.5-5 ms, ~9 s; the batched ones ~1 s; first
-compiles: fastmil's Triton kernels ~15 s, torch.compile of the padded step (cold, dynamic) ~40 s;
-profiling ~4 s: ~70 s. Pinned: ~17 s. CUDA graphs (captures + epochs) ~5 s. AUC (2 seeds x 2
-epochs; one-slide ~3 s an epoch) ~30 s. In all ~150 s, the compile times least certain.
-``--providers all`` adds compile_1 (~40 s), ``--dtype both`` fp32 (~90 s).
+Synthetic cohort: log-normal lengths (median 12,000 patches, P5 2,000, P95 45,000), D = 1024 bf16,
+half positive (1-5% of their patches moved along a hidden direction). Per job: slides/s, ms/step,
+GPU busy, peak memory over an epoch; then the roofline floor, validation AUC over seeds, targets.
+Jobs are isolated, none starts after --budget-s, the JSON is rewritten after each. H100: ~110 s.
 """
 
 from __future__ import annotations
@@ -36,13 +14,10 @@ import gc
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
-import warnings
-from dataclasses import dataclass
-from functools import partial
+from collections import namedtuple
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,912 +25,454 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmil
+from fastmil.integrations.clam import CLAM_SB
 
-D, HIDDEN, ATTN, CLASSES = 1024, 512, 256, 2
-MEDIAN, P5, P95, CAP = 12_000, 2_000, 45_000, 150_000
-Z95 = 1.6448536  # the standard normal's 95th percentile
-SIGMA_LO, SIGMA_HI = math.log(MEDIAN / P5) / Z95, math.log(P95 / MEDIAN) / Z95
-TYPES, SIGNAL, STAIN, REGION, VAL = 5, 3.0, 0.05, (0.01, 0.05), 0.2
-LR, WEIGHT_DECAY, DROPOUT = 2e-4, 1e-5, 0.25
+from .harness import measure_peaks, sync
+
+D, HIDDEN, ATTN, CLASSES, DROPOUT, LR, WEIGHT_DECAY = 1024, 512, 256, 2, 0.25, 2e-4, 1e-5
+MEDIAN, P5, P95, CAP, Z95 = 12_000, 2_000, 45_000, 150_000, 1.6448536
+SIGNAL, REGION, VAL, WARMUP, PROFILE_STEPS = 3.0, (0.01, 0.05), 0.2, 3, 8
 FLOPS_PER_PATCH = 4 * D * HIDDEN + 12 * HIDDEN * ATTN  # fc1 fwd + dW; V, U fwd, dh, dW
-LADDER = 2 ** 0.25  # CUDA-graph buckets: T rounded up to 1024 * LADDER^k rows
-SCHEMA = "fastmil-epoch/1"
-
-
-@dataclass(frozen=True)
-class Spec:
-    name: str
-    label: str
-    pooling: str  # "eager" or "fastmil"
-    layout: str  # "one", "padded" or "packed"
-    per_step: int
-    compiled: bool = False
-    graphs: bool = False
-
-
-SPECS = [
-    Spec("clam_1", "CLAM's loop (eager, 1 slide/step)", "eager", "one", 1),
-    Spec("fastmil_1", "fastmil, 1 slide/step", "fastmil", "one", 1),
-    Spec("eager_padded_16", "eager padded, 16/step", "eager", "padded", 16),
-    Spec("compile_padded_16", "torch.compile padded, 16/step", "eager", "padded", 16, True),
-    Spec("compile_1", "torch.compile, 1 slide/step", "eager", "one", 1, True),
-    Spec("fastmil_packed_16", "fastmil packed, 16/step", "fastmil", "packed", 16),
-    Spec("fastmil_packed_64", "fastmil packed, 64/step", "fastmil", "packed", 64),
-    Spec("fastmil_graphs_16", "fastmil packed + CUDA graphs, 16/step", "fastmil", "packed", 16,
-         graphs=True),
-]
-try:
-    from fastmil.integrations.clam import CLAM_SB
-    SPECS.append(Spec("clam_sb_1", "CLAM_SB (fastmil twin), 1 slide/step, instance loss",
-                      "clam_sb", "one", 1))
-except ImportError:  # not in this fastmil
-    CLAM_SB = None
+FIXED = {"warmup": WARMUP, "profile_steps": PROFILE_STEPS, "D": D, "hidden": HIDDEN, "L": ATTN,
+         "dropout": DROPOUT, "lr": LR, "lr_rule": "LR x min(slides per step, 16)", "signal": SIGNAL}
+Spec = namedtuple("Spec", "name label pooling layout per_step compiled graphs", defaults=(0, 0))
+SPECS = [Spec(*s) for s in (
+    ("clam_1", "CLAM's loop (eager, 1 slide/step)", "eager", "one", 1),
+    ("fastmil_1", "fastmil, 1 slide/step", "fastmil", "one", 1),
+    ("eager_padded_16", "eager padded, 16/step", "eager", "padded", 16),
+    ("compile_padded_16", "torch.compile padded, 16/step", "eager", "padded", 16, 1),
+    ("fastmil_packed_16", "fastmil packed, 16/step", "fastmil", "packed", 16),
+    ("fastmil_packed_64", "fastmil packed, 64/step", "fastmil", "packed", 64),
+    ("fastmil_graphs_16", "fastmil packed + CUDA graphs, 16/step", "fastmil", "packed", 16, 0, 1),
+    ("clam_sb_1", "CLAM_SB (fastmil twin), 1 slide/step, instance loss", "clam_sb", "one", 1))]
 BY_NAME = {s.name: s for s in SPECS}
-AUC_VARIANTS = ("clam_1", "fastmil_1", "fastmil_packed_16", "fastmil_packed_64",
-                "fastmil_graphs_16")
+AUC_VARIANTS = [s.name for s in SPECS if s.pooling == "fastmil" or s.name == "clam_1"]
+RATIO_TARGETS = [("fastmil_packed_16", "clam_1", 10), ("fastmil_packed_16", "eager_padded_16", 2),
+                 ("fastmil_packed_16", "compile_padded_16", 1.5), ("fastmil_1", "clam_1", 1.5)]
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def lr_for(spec):
-    return LR * min(spec.per_step, 16)  # one packed step moves as far as the steps it replaces
-
-
-# The cohort ---------------------------------------------------------------------------------
-
-def slide_lengths(n, median=MEDIAN, seed=0):
-    """Patches per slide: median * exp(sigma * z), sigma = SIGMA_LO below the median, SIGMA_HI
-    above, clipped to [max(8, median / 100), CAP scaled like the median]."""
-    z = np.random.default_rng([seed, 1]).standard_normal(n)
-    raw = median * np.exp(np.where(z < 0, SIGMA_LO, SIGMA_HI) * z)
-    return np.clip(np.rint(raw), max(8, median // 100), CAP * median // MEDIAN).astype(np.int64)
-
-
-@dataclass
 class Cohort:
-    lengths: np.ndarray  # [S] patches per slide
-    offsets: np.ndarray  # [S+1]
-    labels: np.ndarray  # [S] 0 / 1
-    train: np.ndarray  # slide ids
-    val: np.ndarray
-    feats: torch.Tensor | None  # [T, D] bf16 on the device (placement gpu)
-    host: torch.Tensor | None  # [T, D] bf16 in pinned host memory (placement pinned)
-    missing: list  # why a wanted placement could not be allocated
-    regions: np.ndarray  # [S, 2] the signal's rows (start, count) per slide; count 0: none
-    direction: torch.Tensor  # [D] the signal's direction, a unit vector
+    """lengths, offsets, labels, train and val ids; features on the device (and ``host``)."""
 
+    @staticmethod
+    def draw_lengths(n, median=MEDIAN, seed=0):
+        """median * exp(sigma z), sigma fitted to P5 below the median and P95 above, clipped."""
+        z = np.random.default_rng([seed, 1]).standard_normal(n)
+        sigma = np.where(z < 0, math.log(MEDIAN / P5), math.log(P95 / MEDIAN)) / Z95
+        return np.clip(np.rint(median * np.exp(sigma * z)), max(8, median // 100),
+                       CAP * median // MEDIAN).astype(np.int64)
 
-def _alloc(wanted, make, missing):
-    try:
-        return make() if wanted else None
-    except (RuntimeError, torch.OutOfMemoryError) as e:  # that placement is then skipped
-        missing.append(f"{type(e).__name__}: {str(e).strip()[:200]}")
-        return None
-
-
-def make_cohort(slides, device, *, median=MEDIAN, seed=0, resident=True, pinned=False):
-    """The cohort; ``missing`` lists what could not be allocated (that placement is skipped)."""
-    missing = []
-    rng = np.random.default_rng([seed, 2])
-    lengths = slide_lengths(slides, median, seed)
-    regions = np.zeros((slides, 2), np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    labels = rng.permutation(np.arange(slides) % 2)
-    val = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c),
-                                             max(1, round(VAL * (labels == c).sum())), False)
-                                  for c in (0, 1)]))
-    train = np.setdiff1d(np.arange(slides), val)
-    gen = torch.Generator(device).manual_seed(seed)
-    centers = torch.randn(TYPES, D, generator=gen, device=device) * (4 / math.sqrt(2 * D))
-    tumour = torch.randn(D, generator=gen, device=device)
-    tumour /= tumour.norm()
-    T = int(offsets[-1])
-    # a spare leading row: no slide starts at storage offset 0, which torch.compile would
-    # specialize on (a recompile in the middle of a timed epoch)
-    feats = _alloc(resident, lambda: torch.empty(T + 1, D, dtype=torch.bfloat16,
-                                                 device=device)[1:], missing)
-    host = _alloc(pinned, lambda: torch.empty(T, D, dtype=torch.bfloat16, pin_memory=True),
-                  missing)
-    for i, n in enumerate(lengths.tolist()):
-        x = torch.randn(n, D, generator=gen, device=device)
-        x += centers[torch.randint(TYPES, (n,), generator=gen, device=device)]
-        x += STAIN * torch.randn(D, generator=gen, device=device)
-        if labels[i]:
-            k = max(1, round(rng.uniform(*REGION) * n))
-            a = int(rng.integers(0, n - k + 1))
-            x[a:a + k] += SIGNAL * tumour
-            regions[i] = a, k
-        x, o = x.to(torch.bfloat16), int(offsets[i])
-        if feats is not None:
-            feats[o:o + n] = x
-        if host is not None:
-            host[o:o + n].copy_(x, non_blocking=True)
-    sync(device)
-    return Cohort(lengths, offsets, labels, train, val, feats, host, missing, regions, tumour)
-
-
-# The model ----------------------------------------------------------------------------------
-
-def eager_pool(pool, h, mask=None):
-    """CLAM's gated attention, eagerly: h [N, E] (one bag) or [B, N, E] + mask [B, N]."""
-    p = pool.dropout if pool.training else 0.0
-    a = F.dropout(torch.tanh(pool.attn(h)), p, pool.training)
-    g = F.dropout(torch.sigmoid(pool.gate(h)), p, pool.training)
-    s = pool.score(a * g).squeeze(-1)  # [N] or [B, N]
-    if mask is not None:
-        s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
-    return (torch.softmax(s, dim=-1).unsqueeze(-2) @ h).squeeze(-2)  # mm / bmm
+    def __init__(self, slides, device, median=MEDIAN, pinned=False, seed=0):
+        rng, gen = np.random.default_rng([seed, 2]), torch.Generator(device).manual_seed(seed)
+        self.lengths, self.labels = self.draw_lengths(slides, median, seed), np.arange(slides) % 2
+        self.offsets, rows, k = np.cumsum([0, *self.lengths]), int(self.lengths.sum()), 2 * max(
+            1, round(VAL * slides / 2))  # validation: the last k slides, half of them positive
+        self.train, self.val = np.arange(slides - k), np.arange(slides - k, slides)
+        direction = F.normalize(torch.randn(D, generator=gen, device=device), dim=0)
+        self.feats = torch.empty(rows, D, dtype=torch.bfloat16, device=device)
+        self.host = torch.empty(rows, D, dtype=torch.bfloat16, pin_memory=True) if pinned else None
+        for i, n in enumerate(self.lengths.tolist()):
+            x = torch.randn(n, D, generator=gen, device=device)
+            if self.labels[i]:  # the signal: a run of 1-5% of the patches
+                a = int(rng.integers(0, n - (k := max(1, round(rng.uniform(*REGION) * n))) + 1))
+                x[a:a + k] += SIGNAL * direction
+            for dst in (d for d in (self.feats, self.host) if d is not None):
+                dst[self.offsets[i]:self.offsets[i + 1]].copy_(x, non_blocking=True)
+        sync(device)
 
 
 class ABMIL(nn.Module):
-    """CLAM's small ABMIL. The gated attention's weights live in a fastmil.AttentionPool
-    however it is computed, so both poolings build the same parameters from one seed."""
+    """CLAM's small ABMIL pooled by fastmil, or eagerly (CLAM's code, the same weights)."""
 
-    def __init__(self, pooling="eager", dropout=DROPOUT, fp32=False):
+    def __init__(self, pooling, dropout=DROPOUT):
         super().__init__()
-        self.fastmil, self.fp32 = pooling == "fastmil", fp32
+        self.fastmil = pooling == "fastmil"
         self.fc = nn.Sequential(nn.Linear(D, HIDDEN), nn.ReLU(), nn.Dropout(dropout))
         self.pool = fastmil.AttentionPool(HIDDEN, ATTN, dropout=dropout)
         self.classifier = nn.Linear(HIDDEN, CLASSES)
 
-    def forward(self, x, mask=None, offsets=None):
-        h = self.fc(x.float() if self.fp32 else x)  # features are stored in bf16
-        z = (self.pool(h, mask=mask, offsets=offsets) if self.fastmil
-             else eager_pool(self.pool, h, mask))
+    def forward(self, x, mask=None, offsets=None):  # x [N, D], packed with offsets, or padded
+        h, p = self.fc(x), self.pool
+        if self.fastmil:
+            z = p(h, mask=mask, offsets=offsets)
+        else:
+            drop = lambda t: F.dropout(t, p.dropout, p.training)  # noqa: E731
+            s = p.score(drop(torch.tanh(p.attn(h))) * drop(torch.sigmoid(p.gate(h))))[..., 0]
+            s = s if mask is None else s.masked_fill(~mask, torch.finfo(s.dtype).min)
+            z = (s.softmax(-1).unsqueeze(-2) @ h).squeeze(-2)
         return self.classifier(z if z.dim() == 2 else z[None])
 
 
-class ClamTwin(nn.Module):
-    """fastmil's CLAM_SB (fastmil/integrations/clam.py), trained as CLAM trains it: instance
-    evaluation on every step (k_sample 8; it reads its instance labels back to the host, a
-    sync per step, as CLAM does), loss = 0.7 bag + 0.3 instance (CLAM's bag_weight)."""
+class Trainer:
+    """A provider's model, AdamW (lr LR x min(slides a step, 16)) and epoch; ``step(i)`` queues
+    a step with no host sync. CLAM_SB: instance loss every step, 0.7 bag + 0.3 instance. Pinned:
+    step i + 1 is copied on a side stream while step i runs. CUDA graphs: a graph per bucket of
+    rows on static x (zeros at first), offsets [B+2] on the device (empty bags pad a short step,
+    the padding rows are a bag) and labels [B+1] (-100 past the step's bags: ignored)."""
 
-    def __init__(self, dropout=DROPOUT, fp32=False):
-        super().__init__()
-        self.fp32 = fp32
-        self.clam = CLAM_SB(gate=True, size_arg="small", dropout=dropout, n_classes=CLASSES,
-                            embed_dim=D)
+    def __init__(self, spec, dtype, c, device, pinned=False, seed=0, dropout=DROPOUT, compiled=0):
+        self.spec, self.c, self.device, self.pinned = spec, c, device, pinned
+        self.bf16, self.graphs, self.pool, self.ahead = dtype == "bf16", {}, None, None
+        torch.manual_seed(seed)
+        fresh = ABMIL(spec.pooling, dropout) if spec.pooling != "clam_sb" else CLAM_SB(
+            gate=True, size_arg="small", dropout=dropout, n_classes=CLASSES, embed_dim=D)
+        self.model, self.fwd = compiled or (fresh.to(device),) * 2  # compiled: no recompiling
+        if compiled:
+            self.model.load_state_dict(fresh.state_dict())
+        elif spec.compiled:
+            self.fwd = torch.compile(self.model, dynamic=True, backend="inductor" if device.type
+                                     == "cuda" else "aot_eager")  # aot_eager: no C++ compiler
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR * min(spec.per_step, 16),
+                                     weight_decay=WEIGHT_DECAY,
+                                     capturable=bool(spec.graphs) and device.type == "cuda")
+        self.loss_sum, self.stream = torch.zeros((), device=device), pinned and torch.cuda.Stream()
+        if spec.graphs:  # static inputs, x sized for the per_step longest slides
+            rows = self.bucket(np.sort(c.lengths[c.train])[-spec.per_step:].sum())
+            self.x = torch.zeros(rows, D, dtype=torch.bfloat16, device=device)
+            self.soff, self.sy = (torch.zeros(spec.per_step + k, dtype=int, device=device)
+                                  for k in (2, 1))
 
-    def forward(self, x, label=None):
-        logits, _, _, _, out = self.clam(x.float() if self.fp32 else x, label=label,
-                                         instance_eval=label is not None)
-        return logits, out.get("instance_loss")
+    @staticmethod
+    def bucket(rows):  # the CUDA-graph bucket of a step: 1024 * 2^(k/4) rows, rounded up to 64
+        k = max(0, math.ceil(4 * math.log2(max(rows, 1) / 1024)))
+        return 64 * math.ceil(16 * 2 ** (k / 4))
 
-
-# One epoch's steps --------------------------------------------------------------------------
-
-class Batches:
-    """One epoch's steps for one provider: slide ids per step, and the inputs a trainer asks
-    for, with no host sync (labels and lengths go to the device once per epoch). Pinned: each
-    step's slides are copied into one of two device buffers on a side stream, one step ahead;
-    ``done(i)`` marks step i's buffer free once the work queued on it is done."""
-
-    def __init__(self, cohort, order, per_step, device, placement="gpu"):
-        self.c, self.device, self.pinned = cohort, device, placement == "pinned"
-        self.steps = [order[i:i + per_step] for i in range(0, len(order), per_step)]
-        self.rows = [int(cohort.lengths[s].sum()) for s in self.steps]
-        self.start = np.concatenate([[0], np.cumsum([len(s) for s in self.steps])])
-        self.y = torch.as_tensor(cohort.labels[order]).to(device)
-        self.lens = torch.as_tensor(cohort.lengths[order]).to(device)
-        if self.pinned:
-            self.stream, self.held = torch.cuda.Stream(device), [-1, -1]
-            self.bufs = [torch.empty(max(self.rows), D, dtype=torch.bfloat16, device=device)
-                         for _ in range(2)]
-            self.ready = [torch.cuda.Event(), torch.cuda.Event()]
-            self.free = [torch.cuda.Event(), torch.cuda.Event()]
-
-    def __len__(self):
+    def epoch(self, order):  # the steps over order; CUDA graphs: a graph per new bucket
+        B, c, dev = self.spec.per_step, self.c, self.device
+        self.steps = [order[i:i + B] for i in range(0, len(order), B)]
+        self.rows = [int(c.lengths[s].sum()) for s in self.steps]
+        self.start = np.cumsum([0] + [len(s) for s in self.steps])
+        self.offs = [torch.from_numpy(np.cumsum([0, *c.lengths[s]])) for s in self.steps]  # host
+        self.y, self.lens = (torch.as_tensor(v[order]).to(dev) for v in (c.labels, c.lengths))
+        if self.spec.graphs:
+            self.buckets = [self.bucket(r) for r in self.rows]
+            offs = [np.cumsum([0, *c.lengths[s], *[0] * (B - len(s)), k - r])
+                    for s, k, r in zip(self.steps, self.buckets, self.rows, strict=True)]
+            ys = [[*c.labels[s], *[-100] * (B + 1 - len(s))] for s in self.steps]
+            self.goffs, self.ys = (torch.as_tensor(np.array(t)).to(dev) for t in (offs, ys))
+            for rows in sorted(set(self.buckets) - set(self.graphs)):
+                self.step(self.buckets.index(rows))  # captures, does not train
         return len(self.steps)
 
-    def labels(self, i):
-        return self.y[self.start[i]:self.start[i + 1]]
-
-    def offsets(self, i):  # on the host, as fastmil.collate makes them
-        return torch.from_numpy(np.concatenate([[0], np.cumsum(self.c.lengths[self.steps[i]])]))
-
-    def _load(self, i):  # queue the copy of step i into buffer i % 2, unless it is there
-        k = i % 2
-        if i >= len(self.steps) or self.held[k] == i:
-            return
-        self.held[k] = i
+    def _copy(self, i):  # step i's slides, host to device, queued on the side stream
+        c, o = self.c, self.offs[i]
         with torch.cuda.stream(self.stream):
-            self.stream.wait_event(self.free[k])
-            r, o = 0, self.c.offsets
-            for s in self.steps[i].tolist():
-                n = int(self.c.lengths[s])
-                self.bufs[k][r:r + n].copy_(self.c.host[o[s]:o[s] + n], non_blocking=True)
-                r += n
-            self.ready[k].record(self.stream)
+            x = torch.empty(self.rows[i], D, dtype=torch.bfloat16, device=self.device)
+            for k, s in enumerate(self.steps[i]):
+                x[o[k]:o[k + 1]].copy_(c.host[c.offsets[s]:c.offsets[s + 1]], non_blocking=True)
+        return i, x
 
-    def _buffer(self, i):
-        self._load(i)
-        self._load(i + 1)  # the prefetch, overlapping step i's compute
-        torch.cuda.current_stream(self.device).wait_event(self.ready[i % 2])
-        return self.bufs[i % 2][:self.rows[i]]
-
-    def done(self, i):
-        if self.pinned:
-            self.free[i % 2].record(torch.cuda.current_stream(self.device))
-
-    def slices(self, i):
-        if self.pinned:
-            return list(self._buffer(i).split(self.c.lengths[self.steps[i]].tolist()))
-        o, n = self.c.offsets, self.c.lengths
-        return [self.c.feats[o[s]:o[s] + n[s]] for s in self.steps[i].tolist()]
-
-    def packed(self, i, out=None):
-        """[T, D] of step i, into ``out[:T]`` when given (the CUDA graphs' static input)."""
-        if self.pinned:
-            x = self._buffer(i)
-            return x if out is None else out[:len(x)].copy_(x)
-        parts = self.slices(i)
-        if out is None:
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
-        return torch.cat(parts, out=out[:self.rows[i]])
-
-    def padded(self, i):
-        x = nn.utils.rnn.pad_sequence(self.slices(i), batch_first=True)
-        lens = self.lens[self.start[i]:self.start[i + 1]]
-        return x, torch.arange(x.shape[1], device=self.device) < lens[:, None]
-
-
-# Trainers -----------------------------------------------------------------------------------
-
-class Trainer:
-    """Model, AdamW and one training step of a provider; ``step`` queues work without a host
-    sync and adds the loss to ``loss_sum`` on the device. ``compiled``: a (model, compiled
-    model) pair to reuse with fresh weights instead of compiling again."""
-
-    def __init__(self, spec, dtype, device, *, seed=0, dropout=DROPOUT, lr=None, compiled=None,
-                 compile_backend="inductor"):
-        self.spec, self.device, self.bf16 = spec, device, dtype == "bf16"
-        torch.manual_seed(seed)
-        fresh = (ClamTwin if spec.pooling == "clam_sb" else partial(ABMIL, spec.pooling))(
-            dropout, fp32=not self.bf16)
-        if compiled is not None:
-            self.model, self.fwd = compiled
-            self.model.load_state_dict(fresh.state_dict())
+    def inputs(self, i, out=None):  # x and the model's keywords; packed x into out if given
+        c, spec, steps = self.c, self.spec, self.steps[i]
+        if self.pinned:  # record_stream: the memory is not reused before the compute is done
+            main = torch.cuda.current_stream(self.device)
+            x = self.ahead[1] if self.ahead and self.ahead[0] == i else self._copy(i)[1]
+            main.wait_stream(self.stream)
+            x.record_stream(main)
+            self.ahead = self._copy(i + 1) if i + 1 < len(self.steps) else None
+            parts = x.split(c.lengths[steps].tolist())
         else:
-            self.model = self.fwd = fresh.to(device)
-            if spec.compiled:
-                self.fwd = torch.compile(self.model, dynamic=True, backend=compile_backend)
-        self.model.train()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr or lr_for(spec),
-                                     weight_decay=WEIGHT_DECAY,
-                                     capturable=spec.graphs and device.type == "cuda")
-        self.loss_sum = torch.zeros((), device=device)
+            parts = [c.feats[c.offsets[s]:c.offsets[s + 1]] for s in steps]
+            x = parts[0] if len(parts) == 1 else None  # None: not contiguous
+        if spec.layout == "padded":
+            x, n = nn.utils.rnn.pad_sequence(parts, batch_first=True), self.lens[
+                self.start[i]:self.start[i + 1]]
+            return x, {"mask": torch.arange(x.shape[1], device=self.device) < n[:, None]}
+        if x is None or out is not None:
+            x = torch.cat(parts, out=None if out is None else out[:self.rows[i]])
+        if spec.pooling == "clam_sb":
+            return x, {"label": int(c.labels[steps[0]]), "instance_eval": True}
+        return x, {"offsets": self.offs[i]} if spec.layout == "packed" else {}
 
-    def autocast(self, cache=True):
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16,
-                              cache_enabled=cache)
-
-    def prepare(self, b):
-        pass
-
-    def step(self, b, i):
-        if self.spec.layout == "padded":
-            x, mask = b.padded(i)
-            kw = {"mask": mask}
-        else:
-            x = b.packed(i)
-            kw = {"offsets": b.offsets(i)} if self.spec.layout == "packed" else {}
-        if self.spec.pooling == "clam_sb":
-            kw = {"label": int(b.c.labels[b.steps[i][0]])}
-        with self.autocast():
-            logits, instance_loss = logits_of(self.fwd(x, **kw))
-            loss = F.cross_entropy(logits.float(), b.labels(i))
-            if instance_loss is not None:
-                loss = 0.7 * loss + 0.3 * instance_loss
-        self.opt.zero_grad(set_to_none=True)
+    def train(self, x, y, kw, step=True):  # forward, backward, AdamW: what a CUDA graph holds
+        self.opt.zero_grad(set_to_none=True)  # in a capture: .grad from the graph's pool
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16,
+                            cache_enabled=False):  # the cast cache cannot live in a graph
+            out = self.fwd(x if self.bf16 else x.float(), **kw)  # CLAM_SB: (logits, ..., dict)
+            loss = F.cross_entropy((out[0] if self.spec.pooling == "clam_sb" else out).float(), y,
+                                   ignore_index=-100)
+            loss = 0.7 * loss + 0.3 * out[4]["instance_loss"] if kw.get("instance_eval") else loss
         loss.backward()
-        self.opt.step()
-        self.loss_sum += loss.detach()
+        if step:
+            self.opt.step()
+            self.loss_sum += loss.detach()
 
+    def step(self, i):  # CUDA graphs: its bucket's graph (a new bucket is captured, not trained)
+        if not self.spec.graphs:
+            x, kw = self.inputs(i)
+            return self.train(x, self.y[self.start[i]:self.start[i + 1]], kw)
+        self.inputs(i, out=self.x)
+        self.soff.copy_(self.goffs[i])
+        self.sy.copy_(self.ys[i])
+        if (k := self.buckets[i]) in self.graphs:
+            return self.graphs[k].replay()
+        self.graphs[k] = self._capture(self.x[:k], self.sy, {"offsets": self.soff})
 
-def bucket(rows):
-    """The CUDA-graph bucket of a step of ``rows`` rows: the next 1024 * LADDER^k, rounded up
-    to a multiple of 64."""
-    k = max(0, math.ceil(4 * math.log2(max(rows, 1) / 1024)))
-    while 64 * math.ceil(1024 * LADDER ** k / 64) < rows:
-        k += 1
-    return 64 * math.ceil(1024 * LADDER ** k / 64)
-
-
-class GraphTrainer(Trainer):
-    """fastmil packed, forward + backward + AdamW captured in one CUDA graph per bucket of T.
-    Static inputs: x [rows, D] (sized for the per_step longest slides, zeros at first so that
-    stale rows stay finite), offsets [B+2] on the GPU (B bags, the padding rows as one more bag;
-    empty bags pad a short last step) and labels [B+1] (-100: ignored). The graphs share one
-    memory pool; what outlives a replay (weights, AdamW state, static inputs, loss_sum) lives
-    outside it. Every bucket is warmed up eagerly before its capture (Triton compiles)."""
-
-    def __init__(self, spec, dtype, device, **kw):
-        super().__init__(spec, dtype, device, **kw)
-        self.x, B = None, spec.per_step
-        self.off = torch.zeros(B + 2, dtype=torch.int64, device=device)
-        self.y = torch.full((B + 1,), -100, dtype=torch.int64, device=device)
-        self.graphs, self.pool, self.stepped = {}, None, False
-
-    def _loss(self, rows):
-        with self.autocast(cache=False):  # autocast's cast cache cannot live in a graph
-            logits = self.model(self.x[:rows], offsets=self.off)
-            return F.cross_entropy(logits.float(), self.y, ignore_index=-100)
-
-    def _train_step(self, rows):  # what a graph holds
-        loss = self._loss(rows)
-        loss.backward()
-        self.opt.step()
-        self.loss_sum.add_(loss.detach())
-
-    def prepare(self, b):
-        """Per step its bucket, offsets and labels (one copy to the GPU per epoch); a graph
-        for every new bucket, captured here, outside the timed loop."""
-        B, c = self.spec.per_step, b.c
-        if self.x is None:
-            most = bucket(int(np.sort(c.lengths[c.train])[-B:].sum()))
-            self.x = torch.zeros(most, D, dtype=torch.bfloat16, device=self.device)
-        self.buckets = [bucket(r) for r in b.rows]
-        offs, ys = np.zeros((len(b), B + 2), np.int64), np.full((len(b), B + 1), -100)
-        for i, s in enumerate(b.steps):
-            offs[i, 1:len(s) + 1] = np.cumsum(c.lengths[s])
-            offs[i, len(s) + 1:] = b.rows[i]
-            offs[i, -1] = self.buckets[i]
-            ys[i, :len(s)] = c.labels[s]
-        self.offs, self.ys = (torch.as_tensor(t).to(self.device) for t in (offs, ys))
-        for rows in sorted(set(self.buckets) - set(self.graphs)):
-            i = self.buckets.index(rows)
-            self._fill(b, i)
-            self._capture(rows)
-            b.done(i)
-
-    def _fill(self, b, i):
-        b.packed(i, out=self.x)
-        self.off.copy_(self.offs[i])
-        self.y.copy_(self.ys[i])
-
-    def _capture(self, rows):
+    def _capture(self, *args):  # a warm-up on a side stream (Triton compiles, AdamW's state)
         side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
         side.wait_stream(main)
-        with torch.cuda.stream(side):  # warm-up: lazy inits, Triton compiles, AdamW state
-            self.opt.zero_grad(set_to_none=True)
-            self._loss(rows).backward()
-            if not self.stepped:
-                self.opt.step()
-                self.stepped = True
+        with torch.cuda.stream(side):
+            self.train(*args, step=not self.opt.state)  # AdamW steps once
         main.wait_stream(side)
-        self.opt.zero_grad(set_to_none=True)  # the graph allocates .grad in its pool
         g, self.pool = torch.cuda.CUDAGraph(), self.pool or torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(g, pool=self.pool):
-            self._train_step(rows)
-        self.graphs[rows] = g
+        with torch.cuda.graph(g, pool=self.pool):  # one memory pool for all the buckets
+            self.train(*args)
+        return g
 
-    def step(self, b, i):
-        self._fill(b, i)
-        self.graphs[self.buckets[i]].replay()
+    def run(self, steps, deadline=math.inf):  # queue these steps; how many ran (fewer if late)
+        for k, i in enumerate(steps, 1):
+            self.step(i)
+            if time.perf_counter() > deadline:
+                return k
+        return len(steps)
 
+    def busy(self, steps):
+        """The share of the wall time the GPU was busy over these steps: kernel time under
+        torch.profiler (one compute stream; copies apart), CUPTI detached afterwards. CUDA
+        graphs (CUPTI teardown can crash a process holding graphs): each step's CUDA events."""
+        from torch.profiler import DeviceType, ProfilerActivity, profile
 
-def logits_of(out):
-    return out if isinstance(out, tuple) else (out, None)
-
-
-# AdamW(capturable=True) warns when it steps outside a capture, as the graphs' warm-up does
-warnings.filterwarnings("ignore", message=".*capturable=True.*")
-
-
-def make_trainer(spec, dtype, device, **kw):
-    return (GraphTrainer if spec.graphs else Trainer)(spec, dtype, device, **kw)
-
-
-def run_steps(trainer, b, steps, deadline=None):
-    """Queue these training steps; returns how many ran (fewer once past ``deadline``)."""
-    for k, i in enumerate(steps):
-        trainer.step(b, i)
-        b.done(i)
-        if deadline is not None and time.perf_counter() > deadline:
-            return k + 1
-    return len(steps)
-
-
-# Measurements -------------------------------------------------------------------------------
-
-def gpu_busy(trainer, b, steps, device):
-    """The fraction of the wall time the GPU was busy over these steps (sync to sync).
-
-    Default: the union of the kernels' device intervals under torch.profiler (CUDA activity
-    only; copies apart), after a spin kernel that makes sure the profiler is capturing; CUPTI
-    is detached afterwards, so later timings run without it. CUDA graphs: no profiler (CUPTI
-    teardown can crash a process holding graphs, and CUPTI misreports graph kernels): the sum
-    of each step's device span between two CUDA events, a proxy that counts any gap inside a
-    step (two host calls per step here) as busy."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    if trainer.spec.graphs:
-        marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                 for _ in steps]
-        sync(device)
-        t0 = time.perf_counter()
-        for (start, end), i in zip(marks, steps, strict=True):
-            start.record()
-            run_steps(trainer, b, [i])
-            end.record()
-        sync(device)
-        wall = time.perf_counter() - t0
-        busy = sum(start.elapsed_time(end) for start, end in marks) * 1e-3
-        return {"gpu_busy": busy / wall, "busy_method": "CUDA events per step / wall"}
-    sync(device)
-    old = os.environ.get("TEARDOWN_CUPTI")
-    os.environ["TEARDOWN_CUPTI"] = "0"
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        torch.cuda._sleep(2_000_000)
-        sync(device)
-        t0 = time.perf_counter()
-        run_steps(trainer, b, steps)
-        sync(device)
-        wall = time.perf_counter() - t0
-    os.environ["TEARDOWN_CUPTI"] = "1"
-    with profile(activities=[ProfilerActivity.CUDA]):
-        pass
-    if old is None:
-        del os.environ["TEARDOWN_CUPTI"]
-    else:
-        os.environ["TEARDOWN_CUPTI"] = old
-    spans, lead_in = {"gpu_busy": [], "copy_busy": []}, False
-    for e in prof.events():
-        name = e.name.lower()
-        if e.device_type != DeviceType.CUDA:
-            continue
-        if "spin_kernel" in name:  # seen: the capture began before the steps
-            lead_in = True
-            continue
-        key = "copy_busy" if "memcpy" in name or "memset" in name else "gpu_busy"
-        spans[key].append((e.time_range.start, e.time_range.end))
-    if not spans["gpu_busy"]:
-        return {"gpu_busy": None, "busy_method": "torch.profiler recorded no kernels"}
-    out = {"kernels_per_step": len(spans["gpu_busy"]) / len(steps), "profiler_lead_in": lead_in,
-           "busy_method": "torch.profiler: union of kernel intervals / wall"}
-    for key, s in spans.items():
-        busy, end = 0.0, -math.inf
-        for a, z in sorted(s):  # union of intervals, us
-            busy, end = busy + max(0.0, z - max(a, end)), max(end, z)
-        out[key] = busy * 1e-6 / wall
-    return out
-
-
-def measure_peaks(device):
-    """Matmul TFLOP/s (bf16; fp32 at the run's matmul precision), device copy GB/s (read +
-    write) and pinned host-to-device GB/s, measured now: best of 3 runs of 10 calls."""
-    def timed(fn):
-        fn()
-        best = math.inf
-        for _ in range(3):
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(10):
-                fn()
-            sync(device)
-            best = min(best, (time.perf_counter() - t0) / 10)
-        return best
-
-    cuda = device.type == "cuda"
-    n, nbytes, out = (8192, 1 << 30, {}) if cuda else (256, 16 << 20, {})
-    for key, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        a = torch.randn(n, n, device=device, dtype=dt)
-        c = torch.empty_like(a)
-        out[f"{key}_tflops"] = 2 * n ** 3 / timed(lambda a=a, c=c: torch.mm(a, a, out=c)) / 1e12
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    out["copy_gbps"] = 2 * nbytes / timed(lambda: dst.copy_(src)) / 1e9
-    if cuda:
-        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        out["h2d_gbps"] = nbytes / timed(lambda: dst.copy_(host, non_blocking=True)) / 1e9
-    out["method"] = f"{n}^3 torch.mm, {nbytes >> 20} MiB copies"
-    return out
-
-
-def floor(patches, slides, dtype, placement, peaks):
-    """The epoch's roofline floor: the largest of GEMM FLOPs / matmul peak, features read twice
-    (forward GEMM and its weight gradient) / copy bandwidth, features over PCIe (pinned)."""
-    t = {"compute": FLOPS_PER_PATCH * patches / (peaks[f"{dtype}_tflops"] * 1e12),
-         "hbm": 4 * patches * D / (peaks["copy_gbps"] * 1e9)}
-    if placement == "pinned" and "h2d_gbps" in peaks:
-        t["pcie"] = 2 * patches * D / (peaks["h2d_gbps"] * 1e9)
-    bound = max(t, key=t.get)
-    return {"flops": FLOPS_PER_PATCH * patches, "hbm_bytes": 4 * patches * D, "bound": bound,
-            "seconds": t[bound], "terms_s": t, "slides_per_s": slides / t[bound]}
-
-
-def evaluate(model, cohort, ids, device, bf16):
-    """P(positive) per slide, one slide per call, eval mode, through the model's own pooling."""
-    src = cohort.feats if cohort.feats is not None else cohort.host
-    model.eval()
-    probs = torch.empty(len(ids), device=device)
-    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-        for k, s in enumerate(ids.tolist()):
-            o, n = int(cohort.offsets[s]), int(cohort.lengths[s])
-            logits = logits_of(model(src[o:o + n].to(device)))[0]
-            probs[k] = torch.softmax(logits.float(), -1)[0, 1]
-    model.train()
-    return probs.cpu().numpy()
-
-
-def auc_score(labels, scores):
-    """scikit-learn's roc_auc_score where it is installed, else the same number from all
-    positive-negative pairs (ties count half)."""
-    try:
-        from sklearn.metrics import roc_auc_score
-    except ImportError:
-        pos, neg = scores[labels == 1][:, None], scores[labels == 0][None]
-        return float(((pos > neg) + 0.5 * (pos == neg)).mean())
-    return float(roc_auc_score(labels, scores))
-
-
-# The run ------------------------------------------------------------------------------------
-
-def environment(device):
-    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-           else platform.machine(), "torch": torch.__version__, "fastmil": fastmil.__version__,
-           "python": platform.python_version(), "cpus": os.cpu_count(),
-           "tf32": torch.get_float32_matmul_precision() != "highest",
-           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    with contextlib.suppress(Exception):
-        import triton
-        env["triton"] = triton.__version__
-    with contextlib.suppress(Exception):
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       capture_output=True, timeout=5).stdout.strip() or None
-    return env
-
-
-class Run:
-    """The jobs, each isolated (an OOM or error is recorded and the run goes on); the results
-    JSON is rewritten after each."""
-
-    def __init__(self, args, device, cohort, specs):
-        self.args, self.device, self.c, self.cuda = args, device, cohort, device.type == "cuda"
-        self.t0, self.compiled, self.broken = time.perf_counter(), {}, None
-        self.deadline = self.t0 + args.budget_s if args.budget_s else None
-        n = cohort.lengths
-        config = {k: getattr(args, k) for k in (
-            "slides", "median", "dtype", "placement", "warmup", "profile_steps", "auc_epochs",
-            "auc_seeds", "seed", "compile_backend", "budget_s", "smoke")}
-        config.update(
-            providers=[s.name for s in specs], train_slides=len(cohort.train),
-            val_slides=len(cohort.val), patches=int(n.sum()),
-            train_patches=int(n[cohort.train].sum()), feature_bytes=int(n.sum()) * D * 2,
-            lengths={"median": float(np.median(n)), "p5": float(np.percentile(n, 5)),
-                     "p95": float(np.percentile(n, 95)), "max": int(n.max()),
-                     "mean": float(n.mean())},
-            model={"D": D, "hidden": HIDDEN, "L": ATTN, "dropout": DROPOUT, "lr": LR,
-                   "lr_rule": "LR x min(slides per step, 16)", "signal": SIGNAL})
-        self.res = {"schema": SCHEMA, "env": environment(device), "config": config,
-                    "peaks": {}, "floor": {}, "results": [],
-                    "auc": {"runs": [], "summary": {}}, "targets": [], "wall_s": 0.0}
-
-    def save(self):
-        self.res["wall_s"] = time.perf_counter() - self.t0
-        self.res["targets"] = targets(self.res)
-        if self.args.out:
-            with open(self.args.out, "w") as f:
-                json.dump(self.res, f, separators=(",", ":"), default=float)
-
-    def unavailable(self, spec, placement):
-        if not self.cuda and (placement == "pinned" or spec.graphs):
-            return "CUDA only (" + ("CUDA graphs" if spec.graphs else "pinned placement") + ")"
-        if (self.c.feats if placement == "gpu" else self.c.host) is None:
-            return f"no {placement} cohort: {'; '.join(self.c.missing) or 'not asked for'}"
-        if self.deadline is not None and time.perf_counter() > self.deadline:
-            return "budget"
-        return self.broken
-
-    def guarded(self, row, job):
-        """Run ``job(row)``; record a skip, OOM or error in ``row`` instead of raising."""
-        try:
-            reason = self.unavailable(BY_NAME[row["provider"]], row["placement"])
-            if reason:
-                raise LookupError(reason)
-            job(row)
-        except LookupError as e:
-            row.update(status="skipped", reason=str(e))
-        except Exception as e:  # noqa: BLE001 - OOM included: one failure must not end the run
-            text = str(e).strip().splitlines()
-            row.update(status="oom" if isinstance(e, torch.OutOfMemoryError) else "error",
-                       reason=f"{type(e).__name__}: {text[0][:300] if text else ''}")
-        try:  # a prefetch may still be writing into buffers about to be freed
+        marks = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in steps]
+        os.environ["TEARDOWN_CUPTI"] = "0"
+        with contextlib.nullcontext() if self.spec.graphs else profile(
+                activities=[ProfilerActivity.CUDA]) as prof:
+            torch.cuda._sleep(2_000_000)
             sync(self.device)
-            if row["status"] == "error":  # a failed capture can leave the CUDA RNG unusable
-                F.dropout(torch.ones(8, device=self.device), 0.5).sum().item()
-        except Exception as e:  # noqa: BLE001
-            self.broken = f"device unusable after an error: {type(e).__name__}"
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
-        return row
-
-    def time_provider(self, spec, dtype, placement):
-        a, dev = self.args, self.device
-
-        def job(row):
-            if self.cuda:
-                torch.cuda.reset_peak_memory_stats(dev)
-                base = torch.cuda.memory_allocated(dev)
-            t = time.perf_counter()
-            tr = make_trainer(spec, dtype, dev, seed=a.seed, compile_backend=a.compile_backend,
-                              compiled=self.compiled.get((spec.name, dtype)))
-            if spec.compiled:
-                self.compiled[(spec.name, dtype)] = (tr.model, tr.fwd)
-            order = np.random.default_rng([a.seed, 3]).permutation(self.c.train)
-            b = Batches(self.c, order, spec.per_step, dev, placement)
-            tr.prepare(b)
-            run_steps(tr, b, range(min(a.warmup, len(b))))
-            before = tr.loss_sum.clone()
-            sync(dev)
-            row["warmup_s"] = time.perf_counter() - t  # model, compiles, captures, warm-up
-            t = time.perf_counter()
-            n = run_steps(tr, b, range(len(b)), self.deadline)
-            sync(dev)
-            wall = time.perf_counter() - t
-            slides = int(b.start[n])
-            row.update(status="ok" if n == len(b) else "partial", steps=n, slides=slides,
-                       wall_s=wall, slides_per_s=slides / wall, ms_per_step=1e3 * wall / n,
-                       loss_mean=float(tr.loss_sum - before) / n)
-            if self.cuda:
-                peak = torch.cuda.max_memory_allocated(dev)
-                row.update(peak_mem_gb=peak / 1e9, extra_mem_gb=(peak - base) / 1e9)
-                if a.profile_steps > 0 and not self.unavailable(spec, placement):
-                    row.update(gpu_busy(tr, b, range(min(a.profile_steps, len(b))), dev))
-
-        row = self.guarded({"provider": spec.name, "label": spec.label, "dtype": dtype,
-                            "placement": placement, "slides_per_step": spec.per_step}, job)
-        self.res["results"].append(row)
-        self.save()
-        return row
-
-    def auc_run(self, spec, seed, dtype):
-        a, dev, c = self.args, self.device, self.c
-        placement = "gpu" if c.feats is not None else "pinned"
-
-        def job(row):
-            t = time.perf_counter()
-            tr = make_trainer(spec, dtype, dev, seed=seed, compile_backend=a.compile_backend)
-            rng = np.random.default_rng([seed, 4])
-            for _ in range(a.auc_epochs):
-                b = Batches(c, rng.permutation(c.train), spec.per_step, dev, placement)
-                tr.prepare(b)
-                if run_steps(tr, b, range(len(b)), self.deadline) < len(b):
-                    raise LookupError("budget")
-            probs = evaluate(tr.model, c, c.val, dev, dtype == "bf16")
-            row.update(status="ok", auc=auc_score(c.labels[c.val], probs),
-                       train_s=time.perf_counter() - t)
-
-        row = self.guarded({"provider": spec.name, "seed": seed, "dtype": dtype,
-                            "placement": placement}, job)
-        auc = self.res["auc"]
-        auc["runs"].append(row)
-        aucs = [r["auc"] for r in auc["runs"] if r["provider"] == spec.name and "auc" in r]
-        if aucs:
-            auc["summary"][spec.name] = {"mean": float(np.mean(aucs)), "n": len(aucs),
-                                         "sd": float(np.std(aucs, ddof=1)) if aucs[1:] else None}
-        self.save()
-        return row
+            t0 = time.perf_counter()
+            for (a, z), i in zip(marks, steps, strict=True):
+                a.record()
+                self.step(i)
+                z.record()
+            sync(self.device)
+            wall = time.perf_counter() - t0
+        if self.spec.graphs:
+            return {"gpu_busy": sum(a.elapsed_time(z) for a, z in marks) * 1e-3 / wall,
+                    "busy_method": "CUDA events per step / wall"}
+        os.environ["TEARDOWN_CUPTI"] = "1"
+        with profile(activities=[ProfilerActivity.CUDA]):  # detaches CUPTI
+            pass
+        ev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        copies = [e for e in ev if any(k in e.name.lower() for k in ("memcpy", "memset"))]
+        kernels = [e for e in ev if e not in copies and "spin_kernel" not in e.name]
+        busy = lambda es: sum(e.time_range.elapsed_us() for e in es) * 1e-6 / wall  # noqa: E731
+        return {"gpu_busy": busy(kernels) if kernels else None, "copy_busy": busy(copies),
+                "kernels_per_step": len(kernels) / len(steps), "profiler_lead_in": len(ev) > len(
+                    kernels) + len(copies), "busy_method": "torch.profiler: kernel time / wall"}
 
 
-# Targets and reports ------------------------------------------------------------------------
-
-RATIO_TARGETS = [("fastmil packed 16/step vs CLAM's loop", "fastmil_packed_16", "clam_1", 10),
-                 ("fastmil packed vs eager padded, 16/step", "fastmil_packed_16",
-                  "eager_padded_16", 2),
-                 ("fastmil packed vs torch.compile padded, 16/step", "fastmil_packed_16",
-                  "compile_padded_16", 1.5),
-                 ("fastmil 1 slide/step vs CLAM's loop", "fastmil_1", "clam_1", 1.5)]
-
-
-def targets(res):
-    """Per precision and placement: the slides/s ratios of RATIO_TARGETS and the best fastmil
-    variant within 3x of the roofline floor. AUC: fastmil packed 16/step and 1 slide/step equal
-    when their means differ by at most max(0.01, two standard errors of the difference from
-    the spread over seeds)."""
-    sps = {(r["provider"], r["dtype"], r["placement"]): r["slides_per_s"]
+def summarize(res):
+    """Per precision/placement the roofline floor (the slowest of: GEMM FLOPs at the matmul peak,
+    features read twice at copy bandwidth, pinned ones sent over PCIe) and the targets; the AUC
+    per variant, packed 16/step's equal to 1 slide/step's within max(0.01, 2 standard errors)."""
+    aucs, rows, cfg, peaks = {}, [], res["config"], res["peaks"]  # rows: target, group, x, op, want
+    for r in (r for r in res["auc"]["runs"] if "auc" in r):
+        aucs.setdefault(r["provider"], []).append(r["auc"])
+    s = res["auc"]["summary"] = {k: {"mean": float(np.mean(v)), "n": len(v), "sd": float(
+        np.std(v, ddof=1)) if v[1:] else None} for k, v in aucs.items()}
+    sps = {(r["provider"], f"{r['dtype']}/{r['placement']}"): r["slides_per_s"]
            for r in res["results"] if r.get("slides_per_s")}
-    rows = []
-
-    def add(target, group, measured, want, met):
-        rows.append({"target": target, "group": group, "measured": measured, "want": want,
-                     "met": None if measured is None else met(measured)})
-
-    for group in sorted({(r["dtype"], r["placement"]) for r in res["results"]}):
-        g = "/".join(group)
-        for name, mine, theirs, want in RATIO_TARGETS:
-            a, b = sps.get((mine,) + group), sps.get((theirs,) + group)
-            add(name, g, a / b if a and b else None, f">= {want}x", lambda v, w=want: v >= w)
-        best = max(((v, p) for (p, *k), v in sps.items()
-                    if tuple(k) == group and BY_NAME[p].pooling == "fastmil"), default=None)
+    for g in sorted({f"{r['dtype']}/{r['placement']}" for r in res["results"]}):
+        if "copy_gbs" in peaks:  # the roofline floor
+            n = cfg["train_patches"]
+            t = {"compute": FLOPS_PER_PATCH * n / peaks[f"{g[:4]}_tflops"] / 1e12,
+                 "hbm": 4 * n * D / peaks["copy_gbs"] / 1e9}
+            if g.endswith("pinned") and "h2d_gbs" in peaks:
+                t["pcie"] = 2 * n * D / peaks["h2d_gbs"] / 1e9
+            b = max(t, key=t.get)
+            res["floor"][g] = {"flops": FLOPS_PER_PATCH * n, "hbm_bytes": 4 * n * D, "bound": b,
+                               "seconds": t[b], "terms_s": t,
+                               "slides_per_s": cfg["train_slides"] / t[b]}
+        for mine, theirs, want in RATIO_TARGETS:  # slides/s of mine / theirs
+            a, b = sps.get((mine, g)), sps.get((theirs, g))
+            rows.append((f"{mine} vs {theirs}", g, a / b if a and b else None, ">=", want))
+        best = max(((v, p) for (p, h), v in sps.items() if h == g and p in BY_NAME
+                    and BY_NAME[p].pooling == "fastmil"), default=None)
         fl = res["floor"].get(g)
-        add(f"roofline floor / best fastmil ({best[1] if best else '-'})", g,
-            fl["slides_per_s"] / best[0] if best and fl else None, "<= 3x", lambda v: v <= 3)
-    a, b = (res["auc"]["summary"].get(k) for k in ("fastmil_packed_16", "fastmil_1"))
-    if a and b and a["sd"] is not None and b["sd"] is not None:
-        noise = max(0.01, 2 * math.sqrt(a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"]))
-        add("val AUC, packed 16/step vs 1 slide/step: mean difference", "auc",
-            abs(a["mean"] - b["mean"]), f"<= noise ({noise:.3f})", lambda v: v <= noise)
-    else:
-        add("val AUC, packed 16/step vs 1 slide/step", "auc", None, "<= noise", None)
-    return rows
-
-
-def _f(v, fmt="{:.3g}"):
-    return "-" if v is None else fmt.format(v)
+        rows.append((f"roofline floor / best fastmil ({best[1] if best else '-'})", g,
+                     fl["slides_per_s"] / best[0] if best and fl else None, "<=", 3))
+    a, b = s.get("fastmil_packed_16"), s.get("fastmil_1")
+    ok = a and b and a["sd"] is not None and b["sd"] is not None
+    rows.append(("val AUC, packed 16/step vs 1 slide/step: mean difference", "auc",
+                 abs(a["mean"] - b["mean"]) if ok else None, "<=", max(0.01, 2 * math.sqrt(
+                     a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"])) if ok else 0.01))
+    res["targets"] = [{"target": t, "group": g, "measured": v, "want": f"{op} {w:.3g}", "met":
+                       None if v is None else bool(v >= w if op == ">=" else v <= w)}
+                      for t, g, v, op, w in rows]
+    return res
 
 
 def render_markdown(res):
-    """The results JSON as markdown: one table per precision and placement, targets, AUC."""
-    cfg, env = res["config"], res["env"]
-    out = [f"One training epoch of {cfg['train_slides']} synthetic slides "
-           f"({cfg['train_patches']:,} patches, median {cfg['lengths']['median']:,.0f}), "
-           f"{env['device']}, torch {env['torch']}, commit {env.get('commit') or '-'}.", ""]
-    for group in sorted({(r["dtype"], r["placement"]) for r in res["results"]}):
-        rows = [r for r in res["results"] if (r["dtype"], r["placement"]) == group]
-        clam = next((r.get("slides_per_s") for r in rows if r["provider"] == "clam_1"), None)
-        out += [f"**{'/'.join(group)}**", "", "| provider | slides/step | slides/s | ms/step | "
-                "x CLAM | GPU busy | peak GB (extra) | status |",
-                "|---|---:|---:|---:|---:|---:|---:|---|"]
-        for r in rows:
-            v = r.get("slides_per_s")
-            mem = f"{r['peak_mem_gb']:.1f} ({r['extra_mem_gb']:.1f})" if "peak_mem_gb" in r else "-"
-            out.append(f"| {r['label']} | {r['slides_per_step']} | {_f(v, '{:,.0f}')} | "
-                       f"{_f(r.get('ms_per_step'), '{:.2f}')} | "
-                       f"{_f(v / clam if v and clam else None, '{:.1f}')} | "
-                       f"{_f(r.get('gpu_busy'), '{:.0%}')} | {mem} | {r['status']}"
-                       f"{': ' + r['reason'] if r.get('reason') else ''} |")
-        fl = res["floor"].get("/".join(group))
-        if fl:
-            out.append(f"| roofline floor ({fl['bound']}) | | {fl['slides_per_s']:,.0f} "
-                       "| | | | | |")
-        out.append("")
-    out += ["| target | group | measured | target | met |", "|---|---|---:|---|---|"]
-    for t in res["targets"]:
-        met = {True: "met", False: "not met", None: "n/a"}[t["met"]]
-        out.append(f"| {t['target']} | {t['group']} | {_f(t['measured'])} | {t['want']} | {met} |")
-    if res["auc"]["summary"]:
-        out += ["", f"Validation AUC after {cfg['auc_epochs']} epoch(s) per seed:", "",
-                "| variant | AUC per seed | mean | sd |", "|---|---|---:|---:|"]
-        for name, s in res["auc"]["summary"].items():
-            per = ", ".join(f"{r['auc']:.3f}" for r in res["auc"]["runs"]
-                            if r["provider"] == name and "auc" in r)
-            out.append(f"| {name} | {per} | {s['mean']:.3f} | {_f(s['sd'], '{:.3f}')} |")
-    return "\n".join(out) + "\n"
+    """The results JSON as markdown: the jobs and the roofline floors, the targets, the AUC."""
+    res, cfg, env = summarize(res), res["config"], res["env"]
+    f = lambda v, fmt="{:.3g}": "-" if v is None else fmt.format(v)  # noqa: E731
+    table = lambda head, rows: [  # noqa: E731
+        *("| " + " | ".join(map(str, r)) + " |" for r in (head, ["---"] * len(head), *rows)), ""]
+    jobs = [(r["label"], f"{r['dtype']}/{r['placement']}", r["per_step"],
+             f(r.get("slides_per_s"), "{:,.0f}"), f(r.get("ms_per_step"), "{:.2f}"),
+             f(r.get("gpu_busy"), "{:.0%}"), f(r.get("peak_mem_gb"), "{:.1f}"),
+             f(r.get("extra_mem_gb"), "{:.1f}"), r["status"] + (f": {r['reason']}" if r.get(
+                 "reason") else "")) for r in res["results"]]
+    jobs += [(f"roofline floor ({fl['bound']})", g, "", f"{fl['slides_per_s']:,.0f}", *"-" * 5)
+             for g, fl in res["floor"].items()]
+    return "\n".join([
+        f"One training epoch of {cfg['train_slides']} synthetic slides ({cfg['train_patches']:,} "
+        f"patches, median {cfg['lengths']['median']:,.0f}), {env['device']}, torch "
+        f"{env['torch']}, commit {env.get('commit') or '-'}.", "",
+        *table(("provider", "precision/placement", "slides/step", "slides/s", "ms/step",
+                "GPU busy", "peak GB", "extra GB", "status"), jobs),
+        *table(("target", "group", "measured", "want", "met"), [(
+            t["target"], t["group"], f(t["measured"]), t["want"],
+            {True: "met", False: "not met"}.get(t["met"], "n/a")) for t in res["targets"]]),
+        f"Validation AUC after {cfg['auc_epochs']} epoch(s):", "", *(
+            f"- {k}: {s['mean']:.3f} (sd {f(s['sd'])} over {s['n']} seeds)"
+            for k, s in res["auc"]["summary"].items())])
 
 
 def plot(res, path):
-    """Bar plot of slides/s per provider, one bar per precision and placement, log scale."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Slides/s per job, log scale."""
+    from matplotlib.figure import Figure
 
-    groups = sorted({(r["dtype"], r["placement"]) for r in res["results"] if r.get("slides_per_s")})
-    labels = dict.fromkeys(r["label"] for r in res["results"])
-    fig, ax = plt.subplots(figsize=(9, 1 + 0.3 * len(labels) * len(groups)))
-    h = 0.8 / max(1, len(groups))
-    for k, group in enumerate(groups):
-        v = {r["label"]: r.get("slides_per_s") or 0 for r in res["results"]
-             if (r["dtype"], r["placement"]) == group}
-        ax.barh([i + k * h for i in range(len(labels))], [v.get(n, 0) for n in labels], h,
-                label="/".join(group))
-    ax.set_yticks([i + h * (len(groups) - 1) / 2 for i in range(len(labels))], list(labels))
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("slides / s over one training epoch")
-    ax.set_title(f"ABMIL training, {res['env']['device']}")
-    ax.legend()
-    fig.tight_layout()
+    rows = [r for r in res["results"] if r.get("slides_per_s")][::-1]
+    ax = (fig := Figure(figsize=(9, 1 + 0.3 * len(rows)), layout="tight")).subplots()
+    ax.barh([f"{r['label']} ({r['dtype']}/{r['placement']})" for r in rows],
+            [r["slides_per_s"] for r in rows])
+    ax.set(xscale="log", xlabel="slides / s over one training epoch", title=res["env"]["device"])
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
-def parse(argv):
+def run(args):
+    """The jobs: timings then AUC, CUDA graphs last in each (a failed capture can break CUDA)."""
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke
+                                       else "cpu"))
+    cuda, t0, compiled = dev.type == "cuda", time.perf_counter(), {}
+    deadline = t0 + args.budget_s if args.budget_s else math.inf
+    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
+    places = ["gpu", "pinned"] if args.placement == "both" else [args.placement]
+    names = list(BY_NAME) if args.providers == "all" else args.providers.split(",")
+    if set(names) - set(BY_NAME):
+        raise SystemExit(f"unknown providers in {names}; choose from {list(BY_NAME)}")
+    c = Cohort(args.slides, dev, args.median, "pinned" in places and cuda)
+    n, peaks = c.lengths, measure_peaks(dev)  # {} on a CPU: no floor
+    if peaks and c.host is not None:  # pinned host-to-device GB/s: 5 copies of host onto feats
+        t = time.perf_counter()
+        for _ in range(5):
+            c.feats[:1 << 17].copy_(c.host[:1 << 17], non_blocking=True)  # the same values
+        sync(dev)
+        peaks["h2d_gbs"] = 5 * c.host[:1 << 17].nbytes / (time.perf_counter() - t) / 1e9
+    res = {"schema": "fastmil-epoch/2", "env": {
+        "device": torch.cuda.get_device_name(dev) if cuda else "CPU", "torch": torch.__version__,
+        "fastmil": fastmil.__version__, "time_utc": time.strftime("%FT%TZ", time.gmtime()),
+        "commit": os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or None},
+        "config": {**vars(args), **FIXED, "providers": names,
+        "train_slides": len(c.train), "val_slides": len(c.val), "patches": int(n.sum()),
+        "train_patches": int(n[c.train].sum()), "feature_bytes": int(n.sum()) * D * 2,
+        "lengths": {"max": int(n.max()), "mean": float(n.mean()), **dict(zip(
+            ("p5", "median", "p95"), np.percentile(n, [5, 50, 95]).tolist(), strict=True))}},
+        "peaks": peaks, "floor": {}, "results": [], "auc": {"runs": []}, "targets": []}
+
+    def save():
+        res["wall_s"] = time.perf_counter() - t0
+        if args.out:
+            Path(args.out).write_text(json.dumps(summarize(res), default=float))
+
+    def job(spec, dtype, pl, seed=None):  # timing (seed None) or AUC; failures go in its row
+        row = dict(provider=spec.name, dtype=dtype, placement=pl, status="interrupted", **(
+            {"seed": seed} if seed is not None else dict(label=spec.label, per_step=spec.per_step)))
+        try:
+            if why := ("CUDA only" if not cuda and (pl == "pinned" or spec.graphs) else
+                       "budget" if time.perf_counter() > deadline else None):
+                raise LookupError(why)
+            gc.collect()  # the last job's trainer is gone now: free its memory
+            torch.cuda.empty_cache()  # (a no-op without CUDA)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(dev)
+            base, t = torch.cuda.memory_allocated(dev) if cuda else 0, time.perf_counter()
+            tr = Trainer(spec, dtype, c, dev, pl == "pinned", seed or 0,
+                         compiled=compiled.get((spec, dtype)))
+            compiled.update({(spec, dtype): (tr.model, tr.fwd)} if spec.compiled else {})
+            if seed is not None:  # AUC: train, then P(positive) one slide a call, eval mode
+                rng = np.random.default_rng([seed, 4])
+                for _ in range(args.auc_epochs):
+                    if tr.run(range(k := tr.epoch(rng.permutation(c.train))), deadline) < k:
+                        raise LookupError("budget")
+                tr.model.eval()
+                with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=tr.bf16):
+                    out = [tr.model(c.feats[c.offsets[s]:c.offsets[s + 1]].float()) for s in c.val]
+                p = torch.cat([z[0] if isinstance(z, tuple) else z for z in out]).float()
+                p, y = p.softmax(-1)[:, 1].cpu().numpy(), c.labels[c.val]
+                pos, neg = p[y == 1][:, None], p[y == 0][None]  # ROC AUC: pairs in order
+                return row.update(status="ok", train_s=time.perf_counter() - t, auc=float(
+                    ((pos > neg) + 0.5 * (pos == neg)).mean()))
+            steps = tr.epoch(np.random.default_rng(3).permutation(c.train))
+            tr.run(range(min(WARMUP, steps)))
+            before = float(tr.loss_sum)  # a sync; warmup_s: model, compiles, captures, warm-up
+            t, row["warmup_s"] = time.perf_counter(), time.perf_counter() - t
+            k = tr.run(range(steps), deadline)
+            sync(dev)
+            wall = time.perf_counter() - t
+            row.update(status="ok" if k == steps else "partial", steps=k, wall_s=wall,
+                       slides=int(tr.start[k]), slides_per_s=int(tr.start[k]) / wall,
+                       ms_per_step=1e3 * wall / k, loss_mean=(float(tr.loss_sum) - before) / k)
+            if cuda:
+                peak = torch.cuda.max_memory_allocated(dev)
+                row.update(peak_mem_gb=peak / 1e9, extra_mem_gb=(peak - base) / 1e9)
+                if time.perf_counter() < deadline:
+                    row.update(tr.busy(range(min(PROFILE_STEPS, steps))))
+        except LookupError as e:
+            row.update(status="skipped", reason=str(e))
+        except Exception as e:  # noqa: BLE001 - OOM included: one failure must not end the run
+            row.update(status="oom" if isinstance(e, torch.OutOfMemoryError) else "error",
+                       reason=f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+        finally:
+            with contextlib.suppress(Exception):  # copies may still write into memory to free
+                sync(dev)
+            (res["results"] if seed is None else res["auc"]["runs"]).append(row)
+            save()
+
+    specs = [BY_NAME[k] for k in names]
+    jobs = [(s, dt, pl, None) for g in (0, 1) for pl in places for dt in dtypes
+            for s in specs if s.graphs == g] + [
+        (s, dtypes[-1], "gpu", seed) for g in (0, 1) for s in specs
+             if s.graphs == g and s.name in AUC_VARIANTS for seed in range(args.auc_seeds)]
+    if not args.no_progress:  # (where tqdm is not installed: --no-progress)
+        from tqdm.auto import tqdm
+        jobs = tqdm(jobs, desc="epoch benchmark", file=sys.stderr, mininterval=1)
+    try:
+        for spec, dtype, pl, seed in jobs:
+            if args.no_progress:
+                print(spec.name, dtype, pl, "" if seed is None else f"AUC seed {seed}",
+                      file=sys.stderr, flush=True)
+            job(spec, dtype, pl, seed)
+    except KeyboardInterrupt:  # e.g. timeout -s INT: keep what was measured
+        res["interrupted"] = True
+    save()
+    return res
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.epoch",
                                 description=__doc__.split("\n\n")[0])
     add = p.add_argument
     add("--device", help="cuda (the default where there is one) or cpu")
-    add("--slides", type=int, default=1000)
-    add("--median", type=int, default=MEDIAN, help="median patches per slide")
-    add("--dtype", choices=("fp32", "bf16", "both"), help="bf16 (fp32 with --smoke)")
+    add("--slides", type=int, help="slides in the cohort, 80%% trained on (400; --smoke: 32)")
+    add("--dtype", choices=("bf16", "fp32", "both"), help="bf16 autocast (default) or fp32")
     add("--placement", choices=("gpu", "pinned", "both"), default="both")
-    add("--providers", default="default", help="default (all but compile_1: ~40 s of "
-        "compiling), all, or comma-separated names: " + ", ".join(BY_NAME))
-    add("--budget-s", type=float, default=0.0, help="skip what would start after this (0: no)")
+    add("--providers", default="all", help="all, or some of: " + ", ".join(BY_NAME))
+    add("--budget-s", type=float, default=0.0, help="start no job after this (0: no limit)")
     add("--out", help="the results JSON, rewritten after every job")
-    add("--md", help="write the markdown tables here")
-    add("--png", help="write the slides/s bar plot here")
-    add("--render", metavar="JSON", help="render a results JSON (to stdout, --md, --png) only")
-    add("--smoke", action="store_true", help="tiny: 32 slides of median 48 patches, CPU")
-    add("--warmup", type=int, default=3, help="steps before the timed epoch")
-    add("--profile-steps", type=int, default=8, help="steps under the profiler (0: none)")
-    add("--auc-epochs", type=int, default=2)
-    add("--auc-seeds", type=int, default=2)
-    add("--seed", type=int, default=0)
-    add("--tf32", action="store_true", help="fp32 matmuls on TF32 tensor cores")
-    add("--compile-backend", help="torch.compile backend: inductor (aot_eager with --smoke)")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.slides = args.slides if "--slides" in argv else 32
-        args.median, args.auc_epochs = min(args.median, 48), min(args.auc_epochs, 1)
-        args.device = args.device or "cpu"
-    args.dtype = args.dtype or ("fp32" if args.smoke else "bf16")
-    args.compile_backend = args.compile_backend or ("aot_eager" if args.smoke else "inductor")
-    return args
-
-
-def run(args):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # a bare GPU image: no progress bar
-        tqdm = _NoBar
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.tf32:
-        torch.set_float32_matmul_precision("high")
-    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
-    placements = ["gpu", "pinned"] if args.placement == "both" else [args.placement]
-    wanted = {"all": list(BY_NAME), "default": [n for n in BY_NAME if n != "compile_1"]}.get(
-        args.providers, args.providers.split(","))
-    if set(wanted) - set(BY_NAME):
-        raise SystemExit(f"unknown providers in {wanted}; choose from {list(BY_NAME)}")
-    specs = [s for s in SPECS if s.name in wanted]
-    cuda = device.type == "cuda"
-    cohort = make_cohort(args.slides, device, median=args.median, seed=args.seed,
-                         resident="gpu" in placements or not cuda,
-                         pinned="pinned" in placements and cuda)
-    r = Run(args, device, cohort, specs)
-    r.res["peaks"] = measure_peaks(device)
-    for dt in dtypes:
-        for pl in placements:
-            r.res["floor"][f"{dt}/{pl}"] = floor(r.res["config"]["train_patches"],
-                                                 len(cohort.train), dt, pl, r.res["peaks"])
-    # timings first, AUC last; CUDA-graph captures after the other timings: a failed capture
-    # can leave the CUDA RNG unusable for what follows (then skipped, with that reason)
-    auc = [s for s in specs if s.name in AUC_VARIANTS] if args.auc_epochs > 0 else []
-    jobs = [(r.time_provider, s, dt, pl) for graphs in (False, True) for pl in placements
-            for dt in dtypes for s in specs if s.graphs == graphs]
-    jobs += [(r.auc_run, s, k + args.seed, dtypes[-1]) for graphs in (False, True) for s in auc
-             for k in range(args.auc_seeds) if s.graphs == graphs]
-    bar = tqdm(jobs, desc="epoch benchmark", file=sys.stderr, mininterval=1.0)
-    try:
-        for fn, spec, x, y in bar:
-            bar.set_postfix_str(f"{fn.__name__} {spec.name} {x} {y}")
-            fn(spec, x, y)
-    except KeyboardInterrupt:  # e.g. timeout -s INT: keep and report what was measured
-        r.res["interrupted"] = True
-    r.save()
-    return r.res
-
-
-class _NoBar(list):
-    def __init__(self, items, **_):
-        super().__init__(items)
-
-    def set_postfix_str(self, text):
-        print(text, file=sys.stderr, flush=True)
-
-
-def main(argv=None):
-    args = parse(sys.argv[1:] if argv is None else list(argv))
-    if args.render:
-        with open(args.render) as f:
-            res = json.load(f)
-        res["targets"] = targets(res)
-    else:
-        res = run(args)
-    text = render_markdown(res)
-    print(text)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(text)
-    if args.png:
-        plot(res, args.png)
+    add("--png", help="a bar plot of slides/s")
+    add("--smoke", action="store_true", help="tiny: 32 slides of median 48 patches, CPU, fp32")
+    add("--auc-epochs", type=int, default=2, help="training epochs per AUC run")
+    add("--auc-seeds", type=int, default=2, help="AUC runs per variant (0: none)")
+    add("--render", metavar="JSON", help="only print this results JSON as markdown (and --png)")
+    add("--no-progress", action="store_true", help="a line per job instead of a progress bar")
+    a = p.parse_args(argv)
+    a.slides, a.median = a.slides or (32 if a.smoke else 400), 48 if a.smoke else MEDIAN
+    a.dtype = a.dtype or ("fp32" if a.smoke else "bf16")
+    res = json.loads(Path(a.render).read_text()) if a.render else run(a)
+    print(render_markdown(res))
+    if a.png:
+        plot(res, a.png)
     return res
 
 
