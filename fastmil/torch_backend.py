@@ -130,6 +130,65 @@ def _linear(x, weight, bias=None, alias=False):
     return F.linear(x, weight, bias)
 
 
+def _gated_hidden(pq, activation):
+    """``pq [..., 2L]`` -> ``act(p) [..., L]``, ``sigmoid(q) [..., L]``."""
+    p, q = pq.split(pq.shape[-1] // 2, dim=-1)
+    return ACTIVATIONS[activation](p), torch.sigmoid(q)
+
+
+# g·act'(p), written into ``out``, from the activation's input p and output t
+_ACT_GRAD = {
+    "tanh": lambda g, p, t, out: torch.ops.aten.tanh_backward.grad_input(g, t, grad_input=out),
+    "relu": lambda g, p, t, out: torch.ops.aten.threshold_backward.grad_input(
+        g, t, 0, grad_input=out),
+    "gelu": lambda g, p, t, out: torch.ops.aten.gelu_backward.grad_input(g, p, grad_input=out),
+}
+
+
+class _GatedScores(torch.autograd.Function):
+    """Scores ``s = (act(p) ⊙ sigmoid(q)) @ w^T``: ``pq [..., 2L]`` (float32 / float64),
+    ``w [K, L]`` -> ``[..., K]``, without dropout.
+
+    The forward keeps the two factors of the projection's gradient, ``u = sigmoid(q)·act'(p)``
+    and ``v = act(p)·sigmoid'(q)`` (``[..., 2, L]``, the memory autograd would keep for act(p)
+    and sigmoid(q)), so that the backward is ``dpq = (ds @ w) ⊙ [u, v]``: one product for
+    dpq, where autograd runs two products, two activation backwards and the cat of dp and dq.
+    The score weight's gradient sums its rows in slices for long float32 input (``sliced``).
+    Differentiable twice (recomputed by autograd)."""
+
+    @staticmethod
+    def forward(ctx, pq, w, activation, sliced):
+        ctx.activation, ctx.sliced = activation, sliced
+        t, g = _gated_hidden(pq, activation)
+        h = t * g  # [..., L]
+        if ctx.needs_input_grad[0]:
+            L = w.shape[1]
+            uv = pq.new_empty(*pq.shape[:-1], 2, L)
+            _ACT_GRAD[activation](g, pq[..., :L], t, uv[..., 0, :])
+            torch.ops.aten.sigmoid_backward.grad_input(t, g, grad_input=uv[..., 1, :])
+            ctx.save_for_backward(pq, w, h, uv)
+        else:
+            ctx.save_for_backward(pq, w, h)
+        return h @ w.t()
+
+    @staticmethod
+    def backward(ctx, ds):
+        pq, w, h, *uv = ctx.saved_tensors  # (unpacked once: checkpoint allows no more)
+        need_pq, need_w = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph=True: the same, by autograd, recomputed
+            t, g = _gated_hidden(pq, ctx.activation)
+            inputs = [t for t, need in ((pq, need_pq), (w, need_w)) if need]
+            got = iter(torch.autograd.grad((t * g) @ w.t(), inputs, ds, create_graph=True))
+            return (next(got) if need_pq else None, next(got) if need_w else None, None, None)
+        dpq = dw = None
+        if need_pq:
+            dpq = ((ds @ w).unsqueeze(-2) * uv[0]).view(pq.shape)  # [..., 2L]
+        if need_w:
+            ds2, h2 = ds.reshape(-1, ds.shape[-1]), h.reshape(-1, h.shape[-1])
+            dw = _sliced_weight_grad(ds2, h2) if ctx.sliced else ds2.t() @ h2
+        return dpq, dw, None, None
+
+
 def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_weight,
                      activation="tanh", dropout_p=0.0, alias=False):
     """Scores ``s = w·(act(V h + b_V) ⊙ sigmoid(U h + b_U))``: x [..., D] -> [..., K].
@@ -159,6 +218,11 @@ def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_we
         pq, x = pq
     if gate_weight is None:
         hidden = _dropout(act(pq), dropout_p)  # [..., L]
+    elif dropout_p == 0 and pq.dtype == acc and torch.is_grad_enabled():
+        sliced = (score_weight.requires_grad
+                  and _long_float32(pq, pq.shape[:-1].numel()))
+        s = _GatedScores.apply(pq, score_weight, activation, sliced)  # [..., K]
+        return (s, x) if alias else s
     else:
         p, q = pq.split(L, dim=-1)  # [..., L] each (split: its backward is one cat, where
         # slicing would zero-fill and copy [.., 2L] twice)
@@ -325,7 +389,7 @@ class _SegmentWeightedSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dz):
-        a, x, seg = ctx.saved_tensors[:3]
+        a, x, seg, *saved_w = ctx.saved_tensors  # (unpacked once: checkpoint allows no more)
         need_a, need_x = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph=True: the same sums, differentiable, whole
             dz_rows = dz[seg]  # [T, K, D]
@@ -335,7 +399,7 @@ class _SegmentWeightedSum(torch.autograd.Function):
         T, K = a.shape
         D = x.shape[1]
         if ctx.one:
-            w = ctx.saved_tensors[3]  # [T, B·K]
+            w = saved_w[0]  # [T, B·K]
             dz2 = dz.reshape(ctx.B * K, D)
             dx = (w @ dz2).to(x.dtype) if need_x else None
             da = None
