@@ -40,10 +40,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _kernels():
-    from .kernels import attention_pool  # imports triton
+_KERNELS = None  # fastmil.kernels.attention_pool, once imported
 
-    return attention_pool
+
+def _kernels():
+    global _KERNELS
+    if _KERNELS is None:
+        from .kernels import attention_pool  # imports triton
+
+        _KERNELS = attention_pool
+    return _KERNELS
 
 
 def triton_unavailable_reason(x: Tensor) -> str | None:
@@ -104,14 +110,14 @@ def _layout(offsets: Tensor, R: int, device: torch.device, opts) -> object:
     asynchronously), then kept with the offsets tensor. Device offsets: built on the device with
     a few small launches and no sync (kept likewise, except inside a CUDA graph capture, which
     must record the build)."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    memo = None if capturing else derived(offsets)
+    key = ("layout", R, device, opts.chunk_rows, opts.programs_per_sm, opts.single)
+    if memo is not None and key in memo:
+        return memo[key]
     k = _kernels()
     chunk = config.chunk_size(R, device, opts)
     B = offsets.shape[0] - 1
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    memo = None if capturing else derived(offsets)
-    key = ("layout", device, chunk, opts.single)
-    if memo is not None and key in memo:
-        return memo[key]
     if offsets.device.type == "cpu":
         if capturing:
             raise ValueError("offsets are on the CPU but x is on the GPU inside a CUDA graph "

@@ -317,17 +317,17 @@ def test_tile_table_precedence(monkeypatch):
     default = config.GPU_TILES[("fwd", "16-bit", 1)]
     a, b = config.TILE_CANDIDATES["fwd"][1:3]
     monkeypatch.setattr(config, "MEASURED_TILES", {})  # whatever the GPU runs pasted there
-    config._table_tiles.cache_clear()
+    config._tiles.cache_clear()
     blocks = lambda t: (t[0], min(t[1], 1024), min(t[2], 256), 16, t[3], t[4])  # noqa: E731
     assert config.tiles(*args) == blocks(default)
     monkeypatch.setitem(config.MEASURED_TILES, key, a)
-    config._table_tiles.cache_clear()
+    config._tiles.cache_clear()
     assert config.tiles(*args) == blocks(a)
     assert config.tiles("fwd", torch.bfloat16, 1536, 256, 1, True, True) == blocks(default)
     with kernel_options(tiles={"fwd": b}):
         assert config.tiles(*args) == blocks(b)
     assert config.tiles("fwd", torch.float32, 20, 12, 1, True, True)[1:3] == (32, 16)
-    config._table_tiles.cache_clear()
+    config._tiles.cache_clear()
 
 
 def test_wide_features_and_attention_take_several_blocks():

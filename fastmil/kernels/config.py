@@ -136,7 +136,6 @@ def tile_key(kind: str, dtype: torch.dtype, D: int, L: int, K: int, gated: bool)
     return (kind, dtype_class(dtype), bool(gated), pow2(D), int(L), int(K))
 
 
-@functools.lru_cache(maxsize=256)
 def _table_tiles(kind, dtype, D, L, K, gated, cuda):
     if not cuda:
         return INTERPRETER_TILES[kind]
@@ -151,7 +150,13 @@ def tiles(kind, dtype, D, L, K, gated, cuda, opts=None, dropout=False):
     columns (and 32 rows in the backward): the random numbers of two masks per tile spill
     registers otherwise."""
     opts = opts or options()
-    tile = (opts.tiles or {}).get(kind) or _table_tiles(kind, dtype, D, L, K, gated, cuda)
+    override = opts.tiles.get(kind) if opts.tiles else None
+    return _tiles(override and tuple(override), kind, dtype, D, L, K, gated, cuda, dropout)
+
+
+@functools.lru_cache(maxsize=512)
+def _tiles(override, kind, dtype, D, L, K, gated, cuda, dropout):
+    tile = override or _table_tiles(kind, dtype, D, L, K, gated, cuda)
     block_n, block_d, block_l, num_warps, num_stages = tile
     if dropout and cuda:
         block_l = min(block_l, 32)
