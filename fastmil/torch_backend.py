@@ -4,16 +4,26 @@ Runs on any device and any floating dtype (float64 included), is differentiable 
 traces under ``torch.compile(fullgraph=True)``. It is the fallback wherever the fused Triton kernel
 does not run. Compared with the eager formulation it does one GEMM for V and U together, keeps the
 score product and the softmax in float32, zeroes padding so that garbage there cannot leak in, and
-handles packed bags with a segment softmax (scatter / index_add) instead of a Python loop over
-bags.
+handles packed bags with a segment softmax and a segment weighted sum (one-hot GEMMs, or
+index_add for many small bags) instead of a Python loop over bags.
+
+Speed (the CPU fallback): few, large ops, since on a CPU every op over more than a few thousand
+values wakes the thread pool, which costs far more than the op when another process holds a
+core. The gated scores' backward is one product (_GatedScores), x's two gradients are added
+inside the projection's backward GEMM (_Linear's alias), long bags run their slices as one bmm,
+and padded input whose (CPU) mask is all True skips the masked copy of x.
 
 Precision: every softmax normalises along the last dimension (``[B, K, N]``); on float32 input
 longer than ``POOL_ROWS`` rows, the softmax normaliser is summed in float64, and the weighted
 sum and the weight gradients in slices of at most ``POOL_ROWS`` rows (the BLAS would otherwise
-run one float32 sum along all rows, as precise as its thread count happens to make it), so a
-float32 bag of 10⁶ instances stays closer to float64 than the eager formulation on any machine.
-Memory: the packed weighted sum forms its ``a·x`` products one slice at a time, forward and
-backward, never a ``[T, D]`` temporary beyond the gradient of x itself.
+run one float32 sum along all rows, as precise as its thread count happens to make it), the
+slices' partials added in float64 (the weighted sum) or by torch.sum's cascaded float32 sum
+(the weight gradients), so a float32 bag of 10⁶ instances stays closer to float64 than the
+eager formulation on any machine. The packed one-hot GEMMs sum each bag over its own rows only.
+Memory: the packed weighted sum forms its ``a·x`` products one slice at a time (index_add) or
+not at all (one-hot GEMMs, whose weights stay within a quarter of x), forward and backward,
+never a ``[T, D]`` temporary beyond the gradient of x itself, onto which the projection adds
+its part in place.
 
 Inputs arrive validated and canonical (see :mod:`fastmil.functional`): ``score_weight`` is 2-D
 ``[K, L]`` (the score bias, which the softmax ignores, stays with the caller), ``x`` is padded
@@ -34,16 +44,17 @@ from .reference import ACTIVATIONS
 __all__ = ["attention_pool_torch", "attention_scores", "POOL_ROWS"]
 
 # Rows per slice of the packed weighted sum: bounds its temporary memory to
-# POOL_ROWS·K·D values and its sequential (index_add) summation to POOL_ROWS terms per slice.
-# Also, for float32 inputs of more than POOL_ROWS rows, the longest float32 running sum over
-# rows that the weight gradients and the padded weighted sum may take (their GEMMs go slice by
-# slice), and the length above which the padded softmax sums its normaliser in float64. Up to
-# POOL_ROWS rows these are one GEMM each and torch.softmax.
+# POOL_ROWS·K·D values and its running sums to POOL_ROWS terms per bag and slice (one slice
+# for all rows where no bag is longer). Also, for float32 inputs of more than POOL_ROWS rows,
+# the longest float32 running sum over rows that the weight gradients and the padded weighted
+# sum may take (their GEMMs go slice by slice), and the length above which the padded softmax
+# sums its normaliser in float64. Up to POOL_ROWS rows these are one GEMM each and
+# torch.softmax.
 POOL_ROWS = 8192
 # Rows per slice of a small weight gradient (see _sliced_weight_grad).
 SUM_ROWS = 1024
 # The packed weighted sum runs as one-hot GEMMs where a slice holds at most this many
-# (bag, branch) pairs, else as index_add (see _SegmentWeightedSum).
+# (bag, branch) pairs (and a quarter of D), else as index_add (see _SegmentWeightedSum).
 DENSE_COLS = 32
 
 
@@ -343,17 +354,19 @@ class _SegmentWeightedSum(torch.autograd.Function):
     """z[b, k] = Σ_{n in bag b} a[n, k] x[n] for packed rows ``a [T, K]``, ``x [T, D]``, sorted
     bag ids ``seg [T]`` -> ``z [B, K, D]``. No host sync.
 
-    Few bags (B·K <= DENSE_COLS and <= D/4, _few_cols): one GEMM of the one-hot weights
-    ``[B·K, T]`` (each row's a in its bag's columns, zeros elsewhere) by x, and one GEMM each for
-    dx and da in the backward. Zeros add nothing, so each bag's running sum covers only its own
-    rows: with ``whole`` (the caller knows that no bag is longer than POOL_ROWS rows) that is all
-    of it. Else the rows go in slices of POOL_ROWS (the bags in a slice get local ranks 0, 1, …
-    in row order, at most nb = min(POOL_ROWS, B) of them), their partials ``[nb, K, D]`` added
-    up in float64: with few bags per slice (_few_cols(nb·K)) each slice is one such
-    GEMM (all whole slices of a float32 / float64 x in one bmm), with many each slice's
-    products ``[S, K, D]`` are summed per bag by index_add. No bag sums more than POOL_ROWS
-    terms in a row, and no temporary (forward or backward) is larger than one slice's products
-    or x. Autograd keeps a, x, the bag ids and the one-hot weights of the one-GEMM path."""
+    Few bags (B·K columns, _few_cols): one GEMM of the one-hot weights ``[B·K, T]`` (each row's
+    a in its bag's columns, zeros elsewhere) by x, and one GEMM each for dx and da in the
+    backward. Zeros add nothing, so a bag's running sum covers its own rows only: one GEMM for
+    all rows where T <= POOL_ROWS or ``whole`` (the caller knows that no bag is longer than
+    POOL_ROWS rows). Else the rows go in slices of POOL_ROWS, the bags in a slice ranked 0, 1,
+    … in row order (at most nb = min(POOL_ROWS, B) of them), and the slices' partials
+    ``[nb, K, D]`` are added up in float64: with few bags per slice (_few_cols(nb·K)) each slice
+    is one such GEMM (all whole slices of a float32 / float64 x in one bmm), with many each
+    slice's products ``[S, K, D]`` are summed per bag by index_add (fine on one thread; with
+    several it runs many parallel phases, slow where another process holds a core). No bag
+    sums more than POOL_ROWS terms in a row; besides dx, no temporary is larger than one
+    slice's products or a quarter of x (the one-hot weights, da's products with every bag).
+    Autograd keeps a, x, the bag ids and the one-GEMM path's one-hot weights."""
 
     @staticmethod
     def forward(ctx, a, x, seg, B, whole):
