@@ -29,6 +29,9 @@ from benchmarks.eager import eager_attention_pool
 
 CASES = {  # name: (bag lengths, D, L, dtype, rounds, or None for --rounds)
     "8x1500": ([1500] * 8, 512, 128, torch.float32, None),
+    # the same rows, but bags of two lengths: packed goes through the segment weighted sum (bags
+    # of one length pool as the padded batch they are), eager pads 8 rows
+    "8x1500-uneven": ([1501, 1499] * 4, 512, 128, torch.float32, None),
     "ragged4": ([3000, 800, 1500, 2200], 512, 128, torch.float32, None),
     "20k": ([20_000], 1024, 256, torch.float32, None),
     "20k-bf16": ([20_000], 1024, 256, torch.bfloat16, None),

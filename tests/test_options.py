@@ -498,7 +498,7 @@ def test_torch_packed_weighted_sum_paths(monkeypatch, path, pool_rows, dense_col
 
 
 @pytest.mark.parametrize(("dense_cols", "lengths"), [
-    (32, [200] * 8),  # no bag longer than POOL_ROWS: one GEMM
+    (32, [190, 210] * 4),  # no bag longer than POOL_ROWS: one GEMM
     (32, [30, 400, 0, 210, 900, 20]),  # one GEMM per slice
     (0, [30, 400, 0, 210, 900, 20]),  # index_add per slice
     (32, [12] * 130),  # too many bags per slice for GEMMs: index_add per slice
@@ -559,3 +559,20 @@ def test_torch_all_true_mask_is_no_mask():
     assert "masked_fill" not in ops
     for t, u in zip([*got, *g.values()], [*want, *g_want.values()], strict=True):
         assert torch.equal(t, u)
+
+
+@pytest.mark.parametrize("lengths", [[40, 40], [32, 32], [7] * 5, [45]],
+                         ids=["sliced-per-bag", "sliced-one-bmm", "short", "one-bag"])
+def test_torch_packed_bags_of_one_length_pool_as_padded(monkeypatch, lengths):
+    """Packed bags that all have one length (CPU offsets) are pooled as the padded batch they
+    are, through views of x (slices of 16 rows, so that long bags go slice by slice): the same
+    results as the float64 reference, without the segment weighted sum."""
+    import fastmil.torch_backend as tb
+
+    monkeypatch.setattr(tb, "POOL_ROWS", 16)
+
+    def segment_sum(*args):
+        raise AssertionError("the segment weighted sum ran")
+
+    monkeypatch.setattr(tb._SegmentWeightedSum, "apply", segment_sum)
+    _assert_matches_reference("torch", "packed", lengths, 6, 4, 2, return_attention=True)
