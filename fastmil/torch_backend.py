@@ -188,7 +188,7 @@ class _GatedScores(torch.autograd.Function):
         need_pq, need_w = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph=True: the same, by autograd, recomputed
             t, g = _gated_hidden(pq, ctx.activation)
-            inputs = [t for t, need in ((pq, need_pq), (w, need_w)) if need]
+            inputs = [v for v, need in ((pq, need_pq), (w, need_w)) if need]
             got = iter(torch.autograd.grad((t * g) @ w.t(), inputs, ds, create_graph=True))
             return (next(got) if need_pq else None, next(got) if need_w else None, None, None)
         dpq = dw = None
@@ -229,7 +229,8 @@ def attention_scores(x, attn_weight, attn_bias, gate_weight, gate_bias, score_we
         pq, x = pq
     if gate_weight is None:
         hidden = _dropout(act(pq), dropout_p)  # [..., L]
-    elif dropout_p == 0 and pq.dtype == acc and torch.is_grad_enabled():
+    elif (dropout_p == 0 and pq.dtype == acc and activation in _ACT_GRAD
+          and torch.is_grad_enabled()):
         sliced = (score_weight.requires_grad
                   and _long_float32(pq, pq.shape[:-1].numel()))
         s = _GatedScores.apply(pq, score_weight, activation, sliced)  # [..., K]
@@ -260,7 +261,7 @@ def _softmax_lastdim(st):
 
 class _RowSlicedBmm(torch.autograd.Function):
     """``a [B, K, N] @ x [B, N, D]`` -> ``[B, K, D]`` with the sum over N in slices of POOL_ROWS
-    rows, so that no float32 running sum is longer than a slice (see _RowSlicedLinear): one
+    rows, so that no float32 running sum is longer than a slice (see _Linear): one
     bmm over all whole slices ([B·n, K, S] @ [B·n, S, D]; one per bag where x's bags are not one
     stride apart), the partials ([B, n, K, D]) and the tail rows' bmm added up in float64.
     The backward sums over K and D only: one bmm each for dx and da, differentiable (double
@@ -313,13 +314,13 @@ def _pool_padded(x, s, mask):
     return z, a.transpose(1, 2)
 
 
-def _slice_groups(T, whole):
+def _slice_groups(T, batched):
     """The packed rows [0, T) in slices of POOL_ROWS rows, as groups ``(start, n, S)`` of n
-    slices of S rows from row ``start``: all whole slices in one group (``whole``: one batched
-    GEMM for them all) or one group per slice, and the tail rows (fewer than POOL_ROWS) last."""
+    slices of S rows from row ``start``: all whole slices in one group (``batched``: one bmm
+    for them all) or one group per slice, and the tail rows (fewer than POOL_ROWS) last."""
     S = POOL_ROWS
     n = T // S
-    groups = ([(0, n, S)] if n else []) if whole else [(i * S, 1, S) for i in range(n)]
+    groups = ([(0, n, S)] if n else []) if batched else [(i * S, 1, S) for i in range(n)]
     return groups + ([(n * S, 1, T - n * S)] if T > n * S else [])
 
 
