@@ -17,9 +17,8 @@ Precision: every softmax normalises along the last dimension (``[B, K, N]``); on
 longer than ``POOL_ROWS`` rows, the softmax normaliser is summed in float64, and the weighted
 sum and the weight gradients in slices of at most ``POOL_ROWS`` rows (the BLAS would otherwise
 run one float32 sum along all rows, as precise as its thread count happens to make it), the
-slices' partials added in float64 (the weighted sum) or by torch.sum's cascaded float32 sum
-(the weight gradients), so a float32 bag of 10⁶ instances stays closer to float64 than the
-eager formulation on any machine. The packed one-hot GEMMs sum each bag over its own rows only.
+slices' partials added in float64, so a float32 bag of 10⁶ instances stays closer to float64
+than the eager formulation on any machine. The packed one-hot GEMMs sum each bag over its own rows only.
 Memory: the packed weighted sum forms its ``a·x`` products one slice at a time (index_add) or
 not at all (one-hot GEMMs, whose weights stay within a quarter of x), forward and backward,
 never a ``[T, D]`` temporary beyond the gradient of x itself, onto which the projection adds
@@ -71,19 +70,21 @@ def _sliced_weight_grad(dy, x):
     """``dy [T, O]``, ``x [T, I]`` -> ``dy^T x [O, I]`` with no float32 running sum over more
     than POOL_ROWS rows: one bmm over the whole slices of the rows ([n, O, I] partials; slices
     of SUM_ROWS rows for a small product, O·I <= 64·(O+I), which BLASes sum as long dot
-    products, else of POOL_ROWS rows: partials at most O/POOL_ROWS of x's size), the partials
-    added up by torch.sum (a cascaded float32 sum), and the tail rows by one addmm."""
+    products, else of POOL_ROWS rows: partials at most O/POOL_ROWS of x's size) and one GEMM
+    for the tail rows, the partials added up in float64."""
     T, O = dy.shape
     I = x.shape[1]
     S = SUM_ROWS if O * I <= 64 * (O + I) else POOL_ROWS
     n = T // S
     head = n * S
-    if n == 1:
+    if n == 1:  # one slice and the tail: the tail added onto it inside the GEMM
         w = dy[:head].t() @ x[:head]  # [O, I]
-    else:
-        w = torch.bmm(dy[:head].reshape(n, S, O).transpose(1, 2),
-                      x[:head].reshape(n, S, I)).sum(0)
-    return torch.addmm(w, dy[head:].t(), x[head:]) if T > head else w
+        return torch.addmm(w, dy[head:].t(), x[head:]) if T > head else w
+    w = torch.bmm(dy[:head].reshape(n, S, O).transpose(1, 2),
+                  x[:head].reshape(n, S, I)).sum(0, dtype=torch.float64)
+    if T > head:
+        w += dy[head:].t() @ x[head:]
+    return w.to(dy.dtype)
 
 
 class _Linear(torch.autograd.Function):
