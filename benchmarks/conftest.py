@@ -1,17 +1,11 @@
 """pytest configuration of the benchmarks (``pytest benchmarks/``, pytest-benchmark).
 
-Options:
-  --suite NAME        ``gpu`` (the targets' shapes; the default on CUDA) or ``smoke`` (tiny
-                      shapes, the default without CUDA: the CI run on a CPU, fastmil's kernels in
-                      Triton's interpreter).
-  --providers A,B     only these providers (harness.PROVIDERS).
-  --bench-budget-s S  tests that would start after S seconds skip, so a time-boxed run still
-                      ends with its JSON.
-  --bench-batch-s S   seconds of calls per timed batch (default 0.2 on CUDA, 0.05 on CPU).
-
-The numbers go to pytest-benchmark's JSON (``--benchmark-json=PATH``): each test's
-``extra_info``, and a top-level ``"fastmil"`` entry with the device, the measured peaks and the
-versions. ``python -m benchmarks.report PATH`` writes benchmarks/RESULTS.md from it.
+Options: ``--suite gpu|smoke`` (default: gpu on CUDA, else the CPU smoke suite, fastmil's
+kernels in Triton's interpreter), ``--providers A,B`` (of harness.PROVIDERS), ``--bench-budget-s
+S`` (later tests skip, so a time-boxed run still writes its JSON), ``--bench-batch-s S`` (seconds
+of calls per timed batch). The numbers go to ``--benchmark-json=PATH``: each test's
+``extra_info``, and a top-level ``"fastmil"`` entry with the device, peaks and versions;
+``python -m benchmarks.report PATH`` makes RESULTS.md from it.
 """
 
 from __future__ import annotations
@@ -79,12 +73,13 @@ def batch_s(request, device):
 
 
 def _commit() -> str:
+    """This tree's commit; FASTMIL_COMMIT where the tree has no .git (a copied work tree)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=os.path.dirname(__file__), timeout=10)
-        return out.stdout.strip() or os.environ.get("FASTMIL_COMMIT", "unknown")
-    except OSError:
-        return os.environ.get("FASTMIL_COMMIT", "unknown")
+                             text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:  # no git here
+        out = ""
+    return out or os.environ.get("FASTMIL_COMMIT", "unknown")
 
 
 @pytest.hookimpl(optionalhook=True)

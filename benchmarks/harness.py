@@ -1,24 +1,14 @@
 """The attention_pool benchmark: cases (shapes and workloads), providers, and timing.
 
-Workloads, what one timed call does:
-
-* ``frozen``: x without grad, the weights with it: forward + backward (features extracted once
-  by a frozen encoder, as whole-slide pipelines train);
-* ``train``: x with grad too: forward + backward (an encoder trains with the pooling);
-* ``infer``: forward under ``torch.no_grad()``, returning the attention.
-
-Cost model per instance (D features, attention size L, K branches), for the roofline floor::
-
-    projections P = 4·L·D, scores S = 2·L·K, pooling A = 2·D·K
-    flops: infer P + S + A; frozen 3·P + 3·S + 2·A (no dx); train 4·P + 3·S + 3·A
-    bytes: x read once per pass (twice with a backward), dx written once (train), the attention
-           written (infer, fp32), weights and z negligible
-
-Timing is the wall clock a training loop feels: calls back to back (the host queues the next
-while the GPU runs the last), the device synchronised at the end of each batch, per call = batch
-÷ calls. On CUDA each test also records where one call's device time goes (torch.profiler:
-kernels, their count and time), its host time (the call alone, the GPU idle before it), its
-memory, and its error against ``fastmil.reference``.
+Workloads, one timed call: ``frozen`` (x without grad, the weights with it: forward + backward,
+as whole-slide pipelines train on extracted features), ``train`` (x with grad too), ``infer``
+(forward under ``torch.no_grad()``, returning the attention). Roofline floor per instance (D
+features, L attention, K branches; P = 4·L·D, S = 2·L·K, A = 2·D·K): flops infer P + S + A,
+frozen 3P + 3S + 2A, train 4P + 3S + 3A; bytes: x read once per pass, dx written (train), the
+attention written (infer). Timing is the wall clock of a loop: calls back to back, the device
+synchronised after each batch, per call = batch ÷ calls; on CUDA each test also records one
+call's kernels (torch.profiler), its host time, its peak memory and its error against
+``fastmil.reference``.
 """
 
 from __future__ import annotations
@@ -149,19 +139,21 @@ def _module(inp: Inputs, case: Case, **kwargs) -> fastmil.AttentionPool:
     return pool
 
 
-def _fastmil(backend="triton", options=None, **kwargs):
+def _fastmil(backend="triton", options=None, padded=False, **kwargs):
     """fastmil's AttentionPool (what users hold: [V; U] in one block), packed bags with their
-    offsets on the host (as fastmil.collate makes them); ``options``: kernel options."""
+    offsets on the host (as fastmil.collate makes them), or ``padded`` with a mask;
+    ``options``: kernel options."""
     def build(case, inp):
-        x = inp.x
+        x = inp.xp if padded else inp.x
         if backend == "triton" and fastmil.triton_backend.triton_unavailable_reason(x):
             raise Unavailable(fastmil.triton_backend.triton_unavailable_reason(x))
         pool = _module(inp, case, backend=backend, **kwargs)
         scope = (lambda: kernel_options(**options)) if options else contextlib.nullcontext
+        layout = dict(mask=inp.mask) if padded else dict(offsets=inp.offsets)
 
         def call(x, attention=False):
             with scope():
-                return pool(x, offsets=inp.offsets, return_attention=attention)
+                return pool(x, return_attention=attention, **layout)
         return call, x, list(pool.parameters())
     return build
 
@@ -228,6 +220,7 @@ PROVIDERS = {
     "fastmil-fma-sum": _fastmil(options=dict(fma_sum=True)),
     "fastmil-16-per-sm": _fastmil(options=dict(programs_per_sm=16)),
     "fastmil-torch": _fastmil("torch"),
+    "fastmil-torch-padded": _fastmil("torch", padded=True),
     "eager": _eager(),
     "compile": _eager(compiled=True),
     "torchmil": _torchmil,

@@ -1,27 +1,19 @@
-"""Where one call's time goes, beside the harness's timings: host time, launches, Nsight Compute.
+"""Where one call's time goes, beside the harness's timings.
 
     python -m benchmarks.profile host [--device cpu|cuda] [--json FILE]
     python -m benchmarks.profile launches [--json FILE]
     python -m benchmarks.profile ncu CASE     (under: ncu --profile-from-start off ...)
 
-**host**: microseconds of host time per training call (x trainable, forward and backward) and
-per inference call, for fastmil's triton backend (the AttentionPool users hold) and for the eager
-formulation, on the MNIST-bags shape (512 bags of 5–15) and one slide (one bag). On a CPU (the
-default) fastmil's kernels are compiled for sm_90 and launched through Triton's whole launch path
-into a stand-in driver (``tests/standin_driver.py``) that skips only the final C launch; the aten
-ops around them, and all of eager's, run on CPU tensors, with D = L = 1 and a slide of 1,000
-instances so that their arithmetic stays a few microseconds (host time does not depend on sizes,
-the arithmetic does, for both alike; the stand-in records no arguments). fastmil is timed with its direct launches (the default)
-and through ``JITFunction.run`` on every launch. With ``--device cuda`` the calls run for real
-at the cases' sizes: *host* until the call returns (the GPU idle before it), *wall* until the GPU
-has finished.
-
-**launches**: kernels per call of every workload on the GPU suite's cases (torch.profiler) on a
-GPU; on a CPU a proxy at the host shapes: Triton launches plus the aten ops that would launch a
-kernel (views and other metadata ops apart).
-
-**ncu**: one call of a GPU-suite case, in its workload, between ``cudaProfilerStart`` and
-``cudaProfilerStop``.
+**host**: µs of host time per training call (x trainable, forward and backward) and per
+inference call, of fastmil's AttentionPool (direct launches, and through ``JITFunction.run``)
+and of the eager formulation, at the MNIST-bags shape and one slide. On a CPU fastmil's kernels
+are compiled for sm_90 and launched through Triton's whole launch path into a stand-in driver
+(``tests/standin_driver.py``) that skips only the final C launch; the aten ops run on CPU
+tensors with D = L = 1 and a slide of 1,000 instances, so that their arithmetic stays a few µs
+for both. With ``--device cuda``: the real calls at full size, *host* until the call returns
+(the GPU idle before it), *wall* until the GPU is done. **launches**: kernels per call (CUDA:
+torch.profiler; CPU: Triton launches plus the aten ops that make a kernel). **ncu**: one call of
+a GPU-suite case between ``cudaProfilerStart`` and ``cudaProfilerStop``.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -50,6 +51,8 @@ WEIGHT_NAMES = ("attn_weight", "gate_weight", "score_weight", "attn_bias", "gate
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+if ROOT not in sys.path:  # the tests of benchmarks/ import it as a package
+    sys.path.insert(0, ROOT)
 
 
 def child_env(*paths: str, **extra: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from . import epoch as E
+from benchmarks import epoch as E
 
 CPU = torch.device("cpu")
 

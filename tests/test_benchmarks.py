@@ -1,4 +1,5 @@
-"""The benchmark tools on a CPU: the report's targets from known numbers, the committed GPU run's
+"""The tools of benchmarks/ on a CPU: the eager baseline against the reference (a benchmark against a
+wrong baseline means nothing), the report's targets from known numbers, the committed GPU run's
 report, the tile sweep's plumbing, and the kernels per call (counted through Triton's launch path
 on a stand-in driver). Nothing here asserts a timing."""
 
@@ -11,9 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from . import report
-from .harness import SUITES
+import fastmil
+from benchmarks import report
+from benchmarks.eager import eager_attention_pool
+from benchmarks.harness import SUITES
+from fastmil.reference import attention_pool_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,10 +102,29 @@ def test_kernels_per_call():
 def test_tile_sweep_dry_run(tmp_path, monkeypatch):
     """Every candidate tile runs (in the interpreter) and gives the default tile's numbers."""
     pytest.importorskip("triton")
-    from . import tile_sweep
+    from benchmarks import tile_sweep
 
-    results = tile_sweep.sweep_class(SUITES["smoke"][0], __import__("torch").device("cpu"))
+    results = tile_sweep.sweep_class(SUITES["smoke"][0], torch.device("cpu"))
     for kind, res in results.items():
-        assert len(res["rows"]) == len(__import__("fastmil").kernels.config.TILE_CANDIDATES[kind])
+        assert len(res["rows"]) == len(fastmil.kernels.config.TILE_CANDIDATES[kind])
         assert all(r["ok"] and r["error"] < 1e-5 for r in res["rows"]), res["rows"]
     assert "MEASURED_TILES entries" in tile_sweep.markdown({"smoke-slide": results})
+
+
+@pytest.mark.parametrize("K", [None, 3], ids=["K1", "K3"])
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "nomask"])
+def test_eager_matches_reference(masked, gated, K):
+    torch.manual_seed(0)
+    D, L = 16, 8
+    lengths = [3, 1, 7, 50] if masked else [9, 9, 9]
+    x, offsets = fastmil.pack([torch.randn(n, D) for n in lengths])
+    x, mask = fastmil.pad(x, offsets)
+    kw = dict(mask=mask if masked else None)
+    V, U = torch.randn(L, D) / D ** 0.5, (torch.randn(L, D) / D ** 0.5 if gated else None)
+    w = torch.randn(L) if K is None else torch.randn(K, L)
+    bias = dict(attn_bias=torch.randn(L), gate_bias=torch.randn(L) if gated else None)
+    z, a = eager_attention_pool(x, V, U, w, return_attention=True, **bias, **kw)
+    z_ref, a_ref = attention_pool_reference(x, V, U, w, return_attention=True, **bias, **kw)
+    torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-6)
