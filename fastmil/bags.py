@@ -14,6 +14,7 @@ import torch
 __all__ = ["pack", "pad", "unpad", "collate", "lengths_to_offsets", "check_offsets_values",
            "derived", "segment_ids"]
 
+
 def derived(t: torch.Tensor) -> dict:
     """A dict for what is derived from the values of ``t`` (a batch's offsets: that they were
     checked, its chunk map), kept with ``t`` (as an attribute of the tensor object) until ``t``

@@ -84,8 +84,8 @@ def require_triton(x: Tensor) -> None:
 # Layout: where the bags lie, worked out once per batch
 # ---------------------------------------------------------------------------------------------
 
-def _capturing(x: Tensor) -> bool:
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 # (B, N) -> the offsets of a padded batch, on the host; a few shapes are enough for a loop
@@ -104,47 +104,60 @@ def _padded_offsets(B: int, N: int) -> Tensor:
     return offsets
 
 
-def _layout(offsets: Tensor, R: int, device: torch.device, opts) -> object:
+def _build_layout(offsets: Tensor, R: int, device: torch.device, chunk: int, single: bool,
+                  pad_to: int | None = None) -> object:
     """The :class:`~fastmil.kernels.attention_pool.Layout` of bags ``offsets [B+1]`` over R rows
-    on ``device``. Host offsets: the chunk map is built on the host and copied once (pinned,
-    asynchronously), then kept with the offsets tensor. Device offsets: built on the device with
-    a few small launches and no sync (kept likewise, except inside a CUDA graph capture, which
-    must record the build)."""
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    in chunks of ``chunk`` rows, its chunk map on ``device``. Host offsets: the map is built on
+    the host (padded with idle programs to ``pad_to`` entries where given) and copied (pinned,
+    asynchronously). Device offsets: built on the device with a few small launches and no sync
+    (always padded to the static bound)."""
+    k = _kernels()
+    if offsets.device.type == "cpu":
+        meta, single = k.host_chunk_map(offsets.numpy().astype("int64", copy=False), chunk,
+                                        single, pad_to=pad_to)
+        meta = torch.from_numpy(meta)
+        if device.type == "cuda":  # queued from pinned memory: the host goes on at once
+            meta = meta.pin_memory().to(device, non_blocking=True)
+    else:
+        meta, single = k.device_chunk_map(offsets, R, chunk), False
+    return k.Layout.of(meta, offsets.shape[0] - 1, chunk, single)
+
+
+def _layout(offsets: Tensor, R: int, device: torch.device, opts) -> object:
+    """The layout of an eager call (:func:`_build_layout`), kept with the offsets tensor and
+    reused by every call on it (except inside a CUDA graph capture, which must record the
+    build)."""
+    capturing = _capturing(device)
     memo = None if capturing else derived(offsets)
     key = ("layout", R, device, opts.chunk_rows, opts.programs_per_sm, opts.single)
     if memo is not None and key in memo:
         return memo[key]
-    k = _kernels()
-    chunk = config.chunk_size(R, device, opts)
-    B = offsets.shape[0] - 1
-    if offsets.device.type == "cpu":
-        if capturing:
-            raise ValueError("offsets are on the CPU but x is on the GPU inside a CUDA graph "
-                             "capture, which cannot copy from host memory: pass offsets on x's "
-                             "device for capture")
-        meta, single = k.host_chunk_map(offsets.numpy().astype("int64", copy=False), chunk,
-                                        opts.single)
-        meta = torch.from_numpy(meta)
-        if device.type == "cuda":  # queued from pinned memory: the host goes on at once
-            meta = meta.pin_memory().to(device, non_blocking=True)
-        layout = k.Layout(meta, B, meta.shape[0] - 4 * B, chunk, single)
-    else:
-        meta = k.device_chunk_map(offsets, R, chunk)
-        layout = k.Layout(meta, B, meta.shape[0] - 4 * B, chunk, False)
+    if capturing and offsets.device.type == "cpu":
+        raise ValueError("offsets are on the CPU but x is on the GPU inside a CUDA graph "
+                         "capture, which cannot copy from host memory: pass offsets on x's "
+                         "device for capture")
+    layout = _build_layout(offsets, R, device, config.chunk_size(R, device, opts), opts.single)
     if memo is not None:
         memo[key] = layout
     return layout
 
 
+def is_one_block(a: Tensor, b: Tensor) -> bool:
+    """Whether b lies right after a in one block of memory (both contiguous, of one shape and
+    dtype, in one storage), so that ``[a; b]`` is a view: how ``fastmil.AttentionPool`` keeps
+    ``[V; U]``."""
+    return (a.is_contiguous() and b.is_contiguous() and a.shape == b.shape
+            and a.dtype == b.dtype
+            and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+
+
 def _stacked(a: Tensor, b: Tensor | None) -> Tensor:
     """``[a; b]`` along dim 0 (a alone when b is None): in place where b lies right after a in
-    one block of memory (``fastmil.AttentionPool`` keeps ``[V; U]`` so), else one copy."""
+    one block of memory (:func:`is_one_block`), else one copy."""
     if b is None:
         return a
-    if (a.is_contiguous() and b.is_contiguous() and a.shape == b.shape and a.dtype == b.dtype
-            and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()
-            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()):
+    if is_one_block(a, b):
         return a.as_strided((2 * a.shape[0], *a.shape[1:]), a.stride())
     return torch.cat([a, b])
 
@@ -288,17 +301,10 @@ class _Pool(torch.autograd.Function):
 def _compiled_call(x, offsets, p_drop, act, save_pq):
     """The call of a compiled forward: its layout built inside the op (padded to the static
     bound that the fake implementation reports)."""
-    k = _kernels()
-    R, opts = x.shape[0], config.options()
+    R, B, opts = x.shape[0], offsets.shape[0] - 1, config.options()
     chunk = config.chunk_size(R, x.device, opts)
-    B = offsets.shape[0] - 1
-    if offsets.device.type == "cpu":
-        meta, single = k.host_chunk_map(offsets.to(torch.int64).numpy(), chunk, opts.single,
-                                        pad_to=k.meta_length(R, B, chunk))
-        meta = torch.from_numpy(meta).to(x.device)
-    else:
-        meta, single = k.device_chunk_map(offsets, R, chunk), False
-    layout = k.Layout(meta, B, meta.shape[0] - 4 * B, chunk, single)
+    layout = _build_layout(offsets, R, x.device, chunk, opts.single,
+                           pad_to=_kernels().meta_length(R, B, chunk))
     return _Call(layout, act, p_drop, True, save_pq, opts)
 
 
@@ -338,7 +344,7 @@ def _bwd_op(dz: Tensor | None, gs: Tensor | None, glse: Tensor | None, x: Tensor
     asked for (outputs may be neither None nor views of each other)."""
     k, B, opts = _kernels(), lse.shape[0], config.options()
     chunk = config.chunk_size(x.shape[0], x.device, opts)
-    layout = k.Layout(meta, B, meta.shape[0] - 4 * B, chunk, False)  # (single: forward only)
+    layout = k.Layout.of(meta, B, chunk)  # (single: forward only)
     call = _Call(layout, act, p_drop, True, pq.numel() > 0, opts)
     weight, bias = _stacked(v, u), _stacked_bias(bv, bu, u is not None)
     grads = _backward((*needs, False), dz, gs, glse, x, row_mask, weight, bias, u is not None, w,
@@ -408,7 +414,7 @@ def attention_pool_triton(x, attn_weight, attn_bias, gate_weight, gate_bias, sco
     if offsets is None:  # padded: rows of x.view(B*N, D); bag b starts at row b*N
         B, N = x.shape[:2]
         rows = x.reshape(B * N, D)
-        if _capturing(x):  # a capture cannot copy from host memory: made on the device
+        if _capturing(x.device):  # a capture cannot copy from host memory: made on the device
             offsets = torch.arange(B + 1, device=x.device, dtype=torch.int64) * N
         else:
             offsets = _padded_offsets(B, N)

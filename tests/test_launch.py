@@ -97,7 +97,7 @@ fwd.launch = lambda grid, args, kwargs: captured.append((grid, args, kwargs)) or
 for offsets in ([0, 5, 300], [0, 100, 250, 300]):
     meta, single = k.host_chunk_map(torch.tensor(offsets).numpy(), 128, True)
     B = len(offsets) - 1
-    layout = k.Layout(torch.from_numpy(meta), B, meta.shape[0] - 4 * B, 128, single)
+    layout = k.Layout.of(torch.from_numpy(meta), B, 128, single)
     pq = x @ torch.randn(64, 64)
     for _ in range(2):  # compiled, then cached
         k.forward(x, pq, None, layout, None, w, None, 0.0, 0, True, True, opts)

@@ -499,6 +499,11 @@ class Layout(NamedTuple):
     chunk: int
     single: bool
 
+    @classmethod
+    def of(cls, meta: torch.Tensor, B: int, chunk: int, single: bool = False) -> Layout:
+        """The layout of the chunk map ``meta`` of B bags (C: its entries past the 4·B)."""
+        return cls(meta, B, meta.shape[0] - 4 * B, chunk, single)
+
 
 def meta_length(R: int, B: int, chunk: int) -> int:
     """A static bound on the chunk map's length: 4 per bag plus the chunks (each bag adds at most
@@ -638,7 +643,7 @@ def backward(dz, glse, gs, x, pq, row_mask, layout, b, w, bw, seed, p_drop, act,
                                      ("db", need_db, (GL,), None if b is None else b.dtype)):
         if not need:
             out[name] = None
-        elif zero_fill or (B == 0 and name in ("dw", "db")):
+        elif zero_fill:
             out[name] = torch.zeros(shape, dtype=dtype, device=dev)
         else:
             out[name] = _empty(shape, dtype, dev, poison)
