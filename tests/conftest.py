@@ -183,13 +183,14 @@ def make_bags(lengths, D, dtype=torch.float32, *, scale=1.0, device="cpu"):
             for n in lengths]
 
 
-def make_layout(layout, lengths, D, dtype=torch.float32, *, scale=1.0, device="cpu"):
+def make_layout(layout, lengths, D, dtype=torch.float32, *, scale=1.0, spare=0, device="cpu"):
     """Random bags of the given lengths in one of LAYOUTS.
 
     Returns ``(x, kwargs)`` where kwargs holds ``mask`` or ``offsets`` as the layout needs.
     "padded" needs equal lengths, "single" exactly one length; "padded_holes" is "padded_mask"
     with each bag's real instances scattered among its padding. Padding slots are filled with
-    random (finite) garbage, not zeros, so that a backend which reads them gets caught.
+    random (finite) garbage, not zeros, so that a backend which reads them gets caught; the
+    masked layouts get ``spare`` padding slots beyond the longest bag.
     """
     bags = make_bags(lengths, D, dtype, scale=scale, device=device)
     if layout == "single":
@@ -206,6 +207,9 @@ def make_layout(layout, lengths, D, dtype=torch.float32, *, scale=1.0, device="c
         return x, {"offsets": offsets}
     if layout in ("padded_mask", "padded_holes"):
         xp, mask = fastmil.pad(x, offsets)
+        if spare:
+            xp = torch.cat([xp, xp.new_zeros(xp.shape[0], spare, D)], 1)
+            mask = torch.cat([mask, mask.new_zeros(mask.shape[0], spare)], 1)
         if layout == "padded_holes":  # each bag's real instances scattered among its padding
             order = torch.argsort(torch.rand(mask.shape), dim=1).to(mask.device)
             xp, mask = xp.gather(1, order[..., None].expand_as(xp)), mask.gather(1, order)

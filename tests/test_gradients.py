@@ -28,7 +28,19 @@ import random
 
 import pytest
 import torch
-from conftest import BACKENDS, TOL, assert_close, backend_device, skip_unsupported
+from conftest import (
+    BACKENDS,
+    TOL,
+    WEIGHT_NAMES,
+    assert_close,
+    backend_device,
+    call,
+    clone_weights,
+    make_layout,
+    make_weights,
+    skip_unsupported,
+    weight_tensors,
+)
 
 import fastmil
 from fastmil.reference import attention_pool_reference
@@ -105,33 +117,19 @@ def _view(t, as_view):
 
 
 def _inputs(case, device):
-    """float64 master values of the case: x, weights, mask or offsets."""
-    g = torch.Generator().manual_seed(7)
-    rnd = lambda *s, std=1.0: torch.randn(*s, generator=g, dtype=torch.float64) * std  # noqa: E731
-    K, gated, bias = case["K"], case["gated"], case["bias"]
-    weights = {
-        "attn_weight": rnd(L, D, std=D ** -0.5),
-        "gate_weight": rnd(L, D, std=D ** -0.5) if gated else None,
-        "score_weight": rnd(L) if K == 1 else rnd(K, L),
-        "attn_bias": rnd(L, std=0.5) if bias else None,
-        "gate_bias": rnd(L, std=0.5) if bias and gated else None,
-        "score_bias": rnd(K) if bias else None,
-    }
-    extra = {}
+    """float64 master values of the case: x, weights, mask or offsets (on the CPU, as
+    ``fastmil.collate`` makes them)."""
+    K = case["K"]
+    weights = make_weights(D, L, None if K == 1 else K, case["gated"], case["bias"],
+                           torch.float64, device=device)
     if case["layout"] == "single":
-        x = rnd(5, D)
+        x, extra = make_layout("single", [5], D, torch.float64, device=device)
     elif case["layout"] == "packed":
-        x = rnd(sum(LENGTHS), D)
-        extra["offsets"] = torch.tensor([0, *itertools.accumulate(LENGTHS)])
-    else:  # padded, with real instances scattered among the padding (holes)
-        N = max(LENGTHS) + 2
-        x = rnd(len(LENGTHS), N, D)
-        mask = torch.zeros(len(LENGTHS), N, dtype=torch.bool)
-        for b, n in enumerate(LENGTHS):
-            mask[b, torch.randperm(N, generator=g)[:n]] = True
-        extra["mask"] = mask
-    return x.to(device), {n: None if t is None else t.to(device) for n, t in weights.items()}, \
-        {n: t.to(device) if n == "mask" else t for n, t in extra.items()}
+        x, extra = make_layout("packed", LENGTHS, D, torch.float64, device=device)
+        extra["offsets"] = extra["offsets"].cpu()
+    else:  # padded, with real instances scattered among the padding (holes), in every bag
+        x, extra = make_layout("padded_holes", LENGTHS, D, torch.float64, spare=2, device=device)
+    return x, weights, extra
 
 
 def _loss(outputs, grads, upstream):
@@ -165,10 +163,9 @@ def _run(fn, case, x, weights, extra, upstream, *, seed=None, **kwargs):
     xin = x.detach().requires_grad_(case["x_grad"])
     if seed is not None:
         torch.manual_seed(seed)
-    z, a, s = fn(xin, *(leaves.get(n) for n in INPUTS[1:4]), attn_bias=leaves.get("attn_bias"),
-                 gate_bias=leaves.get("gate_bias"), score_bias=leaves.get("score_bias"),
-                 activation=case["activation"], return_attention=True, return_scores=True,
-                 **extra, **kwargs)
+    z, a, s = call(fn, xin, {n: leaves.get(n) for n in WEIGHT_NAMES},
+                   activation=case["activation"], return_attention=True, return_scores=True,
+                   **extra, **kwargs)
     outputs = {"z": z, "attention": a, "scores": s}
     loss = _loss(outputs, case["grads"], upstream)
     wrt = ([xin] if case["x_grad"] else []) + list(leaves.values())
@@ -265,20 +262,18 @@ def test_recompute_with_dropout_reuses_the_forward_masks(backend, layout):
     case = dict(layout=layout, K=2, gated=True, bias=True, activation="tanh", x_grad=True)
     x, weights, extra = _inputs(case, device)
     x = x.float()
-    weights = {n: t.float() for n, t in weights.items()}
+    weights = clone_weights(weights, dtype=torch.float32, requires_grad=False)
     runs = []
     for recompute in (False, True):
-        leaves = {n: t.clone().requires_grad_() for n, t in weights.items()}
+        leaves = clone_weights(weights)
         xin = x.clone().requires_grad_()
         torch.manual_seed(123)
-        z = fastmil.attention_pool(xin, leaves["attn_weight"], leaves["gate_weight"],
-                                   leaves["score_weight"], attn_bias=leaves["attn_bias"],
-                                   gate_bias=leaves["gate_bias"], dropout_p=0.5,
-                                   recompute=recompute, backend=backend, **extra)
+        z = call(fastmil.attention_pool, xin, leaves, dropout_p=0.5, recompute=recompute,
+                 backend=backend, **extra)
         torch.rand(1000, device=device)  # the random state moves on before the backward
         torch.manual_seed(999)
         (z * torch.arange(z.numel(), device=device).reshape(z.shape)).sum().backward()
-        runs.append((z.detach(), xin.grad, {n: t.grad for n, t in leaves.items()}))
+        runs.append((z.detach(), xin.grad, {n: t.grad for n, t in weight_tensors(leaves)}))
     (z0, gx0, g0), (z1, gx1, g1) = runs
     assert torch.equal(z0, z1)
     tol = dict(rtol=TOL[torch.float32]["rtol"], atol=1e-6)
