@@ -11,7 +11,6 @@ of calls per timed batch). The numbers go to ``--benchmark-json=PATH``: each tes
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 
 import pytest
@@ -21,7 +20,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .harness import PROVIDERS, SUITES, measure_peaks  # noqa: E402
+from .harness import PROVIDERS, SUITES, commit, measure_peaks  # noqa: E402
 
 _START = time.perf_counter()
 
@@ -74,23 +73,13 @@ def batch_s(request, device):
     return value if value is not None else (0.2 if device.type == "cuda" else 0.05)
 
 
-def _commit() -> str:
-    """This tree's commit; FASTMIL_COMMIT where the tree has no .git (a copied work tree)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=os.path.dirname(__file__)).stdout.strip()
-    except OSError:  # no git here
-        out = ""
-    return out or os.environ.get("FASTMIL_COMMIT", "unknown")
-
-
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    import triton  # noqa: F401 - present wherever the suite runs fastmil's kernels
+    import triton  # present wherever the suite runs fastmil's kernels
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     output_json["fastmil"] = dict(
-        suite=suite_name(config), commit=_commit(),
+        suite=suite_name(config), commit=commit(),
         device=torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
-        torch=torch.__version__, triton=__import__("triton").__version__,
-        cuda=torch.version.cuda, peaks=measure_peaks(device) if device.type == "cuda" else {})
+        torch=torch.__version__, triton=triton.__version__,
+        cuda=torch.version.cuda, peaks=measure_peaks(device))

@@ -28,7 +28,7 @@ from torch import nn
 import fastmil
 from fastmil.integrations.clam import CLAM_SB
 
-from .harness import measure_peaks, sync
+from .harness import commit, measure_peaks, sync
 
 D, HIDDEN, ATTN, CLASSES, DROPOUT, LR, WEIGHT_DECAY = 1024, 512, 256, 2, 0.25, 2e-4, 1e-5
 MEDIAN, P5, P95, CAP, Z95 = 12_000, 2_000, 45_000, 150_000, 1.6448536
@@ -363,7 +363,7 @@ def run(args):
     res = {"schema": "fastmil-epoch/2", "env": {
         "device": torch.cuda.get_device_name(dev) if cuda else "CPU", "torch": torch.__version__,
         "fastmil": fastmil.__version__, "time_utc": time.strftime("%FT%TZ", time.gmtime()),
-        "commit": os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or None},
+        "commit": commit()},
         "config": {**vars(args), **FIXED, "providers": names,
         "train_slides": len(c.train), "val_slides": len(c.val), "patches": int(n.sum()),
         "train_patches": int(n[c.train].sum()), "feature_bytes": int(n.sum()) * D * 2,

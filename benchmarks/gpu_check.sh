@@ -11,7 +11,7 @@
 #   2. benchmarks: pytest benchmarks/test_attention_pool.py --suite gpu   -> bench.json
 #   3. the epoch: python -m benchmarks.epoch                               -> epoch.json
 #   4. host time per call: python -m benchmarks.profile host               -> host.json
-#   5. Nsight Compute, where installed: one call of the slide and of the 8 slides -> ncu.txt
+#   5. Nsight Compute, where installed: one call of the slide and of the 8 slides -> ncu-CASE.txt
 #   6. tile sweep with the time left                                       -> tile_sweep.json
 # Files go to $OUT (the device tool's folder), else out/gpu_check. Back here, keep the run as one
 # compact file and make the report from it:
@@ -88,7 +88,8 @@ if [ "$left" -gt 20 ]; then
   stage sweep "$left" "$PYTHON" -m benchmarks.tile_sweep "${SWEEP[@]}"
 fi
 if [ -s "$OUT_DIR/bench.json" ]; then
-  "$PYTHON" -m benchmarks.report "$OUT_DIR/bench.json" --host "$OUT_DIR/host.json" \
+  "$PYTHON" -m benchmarks.report "$OUT_DIR/bench.json" \
+    $([ -s "$OUT_DIR/host.json" ] && echo --host "$OUT_DIR/host.json") \
     $([ -s "$OUT_DIR/epoch.json" ] && echo --epoch "$OUT_DIR/epoch.json") \
     --out "$OUT_DIR/RESULTS.md" >>"$LOG" 2>&1 && sed -n '/## Targets/,/## Host/p' \
     "$OUT_DIR/RESULTS.md" | tee -a "$LOG"

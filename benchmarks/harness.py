@@ -14,8 +14,11 @@ call's kernels (torch.profiler), its host time, its peak memory and its error ag
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import random
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -28,6 +31,16 @@ from .eager import eager_attention_pool
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WORKLOADS = ("frozen", "train", "infer")
+
+
+def commit() -> str:
+    """This tree's commit; FASTMIL_COMMIT where the tree has no .git (a copied work tree)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:  # no git here
+        out = ""
+    return out or os.environ.get("FASTMIL_COMMIT", "unknown")
 
 
 def draw_lengths(n: int, lo: int, hi: int, seed: int = 0) -> tuple[int, ...]:
@@ -349,6 +362,7 @@ def memory(run, device, workload: str) -> dict:
     return dict(peak_mib=(torch.cuda.max_memory_allocated() - base) / 2**20)
 
 
+@functools.cache
 def measure_peaks(device) -> dict:
     """bf16 and fp32 matmul TFLOP/s and device copy GB/s, measured here (the roofline)."""
     if device.type != "cuda":

@@ -56,7 +56,10 @@ def _kernel_bandwidth(run, case_name="slide"):
     gbs = run["env"].get("peaks", {}).get("copy_gbs")
     if row is None or not gbs or "top" not in row:
         return {}
-    T, D, L, e = 100_000, 1024, 256, 2  # the slide case: bf16, gated (GL = 2L), K = 1
+    from .harness import DTYPES, SUITES  # (torch: only for a run that has kernel times)
+
+    case = next(c for c in SUITES["gpu"] if c.name == case_name)  # gated (GL = 2L), K = 1
+    T, D, L, e = case.T, case.D, case.L, DTYPES[case.dtype].itemsize
     moved = {"fwd": T * (D + 2 * L) * e + 4 * T,  # x, p and q read; the scores written
              "bwd": T * (D + 4 * L) * e + 4 * T}  # x, p and q read; dp, dq written; scores read
     out = {}

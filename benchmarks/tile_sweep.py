@@ -26,9 +26,8 @@ import torch
 from fastmil.kernels import config
 from fastmil.kernels.config import kernel_options
 
-from .harness import SUITES, Case, make_inputs, runner, sync
-
-KERNELS = {"fwd": "_fwd_kernel", "bwd": "_bwd_kernel"}
+from .harness import DTYPES, SUITES, Case, make_inputs, runner, sync
+from .report import FASTMIL_KERNELS as KERNELS
 
 
 def kernel_ms(run, name: str, device, calls: int = 5) -> float:
@@ -78,9 +77,7 @@ def sweep_class(case: Case, device, kinds=("fwd", "bwd")) -> dict:
                                      failure=f"{type(e).__name__}: {str(e)[:120]}"))
         good = [r for r in rows if r["ok"] and r["ms"] == r["ms"]]
         best = min(good, key=lambda r: r["ms"]) if good else None
-        key = config.tile_key(kind, getattr(torch, {"bf16": "bfloat16", "fp16": "float16",
-                                                    "fp32": "float32"}[case.dtype]),
-                              case.D, case.L, case.K, True)
+        key = config.tile_key(kind, DTYPES[case.dtype], case.D, case.L, case.K, True)
         out[kind] = dict(key=list(key), rows=rows, best=best and best["tile"])
     return out
 
