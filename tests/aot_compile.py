@@ -67,8 +67,11 @@ def _variants():
                 PRECISION="ieee", HAS_DZ=True, HAS_GLSE=True, HAS_GS=True, NEED_DH0=True,
                 NEED_DPQ=True, NEED_DW=True, NEED_DB=True)
 
-    def tile(kind, dt, D, L, K, gated):
-        return config._table_tiles(kind, DTYPES[dt], D, L, K, gated, True)
+    def tile(kind, dt, D, L, K, gated, chosen=None, dropout=False):
+        """The launchers' tiles on CUDA (BLOCK_N, BLOCK_D, BLOCK_L, BLOCK_K, warps, stages):
+        the table's, or ``chosen`` (a candidate or measured tile) in its place."""
+        opts = config.KernelOptions(tiles={kind: chosen}) if chosen else None
+        return config.tiles(kind, DTYPES[dt], D, L, K, gated, True, opts, dropout=dropout)
 
     out = []
     for dt, gated, masked, K in itertools.product(DTYPES, (True, False), (True, False), (1, 4)):
@@ -78,12 +81,14 @@ def _variants():
                    f"{'mask' if masked else 'nomask'} K={K} tiles={tiles}"
             out.append((name, kind, dt, 1024, 256, K, gated, masked, tiles, base))
     for kind, candidates in config.TILE_CANDIDATES.items():
-        for tiles in candidates:
+        for chosen in candidates:
+            tiles = tile(kind, "bf16", 1024, 256, 1, True, chosen)
             out.append((f"{kind} bf16 gated nomask K=1 candidate tiles={tiles}", kind, "bf16",
                         1024, 256, 1, True, False, tiles, base))
-    for key, tiles in config.MEASURED_TILES.items():
+    for key, chosen in config.MEASURED_TILES.items():
         kind, cls, gated, D, L, K = key
         dt = "fp32" if cls == "fp32" else "bf16"
+        tiles = tile(kind, dt, D, L, K, gated, chosen)
         out.append((f"{kind} {dt} {'gated' if gated else 'plain'} nomask K={K} D={D} L={L} "
                     f"measured tiles={tiles}", kind, dt, D, L, K, gated, False, tiles, base))
     extras = {
@@ -96,16 +101,11 @@ def _variants():
     }
     for label, (kinds, flags) in extras.items():
         for kind in ("fwd", "bwd") if kinds == "both" else (kinds,):
-            tiles = tile(kind, "bf16", 1024, 256, 1, True)
-            if flags.get("DROPOUT"):  # as config.tiles narrows the tiles for dropout
-                tiles = (tiles[0] if kind == "fwd" else min(tiles[0], 32), tiles[1],
-                         min(tiles[2], 32), *tiles[3:])
+            tiles = tile(kind, "bf16", 1024, 256, 1, True, dropout=flags.get("DROPOUT", False))
             out.append((f"{kind} bf16 gated nomask K=1 {label} tiles={tiles}", kind, "bf16",
                         1024, 256, 1, True, False, tiles, base | flags))
     for kind, dt in itertools.product(("fwd", "bwd"), DTYPES):  # dropout, masked, K=4
-        tiles = tile(kind, dt, 1024, 256, 4, True)
-        tiles = (tiles[0] if kind == "fwd" else min(tiles[0], 32), tiles[1], min(tiles[2], 32),
-                 *tiles[3:])  # as config.tiles narrows the tiles for dropout
+        tiles = tile(kind, dt, 1024, 256, 4, True, dropout=True)
         out.append((f"{kind} {dt} gated mask K=4 dropout tiles={tiles}", kind, dt, 1024, 256, 4,
                     True, True, tiles, base | dict(DROPOUT=True)))
     for kind in ("fwd", "bwd"):
@@ -153,11 +153,10 @@ def compile_variant(variant, arch=90):
     driver.set_active(StandInDriver(arch))
     from fastmil.kernels import attention_pool as k
 
-    block_n, block_d, block_l, num_warps, num_stages = tiles
+    block_n, block_d, block_l, block_k, num_warps, num_stages = tiles
     fn = k._fwd_kernel if kind == "fwd" else k._bwd_kernel
     consts = dict(K=K, HAS_MASK=masked, GATED=gated, HAS_BIAS=True, BLOCK_N=block_n,
-                  BLOCK_D=min(block_d, 1 << (D - 1).bit_length()),
-                  BLOCK_L=min(block_l, 1 << (L - 1).bit_length()), BLOCK_K=16) | flags
+                  BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=block_k) | flags
     consts = {n: v for n, v in consts.items() if n in fn.arg_names}
     try:
         compiled = fn.warmup(*_args(kind, DTYPES[dt], D, L, K, gated, masked), grid=(1,),
@@ -178,34 +177,27 @@ def _compile_small_kernels(arch):
     f32 = torch.empty(64, 4, 1024, dtype=torch.float32)
     bf16 = f32.to(torch.bfloat16)
     meta = torch.empty(80, dtype=torch.int64)
-    out = []
-    for K, block_d, z32 in itertools.product((1, 4), (32, 256), (False, True)):
-        name = f"sm_{arch} merge K={K} BLOCK_D={block_d} z32={z32}"
-        try:
-            compiled = k._merge_kernel.warmup(f32, f32, f32, meta, bf16, f32, f32, 4, 64, 1024,
-                                              K=K, STORE_Z32=z32, BLOCK_C=32, BLOCK_D=block_d,
-                                              grid=(1,), num_warps=4)
-            out.append(_report(name, compiled))
-        except Exception as e:  # noqa: BLE001
-            out.append((f"{name}: FAILED {type(e).__name__}: {e}", False))
     part, dw = torch.empty(64, 2048, dtype=torch.float32), torch.empty(256, dtype=torch.bfloat16)
+    kernels = []  # (name, kernel, arguments, options)
+    for K, block_d, z32 in itertools.product((1, 4), (32, 256), (False, True)):
+        kernels.append((f"merge K={K} BLOCK_D={block_d} z32={z32}", k._merge_kernel,
+                        (f32, f32, f32, meta, bf16, f32, f32, 4, 64, 1024),
+                        dict(K=K, STORE_Z32=z32, BLOCK_C=32, BLOCK_D=block_d)))
     for need_dw, need_db in ((True, True), (True, False), (False, True)):
-        name = f"sm_{arch} partial sums dw={need_dw} db={need_db}"
-        try:
-            compiled = k._sum_kernel.warmup(part, dw, dw, dw, 64, 256, 768, 1, NEED_DW=need_dw,
-                                            NEED_DB=need_db, NEED_DBW=True, BLOCK_C=16,
-                                            BLOCK_J=128, grid=(1,), num_warps=4)
-            out.append(_report(name, compiled))
-        except Exception as e:  # noqa: BLE001
-            out.append((f"{name}: FAILED {type(e).__name__}: {e}", False))
+        kernels.append((f"partial sums dw={need_dw} db={need_db}", k._sum_kernel,
+                        (part, dw, dw, dw, 64, 256, 768, 1),
+                        dict(NEED_DW=need_dw, NEED_DB=need_db, NEED_DBW=True, BLOCK_C=16,
+                             BLOCK_J=128)))
     for K in (1, 4):
-        name = f"sm_{arch} attention K={K}"
+        kernels.append((f"attention K={K}", k._attention_kernel,
+                        (part, part, meta, part, 4, 4096, 512),
+                        dict(K=K, BLOCK_N=128, BLOCK_K=max(1, K))))
+    out = []
+    for name, kernel, args, consts in kernels:
+        name = f"sm_{arch} {name}"
         try:
-            compiled = k._attention_kernel.warmup(part, part, meta, part, 4, 4096, 512, K=K,
-                                                  BLOCK_N=128, BLOCK_K=max(1, K), grid=(1,),
-                                                  num_warps=4)
-            out.append(_report(name, compiled))
-        except Exception as e:  # noqa: BLE001
+            out.append(_report(name, kernel.warmup(*args, grid=(1,), num_warps=4, **consts)))
+        except Exception as e:  # noqa: BLE001 - report every kernel, then fail
             out.append((f"{name}: FAILED {type(e).__name__}: {e}", False))
     return out
 
