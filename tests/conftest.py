@@ -55,13 +55,15 @@ if ROOT not in sys.path:  # the tests of benchmarks/ import it as a package
     sys.path.insert(0, ROOT)
 
 
-def child_env(*paths: str, **extra: str) -> dict[str, str]:
+def child_env(*paths: str, compiled: bool = False, **extra: str) -> dict[str, str]:
     """The environment of a test's subprocess (an example, torchrun, pytest): this one without
     torchrun's variables, fastmil importable from any working directory (the repository and
     ``paths`` first on PYTHONPATH, each absolute: a relative ``PYTHONPATH=.`` would point at the
-    child's own cwd), and ``extra`` set."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    child's own cwd), and ``extra`` set. ``compiled``: without TRITON_INTERPRET, for a child
+    that compiles the kernels for a GPU (Triton's NVIDIA compiler, a stand-in driver)."""
+    drop = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+            *(("TRITON_INTERPRET",) if compiled else ()))
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     old = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join([*map(os.path.abspath, paths), ROOT, *old])
     env.update(extra)

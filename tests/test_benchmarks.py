@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, call, child_env, make_layout, make_weights
 
 import fastmil
 from benchmarks import report
 from benchmarks.eager import eager_attention_pool
 from benchmarks.harness import SUITES
 from fastmil.reference import attention_pool_reference
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _row(case, provider, workload, wall, **extra):
@@ -59,7 +58,7 @@ def test_targets_from_known_numbers():
 
 def test_committed_run_renders(tmp_path):
     """The committed GPU run (one compact file) makes the report and its plot."""
-    runs = sorted((ROOT / "benchmarks" / "gpu_runs").glob("*.json"))
+    runs = sorted((Path(ROOT) / "benchmarks" / "gpu_runs").glob("*.json"))
     assert runs, "no GPU run in benchmarks/gpu_runs"
     out, plot = tmp_path / "RESULTS.md", tmp_path / "results.png"
     report.main([str(runs[-1]), "--out", str(out), "--plot", str(plot)])
@@ -71,10 +70,8 @@ def test_committed_run_renders(tmp_path):
 
 
 def _fresh_process(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=ROOT)
+                          env=child_env(compiled=True), timeout=timeout, cwd=ROOT)
 
 
 def test_kernels_per_call():
@@ -115,16 +112,11 @@ def test_tile_sweep_dry_run(tmp_path, monkeypatch):
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 @pytest.mark.parametrize("masked", [True, False], ids=["mask", "nomask"])
 def test_eager_matches_reference(masked, gated, K):
-    torch.manual_seed(0)
     D, L = 16, 8
-    lengths = [3, 1, 7, 50] if masked else [9, 9, 9]
-    x, offsets = fastmil.pack([torch.randn(n, D) for n in lengths])
-    x, mask = fastmil.pad(x, offsets)
-    kw = dict(mask=mask if masked else None)
-    V, U = torch.randn(L, D) / D ** 0.5, (torch.randn(L, D) / D ** 0.5 if gated else None)
-    w = torch.randn(L) if K is None else torch.randn(K, L)
-    bias = dict(attn_bias=torch.randn(L), gate_bias=torch.randn(L) if gated else None)
-    z, a = eager_attention_pool(x, V, U, w, return_attention=True, **bias, **kw)
-    z_ref, a_ref = attention_pool_reference(x, V, U, w, return_attention=True, **bias, **kw)
+    layout, lengths = ("padded_mask", [3, 1, 7, 50]) if masked else ("padded", [9, 9, 9])
+    x, kw = make_layout(layout, lengths, D)
+    weights = make_weights(D, L, K, gated)
+    z, a = call(eager_attention_pool, x, weights, return_attention=True, **kw)
+    z_ref, a_ref = call(attention_pool_reference, x, weights, return_attention=True, **kw)
     torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-6)

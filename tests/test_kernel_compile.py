@@ -9,12 +9,12 @@ be decorated with TRITON_INTERPRET unset.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import child_env
 
 triton = pytest.importorskip("triton", reason="needs triton")
 
@@ -31,7 +31,7 @@ def _has_nvidia_toolchain() -> bool:
 @pytest.mark.skipif(not _has_nvidia_toolchain(),
                     reason="triton's NVIDIA backend (ptxas, cuobjdump) is not installed here")
 def test_kernels_compile_for_hopper_without_spills():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = child_env(compiled=True)
     script = Path(__file__).with_name("aot_compile.py")
     out = subprocess.run([sys.executable, str(script), "90"], capture_output=True, text=True,
                          env=env, timeout=600)

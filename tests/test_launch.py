@@ -12,13 +12,12 @@ fresh process, because the kernels must be decorated with TRITON_INTERPRET unset
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import child_env
+from conftest import ROOT, child_env
 
 triton = pytest.importorskip("triton", reason="needs triton")
 
@@ -114,11 +113,10 @@ print("ok")
 
 
 def test_direct_launches_match_the_jit(tmp_path):
-    env = {k: v for k, v in child_env(str(Path(__file__).parent)).items()
-           if k != "TRITON_INTERPRET"}
+    env = child_env(str(Path(__file__).parent), compiled=True)
     script = tmp_path / "launch_check.py"
     script.write_text(SCRIPT)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
-                         timeout=900, cwd=os.path.dirname(os.path.dirname(__file__)))
+                         timeout=900, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), \
         out.stdout[-2000:] + out.stderr[-4000:]
