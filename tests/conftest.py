@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors. The variable is
 # read when the kernels are decorated, i.e. when fastmil first imports its kernel module, which
@@ -68,6 +69,19 @@ def child_env(*paths: str, compiled: bool = False, **extra: str) -> dict[str, st
     env["PYTHONPATH"] = os.pathsep.join([*map(os.path.abspath, paths), ROOT, *old])
     env.update(extra)
     return env
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops run inside it, by name (``counts``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(params=BACKENDS)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close, call, make_layout, make_weights
+from conftest import OpCounter, assert_close, call, make_layout, make_weights
 
 import fastmil
 from fastmil.reference import attention_pool_reference
@@ -103,19 +103,6 @@ CASES = [
 ]
 
 
-class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the aten ops run inside it, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("layout,lengths", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("K", [None, 3], ids=["K1", "K3"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
@@ -138,9 +125,9 @@ def test_projection_gemms(recompute):
     w = make_weights(24, 16, None, device=DEVICE, requires_grad=True)
     for frozen in (True, False):
         xin = x.detach().clone().requires_grad_(not frozen)
-        with _OpCounter() as fwd:
+        with OpCounter() as fwd:
             z = call(fastmil.attention_pool, xin, w, backend="triton", recompute=recompute, **kw)
-        with _OpCounter() as bwd:
+        with OpCounter() as bwd:
             z.square().sum().backward()
         assert fwd.counts.get("mm", 0) == 1, fwd.counts
         gemms = bwd.counts.get("mm", 0) + bwd.counts.get("addmm", 0)
