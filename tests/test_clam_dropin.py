@@ -31,6 +31,7 @@ from fastmil.integrations.clam import (
     clam_to_fastmil_state_dict,
     fastmil_to_clam_state_dict,
 )
+from fastmil.reference import scores as reference_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops
 
@@ -248,10 +249,7 @@ def test_bare_attention_net_maps_to_a_bare_pool():
     for sd, is_gated in ((gated, True), (plain, False)):
         pool = fastmil.AttentionPool(8, 16, branches=2, gated=is_gated, backend="torch")
         pool.load_state_dict(clam_to_fastmil_state_dict(sd, attention_net="", pool=""))
-        hidden = torch.tanh(h @ V.t() + b_V)
-        if is_gated:
-            hidden = hidden * torch.sigmoid(h @ U.t() + b_U)
-        A = (hidden @ w.t() + b_w).t()  # [2, N]
+        A = reference_scores(h, V, U if is_gated else None, w, b_V, b_U if is_gated else None, b_w).t()
         z, A_raw = pool(h, return_scores=True)
         torch.testing.assert_close(A_raw.t(), A, **TOL)
         torch.testing.assert_close(z, torch.softmax(A, dim=1) @ h, **TOL)
